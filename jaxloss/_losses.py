@@ -1,0 +1,518 @@
+"""The one implementation of the loss maths.
+
+Every public surface -- the functions in :mod:`jaxloss`, the Flax modules in
+:mod:`jaxloss.linen` and the PyTorch-signature layer in
+:mod:`jaxloss.torch_compat` -- is a thin layer over :func:`_loss` below.
+
+Notation: ``x`` is the input (logits for cross-entropy, log-probabilities for
+NLL) with the class axis ``axis`` of size ``C``; a *position* is one index of
+``x`` with the class axis removed; ``t`` is the class index at a position,
+``w`` the class weights, ``eps`` the label smoothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxloss import _checks
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------
+# numerics helpers
+# ---------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """float32 for 16/32-bit inputs, float64 for float64 (under x64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
+    """``(m, log s)`` with ``logsumexp(x) = m + log s``, both keepdims.
+
+    Keeping the two parts apart lets callers form ``lse - x_c`` as
+    ``(m - x_c) + log s``, which keeps full precision for logits of magnitude
+    1e4 where ``m + log s`` would already have rounded away ``log s``.
+    """
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    # A row of -inf (fully masked logits) would give inf - inf = nan below.
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    log_s = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True))
+    return m, log_s
+
+
+def _class_iota(shape: tuple[int, ...], axis: int) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+# ---------------------------------------------------------------------------
+# index targets: per-position loss with a fused gradient
+# ---------------------------------------------------------------------------
+
+
+def _index_loss_and_grad(
+    x: Array,
+    t: Array,
+    valid: Array,
+    w: Array | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    with_grad: bool,
+) -> tuple[Array, Array | None]:
+    """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
+
+    With ``normalize`` (cross-entropy) ``-log p_c = (m - x_c) + log s``;
+    without it (NLL) ``x`` already holds log-probabilities and ``-log p_c = -x_c``.
+
+    ``l = (1 - eps) * w_t * (-log p_t) + eps / C * sum_c w_c * (-log p_c)``
+    (PyTorch's label-smoothing rule), 0 where the position is not valid and
+    NaN where it is valid but ``t`` lies outside ``[0, C)``.
+
+    The gradient is formed in the same pass (no one-hot is built: the target
+    class is found by comparing against an iota)::
+
+        dl/dx_c = (1 - eps) * w_t * (p_c - [c == t]) + eps / C * (W p_c - w_c)
+
+    with ``W = sum_c w_c`` (``C`` when unweighted); for NLL it is
+    ``-w_t [c == t]``.
+    """
+    cdt = _compute_dtype(x.dtype)
+    xc = x.astype(cdt)
+    num_classes = x.shape[axis]
+    in_range = (t >= 0) & (t < num_classes)
+    t_safe = jnp.where(in_range, t, 0)
+    t_keep = jnp.expand_dims(t_safe, axis)
+    # Take the target logit rather than building a full log_softmax.
+    x_t = jnp.squeeze(jnp.take_along_axis(xc, t_keep, axis=axis), axis)
+    w_t = jnp.ones((), cdt) if w is None else w[t_safe]
+
+    if normalize:
+        m, log_s = _row_stats(xc, axis)
+        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
+    else:
+        neg_logp_t = -x_t
+    loss = w_t * neg_logp_t
+    if eps > 0.0:
+        if w is None:
+            smooth = jnp.sum(m - xc, axis=axis) + num_classes * jnp.squeeze(log_s, axis)
+        else:
+            wb = _broadcast_weight(w, x.ndim, axis)
+            smooth = jnp.sum(wb * (m - xc), axis=axis) + jnp.sum(w) * jnp.squeeze(
+                log_s, axis
+            )
+        loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
+
+    nan = jnp.full((), jnp.nan, cdt)
+    zero = jnp.zeros((), cdt)
+    loss = jnp.where(valid, jnp.where(in_range, loss, nan), zero)
+    if not with_grad:
+        return loss, None
+
+    is_t = _class_iota(x.shape, axis) == t_keep
+    scale_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else jnp.expand_dims(w_t, axis))
+    if normalize:
+        p = jnp.exp(xc - m - log_s)
+        grad = scale_t * (p - is_t.astype(cdt))
+        if eps > 0.0:
+            eps_c = eps / num_classes
+            if w is None:
+                grad = grad + eps_c * (num_classes * p - 1.0)
+            else:
+                grad = grad + eps_c * (jnp.sum(w) * p - wb)
+    else:
+        grad = jnp.where(is_t, -scale_t, zero)
+    valid_e = jnp.expand_dims(valid, axis)
+    in_range_e = jnp.expand_dims(in_range, axis)
+    grad = jnp.where(valid_e, jnp.where(in_range_e, grad, nan), zero)
+    return loss, grad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _index_loss(
+    x: Array, t: Array, valid: Array, w: Array | None, eps: float, normalize: bool, axis: int
+) -> Array:
+    # Primal only: evaluation never pays for the gradient.
+    return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+
+
+@_index_loss.defjvp
+def _index_loss_jvp(
+    eps: float, normalize: bool, axis: int, primals: tuple, tangents: tuple
+) -> tuple[Array, Array]:
+    # Liger-style fusion expressed as a JVP: dl = sum_c g_c dx_c. Reverse mode
+    # transposes this into dx = g * dl, so the gradient is formed in the pass
+    # that computes the loss and the backward only rescales it; forward mode
+    # and higher orders keep working because g is built from ordinary ops.
+    x, t, valid, w = primals
+    x_dot = tangents[0]
+    loss, grad = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=True)
+    assert grad is not None
+    loss_dot = jnp.sum(grad * x_dot.astype(grad.dtype), axis=axis)
+    return loss, loss_dot
+
+
+def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
+    shape = [1] * ndim
+    shape[axis] = w.shape[0]
+    return w.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# probability targets
+# ---------------------------------------------------------------------------
+
+
+def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
+    """``-sum_c w_c q'_c log p_c`` with ``q' = (1 - eps) q + eps / C``."""
+    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
+    xc = x.astype(cdt)
+    qc = q.astype(cdt)
+    num_classes = x.shape[axis]
+    if eps > 0.0:
+        qc = qc * (1.0 - eps) + eps / num_classes
+    if w is not None:
+        qc = qc * _broadcast_weight(w.astype(cdt), x.ndim, axis)
+    m, log_s = _row_stats(xc, axis)
+    return jnp.sum(qc * ((m - xc) + log_s), axis=axis)
+
+
+# ---------------------------------------------------------------------------
+# reductions and the shared entry point
+# ---------------------------------------------------------------------------
+
+
+def _reduce(
+    loss: Array,
+    count: Array,
+    reduction: str,
+    axis_name: Any,
+    nan_if_empty: bool,
+) -> Array:
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    if reduction == "sum":
+        return total
+    denom = jnp.sum(count)
+    if axis_name is not None:
+        denom = jax.lax.psum(denom, axis_name)
+    if nan_if_empty:
+        return total / denom
+    # Nothing to average (all ignored, empty batch): 0 with zero gradients,
+    # not PyTorch's 0/0 = NaN. The inner where keeps the gradient finite.
+    nonzero = denom != 0
+    return jnp.where(nonzero, total / jnp.where(nonzero, denom, 1), jnp.zeros_like(total))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "ignore_index",
+        "reduction",
+        "eps",
+        "axis",
+        "axis_name",
+        "normalize",
+        "nan_if_empty",
+    ),
+)
+def _index_impl(
+    x: Array,
+    t: Array,
+    w: Array | None,
+    where: Array | None,
+    *,
+    ignore_index: int | None,
+    reduction: str,
+    eps: float,
+    axis: int,
+    axis_name: Any,
+    normalize: bool,
+    nan_if_empty: bool,
+) -> Array:
+    valid = jnp.ones(t.shape, bool) if ignore_index is None else t != ignore_index
+    if where is not None:
+        valid = valid & where
+    loss = _index_loss(x, t, valid, w, eps, normalize, axis)
+    if reduction != "mean":
+        return _reduce(loss, loss, reduction, axis_name, nan_if_empty)
+    if w is None:
+        count = valid.astype(loss.dtype)
+    else:
+        num_classes = x.shape[axis]
+        w_t = w[jnp.clip(t, 0, num_classes - 1)]
+        count = jnp.where(valid, w_t, jnp.zeros((), loss.dtype))
+    return _reduce(loss, count, reduction, axis_name, nan_if_empty)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("reduction", "eps", "axis", "axis_name", "nan_if_empty")
+)
+def _soft_impl(
+    x: Array,
+    q: Array,
+    w: Array | None,
+    where: Array | None,
+    *,
+    reduction: str,
+    eps: float,
+    axis: int,
+    axis_name: Any,
+    nan_if_empty: bool,
+) -> Array:
+    loss = _soft_loss(x, q, w, eps, axis)
+    if where is None:
+        count = jnp.ones(loss.shape, loss.dtype)
+    else:
+        count = where.astype(loss.dtype)
+        loss = jnp.where(where, loss, jnp.zeros((), loss.dtype))
+    return _reduce(loss, count, reduction, axis_name, nan_if_empty)
+
+
+def _loss(
+    inputs: Any,
+    targets: Any,
+    *,
+    weight: Any,
+    ignore_index: Any,
+    reduction: Any,
+    label_smoothing: Any,
+    axis: Any,
+    where: Any,
+    axis_name: Any,
+    normalize: bool,
+    nan_if_empty: bool,
+) -> Array:
+    """Validate once at the boundary, then dispatch to the jitted core."""
+    input_name = "logits" if normalize else "log_probs"
+    x = _checks.as_float_input(inputs, input_name)
+    axis = _checks.canonical_axis(axis, x.ndim)
+    reduction = _checks.check_reduction(reduction)
+    eps = _checks.check_label_smoothing(label_smoothing)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    num_classes = x.shape[axis]
+    if num_classes == 0:
+        raise ValueError(
+            f"{input_name} must have at least one class; got {input_name}.shape="
+            f"{tuple(x.shape)} with size 0 along the class axis {axis}."
+        )
+    w = _checks.check_weight(weight, num_classes, _compute_dtype(x.dtype))
+    mask = _checks.check_where(where, _checks.position_shape(x.shape, axis))
+    t = jnp.asarray(targets)
+
+    if jnp.issubdtype(t.dtype, jnp.floating):
+        if not normalize:
+            raise TypeError(
+                f"nll_loss takes integer class-index targets; got dtype {t.dtype}. "
+                "Probability targets are supported by cross_entropy."
+            )
+        _checks.check_soft_targets(t, x.shape, input_name)
+        return _soft_impl(
+            x,
+            t,
+            w,
+            mask,
+            reduction=reduction,
+            eps=eps,
+            axis=axis,
+            axis_name=axis_name,
+            nan_if_empty=nan_if_empty,
+        )
+
+    t = _checks.as_index_targets(t)
+    _checks.check_index_targets(t, x.shape, axis, input_name)
+    _checks.check_target_values(t, num_classes, ignore_index, mask)
+    return _index_impl(
+        x,
+        t,
+        w,
+        mask,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        eps=eps,
+        axis=axis,
+        axis_name=axis_name,
+        normalize=normalize,
+        nan_if_empty=nan_if_empty,
+    )
+
+
+# ---------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------
+
+
+def nll_loss(
+    log_probs: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    axis: int = -1,
+    where: Any = None,
+    axis_name: Any = None,
+) -> Array:
+    r"""Negative log-likelihood loss with PyTorch's semantics.
+
+    .. math::
+
+        \ell_i = -w_{t_i} \, x_{i, t_i}, \qquad
+        \text{mean} = \frac{\sum_i \ell_i}{\sum_i w_{t_i}}
+
+    where the sums run over positions that are neither ``ignore_index`` nor
+    masked out by ``where``.
+
+    Args:
+      log_probs: log-probabilities, floating, with the class axis ``axis``:
+        shape ``(C,)``, ``(N, C)`` or any number of spatial dims either side.
+      targets: integer class indices (any integer dtype) with the shape of
+        ``log_probs`` without its class axis.
+      weight: optional per-class weights of shape ``(C,)``. No gradient flows
+        into them.
+      ignore_index: a target value that contributes nothing (neither to the
+        numerator nor the denominator of the mean); ``None`` ignores nothing.
+      reduction: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"``
+        (per-position losses, 0 at ignored positions).
+      axis: the class axis; -1 (channels-last) by default, 1 for PyTorch's layout.
+      where: optional boolean mask broadcastable to ``targets``; False
+        positions are treated as ignored.
+      axis_name: inside ``shard_map``/``pmap``, sum the numerator and
+        denominator of ``"mean"`` (and the total of ``"sum"``) over this named
+        axis, giving the global weighted mean.
+
+    Returns:
+      float32 (float64 under x64) scalar, or per-position losses for ``"none"``.
+      When nothing is left to average, ``"mean"`` is 0.0 (PyTorch: NaN).
+
+    Raises:
+      ValueError / TypeError on bad shapes, dtypes, axis, weight or reduction,
+      and on a concrete target outside ``[0, C)`` that is not ``ignore_index``.
+      Under ``jit`` such a target makes its loss NaN instead.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxloss
+      >>> log_probs = jnp.array([[0.6, 0.2, 0.2], [0.4, 1.2, 0.4]])
+      >>> targets = jnp.array([0, 1])
+      >>> print(f"{jaxloss.nll_loss(log_probs, targets, reduction='sum'):.2f}")
+      -1.80
+      >>> print(f"{jaxloss.nll_loss(log_probs, targets):.2f}")
+      -0.90
+      >>> w = jnp.array([0.6, 0.2, 0.2])
+      >>> print(f"{jaxloss.nll_loss(log_probs, targets, weight=w):.2f}")
+      -0.75
+    """
+    return _loss(
+        log_probs,
+        targets,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=0.0,
+        axis=axis,
+        where=where,
+        axis_name=axis_name,
+        normalize=False,
+        nan_if_empty=False,
+    )
+
+
+def cross_entropy(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    where: Any = None,
+    axis_name: Any = None,
+) -> Array:
+    r"""Softmax cross-entropy with PyTorch's semantics.
+
+    With class-index targets ``t`` and ``-\log p_c = \operatorname{lse}(x) - x_c``:
+
+    .. math::
+
+        \ell_i = (1 - \varepsilon)\, w_{t_i} (-\log p_{i,t_i})
+                 + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{i,c}), \qquad
+        \text{mean} = \frac{\sum_i \ell_i}{\sum_i w_{t_i}}
+
+    over positions that are neither ignored nor masked out by ``where``.
+    With probability targets ``q`` (a floating array shaped like ``logits``),
+    ``\ell_i = -\sum_c w_c q'_{i,c} \log p_{i,c}`` with
+    ``q' = (1 - \varepsilon) q + \varepsilon / C``, and ``"mean"`` divides by the
+    number of positions (``ignore_index`` does not apply).
+
+    The log-softmax is never materialised and no one-hot is built; under
+    differentiation the gradient is formed in the same pass as the loss.
+
+    Args:
+      logits: unnormalised scores, floating, class axis ``axis``.
+      targets: integer class indices shaped like ``logits`` without the class
+        axis (uint8 masks with 255 = void work), or class probabilities
+        shaped like ``logits``.
+      weight: optional per-class weights of shape ``(C,)``.
+      ignore_index: target value to ignore; ``None`` ignores nothing.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      label_smoothing: ``eps`` in ``[0, 1]``, PyTorch's rule.
+      axis: the class axis (-1 channels-last by default; 1 for NCHW).
+      where: optional boolean mask broadcastable to the positions.
+      axis_name: named axis to take a global mean over (``shard_map``/``pmap``).
+
+    Returns:
+      float32 (float64 under x64) loss. When nothing is left to average,
+      ``"mean"`` is 0.0 with zero gradients (PyTorch returns NaN).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxloss
+      >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+      >>> targets = jnp.array([0, 255], dtype=jnp.uint8)   # 255 = void
+      >>> loss = jaxloss.cross_entropy(logits, targets, ignore_index=255)
+      >>> print(f"{loss:.4f}")
+      0.2413
+      >>> grads = jax.grad(jaxloss.cross_entropy)(logits, targets, ignore_index=255)
+      >>> print(grads[1])   # the ignored row gets no gradient
+      [0. 0. 0.]
+    """
+    return _loss(
+        logits,
+        targets,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        axis=axis,
+        where=where,
+        axis_name=axis_name,
+        normalize=True,
+        nan_if_empty=False,
+    )
+
+
+def log_softmax(x: Any, axis: int = -1) -> Array:
+    """Log-softmax in float32-or-wider maths, returned in the input's dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxloss
+      >>> jaxloss.log_softmax(jnp.array([0.0, 0.0]))
+      Array([-0.6931472, -0.6931472], dtype=float32)
+    """
+    arr = _checks.as_float_input(x, "x")
+    axis = _checks.canonical_axis(axis, arr.ndim)
+    xc = arr.astype(_compute_dtype(arr.dtype))
+    m, log_s = _row_stats(xc, axis)
+    return ((xc - m) - log_s).astype(arr.dtype)
