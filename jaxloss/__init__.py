@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from jaxloss._losses import cross_entropy, log_softmax, nll_loss
+from jaxloss._weights import class_weights
 from jaxloss.linen import CrossEntropyLoss, LogSoftmax, NLLLoss
 
 try:
@@ -15,6 +16,7 @@ __all__ = [
     "LogSoftmax",
     "NLLLoss",
     "__version__",
+    "class_weights",
     "cross_entropy",
     "log_softmax",
     "nll_loss",
