@@ -1,0 +1,95 @@
+"""Shared oracles for the tests: live PyTorch, jaxloss under ``jax.vjp``, tolerances.
+
+``torch`` is imported at module top on purpose: without it the suite fails
+at collection, it never skips.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# (rtol, atol) keyed by the *input* dtype. Losses are computed in float32 (or
+# float64) whatever the input dtype, so a 16-bit input's loss is as accurate
+# as a float32 one's (the oracles see the same, already rounded, inputs);
+# its gradient is rounded to the input dtype.
+LOSS_TOL = {
+    "float64": (1e-12, 1e-12),
+    "float32": (2e-5, 2e-6),
+    "bfloat16": (2e-5, 2e-6),
+    "float16": (2e-5, 2e-6),
+}
+GRAD_TOL = {
+    "float64": (1e-12, 1e-14),
+    "float32": (2e-5, 1e-7),
+    "bfloat16": (1.6e-2, 1e-5),  # 8 significant bits
+    "float16": (2e-3, 1e-6),  # 11 significant bits
+}
+
+
+def rng_for(*key) -> np.random.Generator:
+    """A generator seeded from the test's parameters (stable across runs)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def to_torch_layout(x: np.ndarray, axis: int) -> np.ndarray:
+    """Move the class axis to PyTorch's place: dim 1, or dim 0 for a 1-D input."""
+    x = np.asarray(x)
+    return x if x.ndim == 1 else np.moveaxis(x, axis, 1)
+
+
+def torch_loss_and_grad(
+    x: np.ndarray,
+    target: np.ndarray,
+    cotangent,
+    *,
+    nll: bool,
+    weight=None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch (float64) loss and input gradient; ``x`` in PyTorch's layout."""
+    xt = torch.tensor(np.ascontiguousarray(x, np.float64), requires_grad=True)
+    target = np.asarray(target)
+    if np.issubdtype(target.dtype, np.floating):
+        tt = torch.tensor(np.ascontiguousarray(target, np.float64))
+    else:
+        tt = torch.tensor(target.astype(np.int64))
+    kw = {
+        "weight": None if weight is None else torch.tensor(np.asarray(weight, np.float64)),
+        # PyTorch has no "ignore nothing"; -100 never occurs where None is tested.
+        "ignore_index": -100 if ignore_index is None else int(ignore_index),
+        "reduction": reduction,
+    }
+    if nll:
+        loss = F.nll_loss(xt, tt, **kw)
+    else:
+        loss = F.cross_entropy(xt, tt, label_smoothing=label_smoothing, **kw)
+    loss.backward(torch.tensor(np.asarray(cotangent, np.float64)).expand_as(loss).contiguous())
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+def jax_loss_and_grad(fn, x, target, cotangent, **kwargs) -> tuple:
+    """jaxloss loss and ``vjp`` with ``cotangent``; returns numpy copies and the raw arrays."""
+    loss, vjp = jax.vjp(lambda x_: fn(x_, target, **kwargs), x)
+    (g,) = vjp(jnp.broadcast_to(jnp.asarray(cotangent, loss.dtype), loss.shape))
+    return (
+        np.asarray(loss, np.float64),
+        np.asarray(g.astype(jnp.float32) if g.dtype == jnp.bfloat16 else g, np.float64),
+        loss,
+        g,
+    )
+
+
+def assert_close(actual, expected, tol, what: str = "") -> None:
+    rtol, atol = tol
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+        rtol=rtol, atol=atol, err_msg=what,
+    )

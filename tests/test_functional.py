@@ -1,0 +1,439 @@
+"""jaxloss.nll_loss / cross_entropy: losses and gradients against live PyTorch
+and the NumPy float64 reference, over a broad sweep of shapes, layouts,
+weights, ignore indices, reductions, label smoothing and target kinds."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import reference
+import torch  # noqa: F401  -- the suite must fail, not skip, without PyTorch
+from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
+    jax_loss_and_grad,
+    rng_for,
+    to_torch_layout,
+    torch_loss_and_grad,
+)
+
+import jaxloss
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# PyTorch-layout shapes (N, C, d1, ...) with the class axis at 1; (C,) is 1-D.
+SHAPES = {
+    "1d": (5,),
+    "2d": (6, 5),
+    "3d": (3, 4, 5),
+    "4d": (2, 3, 4, 3),
+    "5d": (2, 4, 2, 3, 2),
+}
+
+
+def make_input(rng, shape_torch, layout, dtype=np.float32, scale=2.0):
+    """An input in the requested layout, plus its class axis."""
+    x = (scale * rng.standard_normal(shape_torch)).astype(dtype)
+    if len(shape_torch) == 1:
+        return x, (0 if layout == "first" else -1)
+    if layout == "last":
+        return np.moveaxis(x, 1, -1).copy(), -1
+    return x, 1
+
+
+def make_targets(rng, pos_shape, num_classes, ignore_index, dtype=np.int32, frac=0.3):
+    t = rng.integers(0, num_classes, size=pos_shape)
+    if ignore_index is not None and not 0 <= ignore_index < num_classes:
+        t = np.where(rng.random(pos_shape) < frac, ignore_index, t)
+        if t.size > 1:  # make sure both kinds of position occur
+            t.flat[0] = ignore_index
+            t.flat[1] = 0
+    return t.astype(dtype)
+
+
+def positions(x, axis):
+    return x.shape[: axis % x.ndim] + x.shape[axis % x.ndim + 1 :]
+
+
+def cotangent_for(rng, reduction, pos_shape):
+    if reduction == "none":
+        return rng.uniform(0.5, 2.0, size=pos_shape).astype(np.float32)
+    return np.float32(1.7)
+
+
+def check_against_oracles(
+    fn_name, x, t, axis, reduction, *, weight=None, ignore_index=-100,
+    label_smoothing=0.0, where=None, cotangent=None, torch_too=True, dtype_key=None,
+):
+    rng = rng_for(fn_name, x.shape, reduction)
+    if cotangent is None:
+        cotangent = cotangent_for(rng, reduction, positions(x, axis))
+    nll = fn_name == "nll"
+    fn = jaxloss.nll_loss if nll else jaxloss.cross_entropy
+    kw = {"weight": None if weight is None else jnp.asarray(weight),
+          "ignore_index": ignore_index, "reduction": reduction, "axis": axis}
+    if not nll:
+        kw["label_smoothing"] = label_smoothing
+    if where is not None:
+        kw["where"] = jnp.asarray(where)
+    loss, grad, raw_loss, raw_grad = jax_loss_and_grad(fn, jnp.asarray(x), jnp.asarray(t),
+                                                       cotangent, **kw)
+    key = dtype_key or str(np.asarray(x).dtype)
+    x64 = np.asarray(x).astype(np.float64)
+
+    ref_loss, ref_grad = reference.loss_and_grad(
+        x64, np.asarray(t), weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, axis=axis, where=where, normalize=not nll,
+        cotangent=cotangent,
+    )
+    assert_close(loss, ref_loss, LOSS_TOL[key], "loss vs reference")
+    assert_close(grad, ref_grad, GRAD_TOL[key], "grad vs reference")
+
+    if torch_too:
+        assert where is None
+        t = np.asarray(t)
+        soft = np.issubdtype(t.dtype, np.floating)
+        # Positions are (N, d1, ...) in both layouts, so index targets and a
+        # "none" cotangent need no moving; probability targets move like x.
+        t_loss, t_grad = torch_loss_and_grad(
+            to_torch_layout(x64, axis), to_torch_layout(t, axis) if soft else t, cotangent,
+            nll=nll, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+            # ignore_index does not apply to probability targets; PyTorch
+            # insists on its default there.
+            ignore_index=-100 if soft else ignore_index,
+        )
+        if reduction == "mean" and not soft and np.isnan(t_loss) and np.all(
+            ~np.isnan(ref_grad)
+        ):
+            # Nothing to average (e.g. a 1-D input whose one target is ignored):
+            # PyTorch's 0/0 = NaN, jaxloss's deliberate 0.0 (checked above).
+            assert float(ref_loss) == 0.0
+            return raw_loss, raw_grad
+        assert_close(loss, t_loss, LOSS_TOL[key], "loss vs torch")
+        grad_torch_layout = to_torch_layout(grad, axis)
+        assert_close(grad_torch_layout, t_grad, GRAD_TOL[key], "grad vs torch")
+    return raw_loss, raw_grad
+
+
+# ---------------------------------------------------------------------------
+# the main sweep: index targets
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index", [None, -100, 1, 255], ids=lambda v: f"ign{v}")
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("layout", ["last", "first"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_index_targets_sweep(fn, shape, layout, weighted, ignore_index, reduction):
+    rng = rng_for(fn, shape, layout, weighted, ignore_index, reduction)
+    x, axis = make_input(rng, SHAPES[shape], layout)
+    num_classes = x.shape[axis]
+    pos_shape = positions(x, axis)
+    t = make_targets(rng, pos_shape, num_classes, ignore_index)
+    weight = rng.uniform(0.2, 2.0, num_classes).astype(np.float32) if weighted else None
+    loss, grad = check_against_oracles(
+        "nll" if fn == "nll" else "ce", x, t, axis, reduction, weight=weight,
+        ignore_index=ignore_index, label_smoothing=0.15 if fn == "ce_ls" else 0.0,
+    )
+    assert loss.dtype == jnp.float32 and grad.dtype == jnp.float32
+    assert loss.shape == (pos_shape if reduction == "none" else ())
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", ["2d", "4d", "5d"])
+def test_layouts_agree_by_moveaxis(shape):
+    """The same data in either layout gives the same loss and (moved) gradient."""
+    rng = rng_for("layouts", shape)
+    x_first, _ = make_input(rng, SHAPES[shape], "first")
+    x_last = np.moveaxis(x_first, 1, -1)
+    t = make_targets(rng, positions(x_first, 1), x_first.shape[1], 255)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, x_first.shape[1]), jnp.float32)
+    kw = dict(weight=w, ignore_index=255, label_smoothing=0.1, reduction="none")
+    f = lambda x, axis: jnp.sum(jaxloss.cross_entropy(x, t, axis=axis, **kw) ** 2)
+    l_first, g_first = jax.value_and_grad(f)(x_first, 1)
+    l_last, g_last = jax.value_and_grad(f)(x_last, -1)
+    np.testing.assert_allclose(l_first, l_last, rtol=1e-6)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(g_first), 1, -1), g_last, rtol=1e-6,
+                               atol=1e-7)
+    if x_first.ndim < 4:
+        return
+    # A middle class axis (axis=2, negative spelling) also agrees.
+    x_mid = np.moveaxis(x_first, 1, 2)
+    l_mid, g_mid = jax.value_and_grad(f)(x_mid, 2 - x_mid.ndim)
+    np.testing.assert_allclose(l_first, l_mid, rtol=1e-6)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(g_mid), 2, 1), g_first, rtol=1e-6,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 19, 150])
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_odd_num_classes(num_classes, fn, reduction):
+    rng = rng_for("oddC", num_classes, fn, reduction)
+    x, axis = make_input(rng, (4, num_classes, 3), "last")
+    t = make_targets(rng, positions(x, axis), num_classes, 255)
+    weight = rng.uniform(0.2, 2.0, num_classes).astype(np.float32)
+    check_against_oracles("nll" if fn == "nll" else "ce", x, t, axis, reduction,
+                          weight=weight, ignore_index=255,
+                          label_smoothing=0.3 if fn == "ce_ls" else 0.0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_label_smoothing_with_weight_and_ignore(label_smoothing, reduction):
+    rng = rng_for("ls", label_smoothing, reduction)
+    x, axis = make_input(rng, (3, 6, 4), "first")
+    t = make_targets(rng, positions(x, axis), 6, -100, frac=0.4)
+    weight = rng.uniform(0.1, 3.0, 6).astype(np.float32)
+    check_against_oracles("ce", x, t, axis, reduction, weight=weight, ignore_index=-100,
+                          label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------------------
+# probability targets
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2], ids=["ls0", "ls0.2"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("layout", ["last", "first"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_probability_targets(shape, layout, weighted, label_smoothing, reduction):
+    rng = rng_for("soft", shape, layout, weighted, label_smoothing, reduction)
+    x, axis = make_input(rng, SHAPES[shape], layout)
+    q = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis=axis)).astype(np.float32)
+    weight = rng.uniform(0.2, 2.0, x.shape[axis]).astype(np.float32) if weighted else None
+    loss, _ = check_against_oracles("ce", x, q, axis, reduction, weight=weight,
+                                    label_smoothing=label_smoothing)
+    assert loss.dtype == jnp.float32
+    # ignore_index does not apply to probability targets (PyTorch refuses a
+    # non-default one; jaxloss's native API accepts and disregards it).
+    other = jaxloss.cross_entropy(x, q, weight=weight, reduction=reduction, axis=axis,
+                                  label_smoothing=label_smoothing, ignore_index=0)
+    np.testing.assert_array_equal(other, loss)
+
+
+def test_probability_targets_that_are_one_hot_match_index_targets():
+    rng = rng_for("onehot")
+    x, axis = make_input(rng, (4, 5, 3), "last")
+    t = rng.integers(0, 5, size=positions(x, axis))
+    q = np.eye(5, dtype=np.float32)[t]
+    for ls in (0.0, 0.3):
+        a = jaxloss.cross_entropy(x, q, label_smoothing=ls)  # unweighted: same mean rule
+        b = jaxloss.cross_entropy(x, t, label_smoothing=ls)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# nothing to average: all ignored, empty batch
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_all_ignored(fn, weighted, reduction):
+    rng = rng_for("allign", fn, weighted, reduction)
+    x, axis = make_input(rng, (3, 4, 2), "last")
+    t = np.full(positions(x, axis), 255, np.uint8)
+    weight = rng.uniform(0.2, 2.0, 4).astype(np.float32) if weighted else None
+    func = jaxloss.nll_loss if fn == "nll" else jaxloss.cross_entropy
+    kw = {"weight": weight, "ignore_index": 255, "reduction": reduction}
+    if fn != "nll":
+        kw["label_smoothing"] = 0.2 if fn == "ce_ls" else 0.0
+    f = lambda x: jnp.sum(func(x, t, **kw))
+    loss, grad = jax.value_and_grad(f)(jnp.asarray(x))
+    # jaxloss's deliberate difference: 0.0 and zero gradients, not NaN.
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(grad, np.zeros_like(x))
+    # PyTorch: NaN for the mean, 0 for sum / none.
+    t_loss, _ = torch_loss_and_grad(np.moveaxis(x, -1, 1), t, 1.0, nll=fn == "nll",
+                                    weight=weight, ignore_index=255, reduction=reduction,
+                                    label_smoothing=kw.get("label_smoothing", 0.0))
+    if reduction == "mean":
+        assert np.isnan(t_loss)
+    else:
+        np.testing.assert_array_equal(np.sum(t_loss), 0.0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)], ids=str)
+def test_empty_batch(shape, soft, reduction):
+    x, axis = make_input(rng_for("empty", shape), shape, "last")
+    t = (np.zeros(x.shape, np.float32) if soft
+         else np.zeros(positions(x, axis), np.int32))
+    f = lambda x: jaxloss.cross_entropy(x, t, reduction=reduction)
+    loss = f(jnp.asarray(x))
+    assert loss.shape == (positions(x, axis) if reduction == "none" else ())
+    if reduction != "none":
+        assert float(loss) == 0.0  # PyTorch: NaN for the mean, 0 for the sum
+        grad = jax.grad(f)(jnp.asarray(x))
+        assert grad.shape == x.shape
+    t_loss, _ = torch_loss_and_grad(np.moveaxis(x, -1, 1),
+                                    np.moveaxis(t, -1, 1) if soft else t, 1.0, nll=False,
+                                    reduction=reduction)
+    if reduction == "mean":
+        assert np.isnan(t_loss)
+    else:
+        assert t_loss.shape == loss.shape
+        np.testing.assert_array_equal(np.sum(t_loss), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# target dtypes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target_dtype", [np.uint8, np.int8, np.int16, np.int32, np.int64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("fn", ["nll", "ce"])
+def test_target_dtypes(fn, target_dtype):
+    rng = rng_for("tdtype", fn, np.dtype(target_dtype).name)
+    x, axis = make_input(rng, (3, 5, 4), "last")
+    ignore = 255 if target_dtype == np.uint8 else -1
+    if target_dtype == np.int8 or target_dtype == np.int16:
+        ignore = -1
+    t = make_targets(rng, positions(x, axis), 5, ignore, dtype=np.int64).astype(target_dtype)
+    w = rng.uniform(0.5, 1.5, 5).astype(np.float32)
+    check_against_oracles(fn, x, t, axis, "mean", weight=w, ignore_index=ignore)
+
+
+def test_uint8_void_mask_with_default_ignore_index_is_an_invalid_label():
+    """255 in a uint8 mask is a class index unless ignore_index=255 says otherwise."""
+    x = jnp.zeros((2, 4))
+    t = np.array([0, 255], np.uint8)
+    with pytest.raises(ValueError, match="255"):
+        jaxloss.cross_entropy(x, t)
+    assert float(jaxloss.cross_entropy(x, t, ignore_index=255)) == pytest.approx(np.log(4))
+
+
+def test_int64_targets_and_float64_inputs_under_x64():
+    rng = rng_for("x64")
+    with jax.enable_x64(True):
+        x, axis = make_input(rng, (3, 7, 4), "first", dtype=np.float64)
+        t = make_targets(rng, positions(x, axis), 7, -100, dtype=np.int64)
+        w = rng.uniform(0.5, 1.5, 7)
+        for fn in ("nll", "ce"):
+            for reduction in REDUCTIONS:
+                loss, grad = check_against_oracles(
+                    fn, x, t, axis, reduction, weight=w,
+                    label_smoothing=0.0 if fn == "nll" else 0.1,
+                    cotangent=cotangent_for(rng, reduction, positions(x, axis)).astype(np.float64),
+                )
+                assert loss.dtype == jnp.float64 and grad.dtype == jnp.float64
+
+
+# ---------------------------------------------------------------------------
+# input dtypes and numerical stability
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["nll", "ce", "ce_ls", "soft"])
+def test_half_precision_inputs(dtype, reduction, kind):
+    rng = rng_for("half", dtype, reduction, kind)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    x, axis = make_input(rng, (4, 6, 3), "last", dtype=np_dtype)
+    w = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    if kind == "soft":
+        t = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis)).astype(np.float32)
+    else:
+        t = make_targets(rng, positions(x, axis), 6, 255, dtype=np.uint8)
+    loss, grad = check_against_oracles(
+        "nll" if kind == "nll" else "ce", x, t, axis, reduction, weight=w, ignore_index=255,
+        label_smoothing=0.1 if kind == "ce_ls" else 0.0,
+    )
+    assert loss.dtype == jnp.float32
+    assert grad.dtype == jnp.dtype(dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["ce", "ce_ls", "soft"])
+def test_stability_large_logits(kind, reduction):
+    rng = rng_for("big", kind, reduction)
+    x, axis = make_input(rng, (5, 7, 3), "first", scale=1e4)
+    x[0, :, 0] = 1e4  # a tie at the maximum
+    x[1, :, 0] = -1e4
+    x[1, 3, 0] = 1e4
+    w = rng.uniform(0.5, 1.5, 7).astype(np.float32)
+    if kind == "soft":
+        t = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis)).astype(np.float32)
+    else:
+        t = make_targets(rng, positions(x, axis), 7, -100)
+    loss, grad = check_against_oracles("ce", x, t, axis, reduction, weight=w,
+                                       label_smoothing=0.1 if kind == "ce_ls" else 0.0,
+                                       torch_too=False)
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+
+
+def test_stability_keeps_small_log_term_next_to_huge_logits():
+    """lse - x_t for logits ~1e4 that differ by O(1): the log term must survive."""
+    x = np.array([[1e4, 1e4 - 1.0, 1e4 - 2.0]], np.float32)
+    t = np.array([1])
+    expected = -reference.log_softmax(x.astype(np.float64))[0, 1]
+    np.testing.assert_allclose(jaxloss.cross_entropy(x, t), expected, rtol=1e-6)
+    np.testing.assert_allclose(jaxloss.nll_loss(jaxloss.log_softmax(x), t), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# where
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("fn", ["nll", "ce_ls", "soft"])
+@pytest.mark.parametrize("broadcast", [False, True], ids=["full", "bcast"])
+def test_where_mask(fn, reduction, broadcast):
+    rng = rng_for("where", fn, reduction, broadcast)
+    x, axis = make_input(rng, (3, 5, 4), "last")  # positions (3, 4)
+    w = rng.uniform(0.5, 1.5, 5).astype(np.float32)
+    where = rng.random((3, 1) if broadcast else (3, 4)) < 0.6
+    where[0] = True
+    if fn == "soft":
+        t = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis)).astype(np.float32)
+    else:
+        t = make_targets(rng, positions(x, axis), 5, 255, dtype=np.uint8)
+    check_against_oracles("nll" if fn == "nll" else "ce", x, t, axis, reduction, weight=w,
+                          ignore_index=255, label_smoothing=0.2 if fn == "ce_ls" else 0.0,
+                          where=where, torch_too=False)
+
+
+def test_where_equals_ignore_index_and_hides_invalid_labels():
+    rng = rng_for("where-eq")
+    x, axis = make_input(rng, (6, 4), "last")
+    t = rng.integers(0, 4, 6).astype(np.int32)
+    where = np.array([True, False, True, True, False, True])
+    t_ign = np.where(where, t, -100)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32)
+    for reduction in REDUCTIONS:
+        f = lambda x, tt, wh, r=reduction: jnp.sum(
+            jaxloss.cross_entropy(x, tt, weight=w, label_smoothing=0.1, reduction=r, where=wh))
+        a, ga = jax.value_and_grad(f)(x, t, where)
+        b, gb = jax.value_and_grad(f)(x, t_ign, None)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        np.testing.assert_allclose(ga, gb, rtol=1e-6)
+        # A masked-out position may hold any label, even an invalid one.
+        c = f(x, np.where(where, t, 99), where)
+        np.testing.assert_allclose(c, a, rtol=1e-6)
+
+
+def test_ignore_index_none_counts_every_position():
+    rng = rng_for("ign-none")
+    x, axis = make_input(rng, (5, 3), "last")
+    t = np.array([0, 1, 2, 1, 0], np.int32)
+    a = jaxloss.cross_entropy(x, t, ignore_index=None)
+    b = jaxloss.cross_entropy(x, t, ignore_index=1)
+    expected, _ = reference.loss_and_grad(x, t, ignore_index=None)
+    np.testing.assert_allclose(a, expected, rtol=1e-6)
+    assert not np.isclose(a, b)
+    with pytest.raises(ValueError, match="-100"):
+        jaxloss.cross_entropy(x, np.array([0, 1, 2, 1, -100]), ignore_index=None)
