@@ -13,6 +13,7 @@ NLL) with the class axis ``axis`` of size ``C``; a *position* is one index of
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -39,11 +40,17 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     Keeping the two parts apart lets callers form ``lse - x_c`` as
     ``(m - x_c) + log s``, which keeps full precision for logits of magnitude
     1e4 where ``m + log s`` would already have rounded away ``log s``.
+
+    Both come back in the compute dtype, whatever ``x``'s dtype. The max is
+    taken in ``x``'s own dtype (it is exact there): a 16-bit ``x`` then has no
+    float32 conversion shared between the two reductions, which XLA would
+    materialise as a full-size temporary.
     """
-    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    cdt = _compute_dtype(x.dtype)
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)).astype(cdt)
     # A row of -inf (fully masked logits) would give inf - inf = nan below.
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    log_s = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True))
+    log_s = jnp.log(jnp.sum(jnp.exp(x.astype(cdt) - m), axis=axis, keepdims=True))
     return m, log_s
 
 
@@ -65,6 +72,7 @@ def _index_loss_and_grad(
     normalize: bool,
     axis: int,
     with_grad: bool,
+    grad_x: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -82,6 +90,9 @@ def _index_loss_and_grad(
 
     with ``W = sum_c w_c`` (``C`` when unweighted); for NLL it is
     ``-w_t [c == t]``.
+
+    ``grad_x``, if given, is ``x`` in the compute dtype computed another way,
+    for the gradient's elementwise part to read (see :func:`_exact_upcast`).
     """
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
@@ -89,12 +100,19 @@ def _index_loss_and_grad(
     in_range = (t >= 0) & (t < num_classes)
     t_safe = jnp.where(in_range, t, 0)
     t_keep = jnp.expand_dims(t_safe, axis)
-    # Take the target logit rather than building a full log_softmax.
-    x_t = jnp.squeeze(jnp.take_along_axis(xc, t_keep, axis=axis), axis)
+    # Take the target logit rather than building a full log_softmax. 16-bit
+    # logits are gathered as raw bits: XLA:CPU would convert the whole input
+    # to float32 to gather from it.
+    if x.dtype.itemsize == 2:
+        bits = jnp.take_along_axis(jax.lax.bitcast_convert_type(x, jnp.uint16), t_keep, axis=axis)
+        x_t = jax.lax.bitcast_convert_type(bits, x.dtype)
+    else:
+        x_t = jnp.take_along_axis(x, t_keep, axis=axis)
+    x_t = jnp.squeeze(x_t, axis).astype(cdt)
     w_t = jnp.ones((), cdt) if w is None else w[t_safe]
 
     if normalize:
-        m, log_s = _row_stats(xc, axis)
+        m, log_s = _row_stats(x, axis)
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
     else:
         neg_logp_t = -x_t
@@ -118,7 +136,10 @@ def _index_loss_and_grad(
     is_t = _class_iota(x.shape, axis) == t_keep
     scale_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else jnp.expand_dims(w_t, axis))
     if normalize:
-        p = jnp.exp(xc - m - log_s)
+        if grad_x is None:
+            p = jnp.exp(xc - m - log_s)
+        else:  # shares no subexpression with the row reductions
+            p = jnp.exp(grad_x - (m + log_s))
         grad = scale_t * (p - is_t.astype(cdt))
         if eps > 0.0:
             eps_c = eps / num_classes
@@ -162,6 +183,332 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
     shape = [1] * ndim
     shape[axis] = w.shape[0]
     return w.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# index targets, reduced ("mean"/"sum"): one chunked pass, no full-size temps
+# ---------------------------------------------------------------------------
+#
+# ``_index_loss`` above leaves fusion to XLA, which materialises every
+# per-position statistic (max, sum of exponentials, target weight, loss): four
+# float32 arrays the size of the label map. For a mean or a sum the loop below
+# visits the positions chunk by chunk instead: each chunk's statistics live in
+# chunk-sized buffers (cache-resident on CPU), the loss is summed on the fly,
+# and -- under differentiation -- the chunk's d(logits) is written straight
+# into a buffer in the logits' dtype, already scaled by the reduction's
+# ``1 / denominator``. For ``jax.grad`` of the loss the cotangent is then
+# exactly 1, XLA drops the rescale, and that buffer *is* the returned gradient:
+# one read of the logits, one write of the gradient, temporaries of a few
+# chunks.
+
+# Logit elements per chunk. On CPU the chunk's temporaries (a few float32
+# copies) stay in L2. Accelerators need far bigger steps to amortise the
+# per-iteration launches; 1/256 of the input keeps temporaries near 1%.
+_CPU_CHUNK_ELEMENTS = 1 << 16
+
+
+def _chunk_elements(n: int) -> int:
+    if jax.default_backend() == "cpu":
+        return _CPU_CHUNK_ELEMENTS
+    return min(max(1 << 20, n // 256), 1 << 24)
+
+
+def _chunks(a: int, c: int, b: int) -> tuple[int, int]:
+    """Chunk extents ``(ra, rb)`` over the ``(A, C, B)`` view of the logits."""
+    target = _chunk_elements(a * c * b)
+    if c * b <= target:
+        return max(1, min(a, target // (c * b))), b
+    return 1, max(1, min(b, target // c))
+
+
+def _loop_writes_grad(dtype: Any) -> bool:
+    """Whether the chunked loop suits ``dtype`` on the default backend.
+
+    XLA:CPU converts every 16-bit floating op to float32, slices and in-place
+    updates included; inside a loop that hoists a float32 copy of the whole
+    input and turns each chunk's write into a rewrite of the whole buffer.
+    There, 16-bit inputs take :func:`_plain_total_and_grad` instead (row
+    statistics by fused reductions, the gradient one elementwise pass).
+    """
+    return jnp.dtype(dtype).itemsize >= 4 or jax.default_backend() != "cpu"
+
+
+def _empty(shape: tuple[int, ...], dtype: Any) -> Array:
+    empty = getattr(jax.lax, "empty", None)  # no initialising write on GPU/TPU
+    return jnp.zeros(shape, dtype) if empty is None else empty(shape, dtype)
+
+
+def _fused_pass(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    *,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    with_grad: bool,
+) -> tuple[Array, Array | None]:
+    """``(scale * sum_i l_i, scale * dl/dx)`` by a chunked loop (see above).
+
+    ``l`` and the gradient are those of :func:`_index_loss_and_grad`; the
+    gradient comes back in ``x.dtype``. Differentiating the gradient goes
+    through :func:`_fused_total_and_grad` to the plain formulation instead.
+    """
+    cdt = _compute_dtype(x.dtype)
+    shape = x.shape
+    c = shape[axis]
+    a = math.prod(shape[:axis])
+    b = math.prod(shape[axis + 1 :])
+    scale = scale.astype(cdt)
+    zero = jnp.zeros((), cdt)
+    if a * b == 0:
+        return zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
+
+    # Channels-last is the 2-D view (A, C); otherwise (A, C, B). Both are
+    # reshapes of contiguous dimensions, i.e. free.
+    three = b > 1
+    ra, rb = _chunks(a, c, b)
+    nb = -(-b // rb)
+    steps = -(-a // ra) * nb
+    cshape = (ra, c, rb) if three else (ra, c)
+    pshape = (ra, rb) if three else (ra,)
+    xs = x.reshape((a, c, b) if three else (a, c))
+    ts = t.reshape((a, b) if three else (a,))
+    ms = None if where is None else where.reshape(ts.shape)
+    class_iota = _class_iota(cshape, 1)
+    if w is not None:
+        w_row = w.astype(cdt).reshape((1, c, 1) if three else (1, c))
+        w_sum = jnp.sum(w.astype(cdt))
+    else:
+        w_row, w_sum = None, jnp.asarray(c, cdt)
+
+    def per_class(v: Array) -> Array:  # per-position -> along the class axis
+        return jnp.expand_dims(v, 1)
+
+    def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        total, g = carry
+        ia, ib = i // nb, i % nb
+        # The last chunk along each dimension is shifted back to fit; the
+        # positions it shares with the previous chunk are not summed twice
+        # (``fresh``) and their gradient is rewritten with the same values.
+        a0 = jnp.minimum(ia * ra, a - ra)
+        b0 = jnp.minimum(ib * rb, b - rb)
+        start = (a0, b0) if three else (a0,)
+        xb = jax.lax.dynamic_slice(xs, (a0, 0, b0) if three else (a0, 0), cshape)
+        xb = xb.astype(cdt)
+        tb = jax.lax.dynamic_slice(ts, start, pshape)
+        valid = jnp.ones(pshape, bool) if ignore_index is None else tb != ignore_index
+        if ms is not None:
+            valid = valid & jax.lax.dynamic_slice(ms, start, pshape)
+        fresh = jax.lax.broadcasted_iota(jnp.int32, pshape, 0) + a0 >= ia * ra
+        if three:
+            fresh = fresh & (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + b0 >= ib * rb)
+        in_range = (tb >= 0) & (tb < c)
+        # The target is found by comparing against an iota: no gather.
+        is_t = class_iota == per_class(tb)
+        x_t = jnp.sum(jnp.where(is_t, xb, zero), axis=1)
+        if w_row is None:
+            w_t = jnp.ones(pshape, cdt)
+        else:
+            w_t = jnp.sum(jnp.where(is_t, w_row, zero), axis=1)
+        if normalize:
+            m = jnp.max(xb, axis=1, keepdims=True)
+            m = jnp.where(jnp.isfinite(m), m, zero)  # a row of -inf
+            e = jnp.exp(xb - m)
+            s = jnp.sum(e, axis=1, keepdims=True)
+            log_s = jnp.log(jnp.squeeze(s, 1))
+            loss = w_t * ((jnp.squeeze(m, 1) - x_t) + log_s)
+            if eps > 0.0:
+                centred = m - xb if w_row is None else w_row * (m - xb)
+                smooth = jnp.sum(centred, axis=1) + w_sum * log_s
+                loss = (1.0 - eps) * loss + (eps / c) * smooth
+        else:
+            loss = -w_t * x_t
+        nan = jnp.full((), jnp.nan, cdt)
+        loss = jnp.where(valid & fresh, jnp.where(in_range, loss, nan), zero)
+        total = total + jnp.sum(loss)
+        if not with_grad:
+            return total, g
+        coef = per_class(jnp.where(valid, jnp.where(in_range, scale, nan), zero))
+        if normalize:
+            p = e * (1.0 / s)
+            grad = per_class((1.0 - eps) * w_t) * (p - is_t.astype(cdt))
+            if eps > 0.0:
+                grad = grad + (eps / c) * (w_sum * p - (1.0 if w_row is None else w_row))
+            grad = coef * grad
+        else:
+            grad = jnp.where(is_t, -coef * per_class(w_t), zero)
+        g = jax.lax.dynamic_update_slice(
+            g, grad.astype(x.dtype), (a0, 0, b0) if three else (a0, 0)
+        )
+        return total, g
+
+    g0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
+    total, g = jax.lax.fori_loop(0, steps, body, (zero, g0))
+    # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
+    total = jnp.where(scale != 0, scale * total, zero)
+    if not with_grad:
+        return total, None
+    return total, g.reshape(shape)
+
+
+def _weight_count(
+    t: Array, where: Array | None, w: Array | None, ignore_index: int | None, num_classes: int,
+    dtype: Any,
+) -> Array:
+    """``sum_i valid_i * w_{t_i}``, the weighted mean's denominator, chunk by chunk.
+
+    (One fused reduction would be simpler, but XLA:CPU materialises its
+    per-position operand.)
+    """
+    n = math.prod(t.shape)
+    zero = jnp.zeros((), dtype)
+    if n == 0:
+        return zero
+    r = min(n, _chunk_elements(n))
+    ts = t.reshape(n)
+    ms = None if where is None else where.reshape(n)
+
+    def body(i: Array, count: Array) -> Array:
+        i0 = jnp.minimum(i * r, n - r)
+        tb = jax.lax.dynamic_slice(ts, (i0,), (r,))
+        valid = jnp.ones((r,), bool) if ignore_index is None else tb != ignore_index
+        if ms is not None:
+            valid = valid & jax.lax.dynamic_slice(ms, (i0,), (r,))
+        valid = valid & (jax.lax.broadcasted_iota(jnp.int32, (r,), 0) + i0 >= i * r)
+        if w is None:
+            return count + jnp.sum(valid.astype(dtype))
+        w_t = w.astype(dtype)[jnp.clip(tb, 0, num_classes - 1)]
+        return count + jnp.sum(jnp.where(valid, w_t, zero))
+
+    return jax.lax.fori_loop(0, -(-n // r), body, zero)
+
+
+def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Array:
+    valid = jnp.ones(t.shape, bool) if ignore_index is None else t != ignore_index
+    return valid if where is None else valid & where
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def _fused_total_and_grad(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+) -> tuple[Array, Array]:
+    total, grad = _fused_pass(
+        x, t, where, w, scale, ignore_index=ignore_index, eps=eps, normalize=normalize,
+        axis=axis, with_grad=True,
+    )
+    assert grad is not None
+    return total, grad
+
+
+@_fused_total_and_grad.defjvp
+def _fused_total_and_grad_jvp(
+    ignore_index: int | None, eps: float, normalize: bool, axis: int, primals: tuple,
+    tangents: tuple,
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    # Reached only when the gradient itself is differentiated (jvp of grad,
+    # hessian): differentiate the plain formulation instead of the loop.
+    x, t, where, w, scale = primals
+
+    def plain(x: Array) -> tuple[Array, Array]:
+        total, grad = _plain_total_and_grad(
+            x, t, where, w, scale, ignore_index, eps, normalize, axis, barrier=False
+        )
+        return total, grad.astype(x.dtype)
+
+    return jax.jvp(plain, (x,), (tangents[0],))
+
+
+def _exact_upcast(x: Array) -> Array:
+    """``x.astype(float32)`` for bfloat16 ``x`` by moving bits, not by ``convert``.
+
+    XLA's CSE would merge a second ``convert`` with the one feeding the row
+    reductions; a conversion with two users is materialised (XLA:CPU: a full
+    float32 copy of the logits). This one stays inside the gradient's fusion.
+    """
+    if x.dtype != jnp.bfloat16:
+        return jax.lax.optimization_barrier(x).astype(_compute_dtype(x.dtype))
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, jnp.uint32(16)), jnp.float32)
+
+
+def _plain_total_and_grad(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    *,
+    barrier: bool = True,
+) -> tuple[Array, Array]:
+    """``_fused_pass``'s result by whole-array ops: ``(total, grad)``, grad in
+    the compute dtype, left as an expression for XLA to fuse into its consumer."""
+    valid = _valid_mask(t, where, ignore_index)
+    grad_x = _exact_upcast(x) if barrier else None
+    loss, grad = _index_loss_and_grad(
+        x, t, valid, w, eps, normalize, axis, with_grad=True, grad_x=grad_x
+    )
+    assert grad is not None
+    s = scale.astype(loss.dtype)
+    total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
+    return total, s * grad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def _index_total(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+) -> Array:
+    """``scale * sum_i l_i`` over all positions (0 when ``scale`` is 0)."""
+    # Primal only: evaluation never pays for the gradient.
+    if not _loop_writes_grad(x.dtype):
+        valid = _valid_mask(t, where, ignore_index)
+        loss = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+        s = scale.astype(loss.dtype)
+        return jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
+    return _fused_pass(
+        x, t, where, w, scale, ignore_index=ignore_index, eps=eps, normalize=normalize,
+        axis=axis, with_grad=False,
+    )[0]
+
+
+@_index_total.defjvp
+def _index_total_jvp(
+    ignore_index: int | None, eps: float, normalize: bool, axis: int, primals: tuple,
+    tangents: tuple,
+) -> tuple[Array, Array]:
+    # As for _index_loss: the gradient g is formed in the loss's pass and
+    # reverse mode transposes dl = sum(g * dx) into dx = g * ct. For
+    # jax.grad of the loss ct is 1 and XLA returns g's buffer as is. Only
+    # the logits are differentiated (weights and scale are constants).
+    if _loop_writes_grad(primals[0].dtype):
+        total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+    else:
+        total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+    cdt = total.dtype
+    return total, jnp.sum(grad.astype(cdt) * tangents[0].astype(cdt))
 
 
 # ---------------------------------------------------------------------------
@@ -239,19 +586,30 @@ def _index_impl(
     normalize: bool,
     nan_if_empty: bool,
 ) -> Array:
-    valid = jnp.ones(t.shape, bool) if ignore_index is None else t != ignore_index
-    if where is not None:
-        valid = valid & where
-    loss = _index_loss(x, t, valid, w, eps, normalize, axis)
-    if reduction != "mean":
-        return _reduce(loss, loss, reduction, axis_name, nan_if_empty)
-    if w is None:
-        count = valid.astype(loss.dtype)
+    if reduction == "none":
+        valid = _valid_mask(t, where, ignore_index)
+        return _index_loss(x, t, valid, w, eps, normalize, axis)
+    # "mean"/"sum": the chunked pass, with the mean's 1/denominator folded in
+    # so that the gradient it writes needs no rescaling.
+    cdt = _compute_dtype(x.dtype)
+    if reduction == "sum":
+        scale = jnp.ones((), cdt)
     else:
-        num_classes = x.shape[axis]
-        w_t = w[jnp.clip(t, 0, num_classes - 1)]
-        count = jnp.where(valid, w_t, jnp.zeros((), loss.dtype))
-    return _reduce(loss, count, reduction, axis_name, nan_if_empty)
+        denom = _weight_count(t, where, w, ignore_index, x.shape[axis], cdt)
+        if axis_name is not None:
+            denom = jax.lax.psum(denom, axis_name)
+        if nan_if_empty:
+            scale = 1 / denom
+        else:
+            # Nothing to average (all ignored, empty batch): 0 with zero
+            # gradients, not PyTorch's 0/0 = NaN.
+            nonzero = denom != 0
+            scale = jnp.where(nonzero, 1 / jnp.where(nonzero, denom, 1), jnp.zeros((), cdt))
+    scale = jax.lax.stop_gradient(scale)
+    total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    return total
 
 
 @functools.partial(

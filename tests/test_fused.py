@@ -1,0 +1,184 @@
+"""The chunked "mean"/"sum" path of the core against its per-position path.
+
+``reduction="none"`` goes through ``_index_loss`` (whole-array ops); "mean" and
+"sum" through the chunked loop of ``_fused_pass``. Shrinking the chunk makes
+the loop take many steps, with a shifted last chunk along both the position
+axes before and after the class axis.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+
+
+@pytest.fixture(params=[64, 1 << 16], ids=["tiny-chunks", "default-chunks"])
+def chunk(request, monkeypatch):
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", request.param)
+    return request.param
+
+
+def _data(shape, axis, dtype=jnp.float32, seed=0, ignore=0.2, bad=False):
+    axis = axis % len(shape)
+    c = shape[axis]
+    pos = shape[:axis] + shape[axis + 1 :]
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x = (3.0 * jax.random.normal(k1, shape)).astype(dtype)
+    t = jax.random.randint(k2, pos, 0, c)
+    t = jnp.where(jax.random.uniform(k3, pos) < ignore, IGN, t)
+    if bad:
+        t = t.reshape(-1).at[1].set(c + 3).reshape(pos)
+    w = jnp.linspace(0.5, 2.0, c)
+    return x, t, w
+
+
+def _reference(x, t, w, *, reduction, axis, eps=0.0, where=None, normalize=True):
+    """Mean/sum built from the per-position path, differentiated by JAX."""
+    fn = jaxloss.cross_entropy if normalize else jaxloss.nll_loss
+    kw = {"label_smoothing": eps} if normalize else {}
+
+    def f(x):
+        loss = fn(x, t, weight=w, ignore_index=IGN, reduction="none", axis=axis, where=where, **kw)
+        if reduction == "sum":
+            return jnp.sum(loss)
+        valid = t != IGN
+        if where is not None:
+            valid = valid & where
+        wt = jnp.ones(t.shape) if w is None else w[jnp.clip(t, 0, x.shape[axis] - 1)]
+        denom = jnp.sum(jnp.where(valid, wt, 0.0))
+        return jnp.where(denom != 0, jnp.sum(loss) / jnp.where(denom != 0, denom, 1), 0.0)
+
+    return jax.value_and_grad(f)(x)
+
+
+CASES = [
+    ((37, 19), -1),
+    ((3, 5, 7, 19), -1),
+    ((3, 19, 5, 7), 1),
+    ((2, 150, 9), 1),
+    ((5, 1), -1),
+    ((4, 1000), -1),
+]
+
+
+@pytest.mark.parametrize("shape,axis", CASES, ids=[f"{s}-ax{a}" for s, a in CASES])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
+    x, t, w = _data(shape, axis)
+    w = w if weighted else None
+    eps = 0.1 if weighted else 0.0
+    where = jax.random.uniform(jax.random.key(7), t.shape) < 0.9
+    got_v, got_g = jax.value_and_grad(
+        lambda x: jaxloss.cross_entropy(
+            x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
+            label_smoothing=eps, where=where,
+        )
+    )(x)
+    ref_v, ref_g = _reference(x, t, w, reduction=reduction, axis=axis, eps=eps, where=where)
+    np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
+    # Forward-only gives the same value.
+    fwd = jaxloss.cross_entropy(
+        x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
+        label_smoothing=eps, where=where,
+    )
+    np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", CASES[:3], ids=[f"{s}-ax{a}" for s, a in CASES[:3]])
+def test_fused_nll(chunk, shape, axis):
+    x, t, w = _data(shape, axis)
+    got_v, got_g = jax.value_and_grad(
+        lambda x: jaxloss.nll_loss(x, t, weight=w, ignore_index=IGN, axis=axis)
+    )(x)
+    ref_v, ref_g = _reference(x, t, w, reduction="mean", axis=axis, normalize=False)
+    np.testing.assert_allclose(got_v, ref_v, rtol=2e-6)
+    np.testing.assert_allclose(got_g, ref_g, rtol=2e-6, atol=1e-8)
+
+
+def test_bad_label_under_jit_is_nan_in_loss_and_gradient(chunk):
+    x, t, w = _data((3, 5, 7, 19), -1, bad=True)
+    v, g = jax.jit(jax.value_and_grad(
+        lambda x, t: jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN)
+    ))(x, t)
+    assert np.isnan(v)
+    g = np.asarray(g).reshape(-1, 19)
+    assert np.isnan(g[1]).all()
+    assert np.isfinite(np.delete(g, 1, axis=0)).all()
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient(chunk):
+    x, t, _ = _data((4, 6, 19), -1)
+    t = jnp.full(t.shape, IGN)
+    v, g = jax.jit(jax.value_and_grad(lambda x: jaxloss.cross_entropy(x, t, ignore_index=IGN)))(x)
+    assert v == 0.0 and not np.asarray(g).any()
+
+
+def test_empty_batch(chunk):
+    x = jnp.zeros((0, 19))
+    t = jnp.zeros((0,), jnp.int32)
+    v, g = jax.value_and_grad(lambda x: jaxloss.cross_entropy(x, t))(x)
+    assert v == 0.0 and g.shape == (0, 19)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_gradient_in_input_dtype(chunk, dtype):
+    x, t, w = _data((3, 5, 7, 19), -1, dtype=dtype)
+    v, g = jax.value_and_grad(lambda x: jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN))(x)
+    assert g.dtype == dtype
+    ref_v, ref_g = _reference(x.astype(jnp.float32), t, w, reduction="mean", axis=-1)
+    np.testing.assert_allclose(v, ref_v, rtol=1e-5)
+    # Within one rounding to the 16-bit dtype.
+    np.testing.assert_allclose(
+        np.asarray(g, np.float32), ref_g, rtol=2.0 ** -7, atol=float(jnp.finfo(dtype).tiny)
+    )
+
+
+def test_jvp_hessian_vmap(chunk):
+    x, t, w = _data((6, 7), -1)
+
+    def f(x):
+        return jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN, label_smoothing=0.1)
+
+    def f_ref(x):
+        return _reference(x, t, w, reduction="mean", axis=-1, eps=0.1)[0]
+
+    dx = jax.random.normal(jax.random.key(3), x.shape)
+    got, want = jax.jvp(f, (x,), (dx,))[1], jax.jvp(f_ref, (x,), (dx,))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(jax.hessian(f)(x), jax.hessian(f_ref)(x), rtol=1e-4, atol=1e-7)
+    # Per-example gradients.
+    xs = jnp.stack([x, 2 * x])
+    got = jax.vmap(jax.grad(f))(xs)
+    np.testing.assert_allclose(got[1], jax.grad(f)(2 * x), rtol=1e-6)
+
+
+def test_cpu_temporaries_are_small():
+    """Compiled fwd+bwd temporaries stay below 1% of the logits (XLA:CPU).
+
+    The issue's three shapes, compiled (not run) from shapes alone.
+    """
+    s = jax.ShapeDtypeStruct
+    for shape, dtype, axis in [
+        ((16, 512, 1024, 19), jnp.float32, -1),
+        ((16, 19, 512, 1024), jnp.float32, 1),
+        ((8, 512, 512, 150), jnp.float32, -1),
+        ((8192, 128256), jnp.bfloat16, -1),
+    ]:
+        c = shape[axis]
+        pos = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+        step = jax.jit(jax.value_and_grad(
+            lambda x, t, w, axis=axis: jaxloss.cross_entropy(
+                x, t, weight=w, ignore_index=IGN, axis=axis
+            )
+        ))
+        compiled = step.lower(s(shape, dtype), s(pos, jnp.int32), s((c,), jnp.float32)).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        nbytes = np.prod(shape) * jnp.dtype(dtype).itemsize
+        assert temp <= 0.01 * nbytes, (shape, dtype, temp, nbytes)
