@@ -123,7 +123,7 @@ def loss_and_grad(
 
     if reduction == "none":
         out = loss.reshape(pos_shape)
-        g = np.ones(n_pos) if cotangent is None else np.asarray(cotangent, np.float64)
+        g = np.ones(pos_shape) if cotangent is None else np.asarray(cotangent, np.float64)
         g = np.broadcast_to(g, pos_shape).reshape(-1)
     elif reduction in ("sum", "mean"):
         ct = 1.0 if cotangent is None else float(cotangent)
