@@ -17,7 +17,7 @@ from jaxloss import _losses
 IGN = 255
 
 
-@pytest.fixture(params=[64, 1 << 16], ids=["tiny-chunks", "default-chunks"])
+@pytest.fixture(params=[64, 1 << 18], ids=["tiny-chunks", "default-chunks"])
 def chunk(request, monkeypatch):
     monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", request.param)
     return request.param
