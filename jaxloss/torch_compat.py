@@ -108,6 +108,15 @@ def cross_entropy(
       >>> print(f"{F.cross_entropy(logits, jnp.zeros((2, 4, 4), jnp.int32)):.4f}")
       1.0986
     """
+    # As in PyTorch: probability targets take no ignore_index (rather than
+    # silently disregarding one).
+    if ignore_index != -100 and jax.numpy.issubdtype(
+        jax.numpy.asarray(target).dtype, jax.numpy.floating
+    ):
+        raise ValueError(
+            f"ignore_index is not supported for floating point target (probability "
+            f"targets); got ignore_index={ignore_index!r}. Leave it at -100."
+        )
     return _loss(
         input,
         target,

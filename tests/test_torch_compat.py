@@ -1,0 +1,267 @@
+"""jaxloss.torch_compat against torch.nn.functional / torch.nn: class dim 1
+(0 for 1-D input), legacy size_average/reduce, PyTorch's NaN for a mean over
+nothing, LogSoftmax(dim)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import GRAD_TOL, LOSS_TOL, assert_close, rng_for, torch_loss_and_grad
+
+from jaxloss import torch_compat
+
+REDUCTIONS = ("mean", "sum", "none")
+# PyTorch layout: class dim 1, or 0 for a 1-D input.
+SHAPES = [(5,), (6, 5), (3, 5, 4), (2, 5, 3, 4), (2, 3, 2, 2, 3)]
+
+
+def make(key, shape, ignore_index=-100, soft=False):
+    rng = rng_for(key)
+    x = rng.standard_normal(shape).astype(np.float32)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    if soft:
+        q = rng.random(shape)
+        return x, (q / q.sum(axis=0 if len(shape) == 1 else 1, keepdims=True)).astype(
+            np.float32)
+    pos = () if len(shape) == 1 else shape[:1] + shape[2:]
+    t = rng.integers(0, c, pos)
+    if t.size > 1:
+        t = np.where(rng.random(pos) < 0.3, ignore_index, t)
+        t.flat[0] = 0
+    return x, t.astype(np.int64)
+
+
+def compat_loss_and_grad(fn, x, t, cotangent, **kw):
+    loss, vjp = jax.vjp(lambda x: fn(x, t, **kw), jnp.asarray(x))
+    (g,) = vjp(jnp.broadcast_to(jnp.asarray(cotangent, loss.dtype), loss.shape))
+    return loss, g
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index", [-100, 2, 255], ids=lambda v: f"ign{v}")
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_functions_match_torch(fn, shape, weighted, ignore_index, reduction):
+    check_function(fn, shape, weighted, ignore_index, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_probability_targets_match_torch(shape, weighted, reduction):
+    # Probability targets take no ignore_index (see the test further below).
+    check_function("soft", shape, weighted, -100, reduction)
+
+
+def check_function(fn, shape, weighted, ignore_index, reduction):
+    key = (fn, shape, weighted, ignore_index, reduction)
+    x, t = make(key, shape, ignore_index, soft=fn == "soft")
+    rng = rng_for("ct", key)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    w = rng.uniform(0.3, 2.0, c).astype(np.float32) if weighted else None
+    pos = () if len(shape) == 1 else shape[:1] + shape[2:]
+    ct = rng.uniform(0.5, 2.0, pos) if reduction == "none" else 1.3
+    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction)
+    ls = 0.2 if fn in ("ce_ls", "soft") else 0.0
+    if fn == "nll":
+        loss, g = compat_loss_and_grad(torch_compat.nll_loss, x, t, ct, **kw)
+    else:
+        loss, g = compat_loss_and_grad(torch_compat.cross_entropy, x, t, ct,
+                                       label_smoothing=ls, **kw)
+    t_loss, t_g = torch_loss_and_grad(x, t, ct, nll=fn == "nll", label_smoothing=ls, **kw)
+    assert loss.shape == t_loss.shape
+    assert_close(loss, t_loss, LOSS_TOL["float32"], "loss")
+    if not np.isnan(t_loss).any():  # a 1-D input whose one target is ignored: see below
+        assert_close(g, t_g, GRAD_TOL["float32"], "grad")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(5,), (4, 5, 3)], ids=lambda s: f"{len(s)}d")
+def test_classes_match_torch_nn(shape, reduction):
+    x, t = make(("cls", shape, reduction), shape, 255)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    w = np.linspace(0.5, 2.0, c).astype(np.float32)
+    pairs = [
+        (torch_compat.NLLLoss(weight=w, ignore_index=255, reduction=reduction),
+         torch.nn.NLLLoss(weight=torch.tensor(w), ignore_index=255, reduction=reduction)),
+        (torch_compat.CrossEntropyLoss(weight=w, ignore_index=255, reduction=reduction,
+                                       label_smoothing=0.1),
+         torch.nn.CrossEntropyLoss(weight=torch.tensor(w), ignore_index=255,
+                                   reduction=reduction, label_smoothing=0.1)),
+    ]
+    for ours, theirs in pairs:
+        got = ours(x, t)
+        want = theirs(torch.tensor(x), torch.tensor(t)).numpy()
+        assert_close(got, want, LOSS_TOL["float32"])
+        assert_close(ours.forward(x, t), want, LOSS_TOL["float32"])
+
+
+def test_class_dim_is_1_and_0_for_1d():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    t = np.array([[0, 1, 2, 0], [2, 2, 1, 0]])
+    assert_close(torch_compat.cross_entropy(x, t),
+                 F.cross_entropy(torch.tensor(x), torch.tensor(t)).numpy(), LOSS_TOL["float32"])
+    # A channels-last (N, d, C) input with matching targets is refused, as in PyTorch.
+    with pytest.raises(ValueError, match="targets must have the shape of"):
+        torch_compat.cross_entropy(np.moveaxis(x, 1, -1), t)
+    x1 = x[0, :, 0]
+    assert_close(torch_compat.cross_entropy(x1, np.int64(2)),
+                 F.cross_entropy(torch.tensor(x1), torch.tensor(2)).numpy(), LOSS_TOL["float32"])
+
+
+# ---------------------------------------------------------------------------
+# legacy size_average / reduce
+# ---------------------------------------------------------------------------
+
+LEGACY = list(itertools.product([None, True, False], repeat=2))
+
+
+def torch_legacy(fn, *args, **kwargs):
+    with warnings.catch_warnings():  # PyTorch's own (User)Warning
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def expected_reduction(size_average, reduce):
+    """PyTorch's documented mapping, written out case by case."""
+    if size_average is None and reduce is None:
+        return "sum"  # the explicit reduction passed below wins
+    if reduce is False:
+        return "none"
+    return "sum" if size_average is False else "mean"
+
+
+@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=str)
+@pytest.mark.parametrize("fn", ["nll", "ce"])
+def test_legacy_size_average_reduce(fn, size_average, reduce):
+    x, t = make(("legacy", fn), (4, 3, 2), 1)
+    ours = torch_compat.nll_loss if fn == "nll" else torch_compat.cross_entropy
+    theirs = F.nll_loss if fn == "nll" else F.cross_entropy
+    kw = dict(size_average=size_average, reduce=reduce, reduction="sum", ignore_index=1)
+    mapped = expected_reduction(size_average, reduce)
+    if size_average is None and reduce is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning at all
+            got = ours(x, t, **kw)
+    else:
+        with pytest.warns(DeprecationWarning, match=r"size_average and reduce args will be "
+                          rf"deprecated, please use reduction='{mapped}'"):
+            got = ours(x, t, **kw)
+    want = torch_legacy(theirs, torch.tensor(x), torch.tensor(t), **kw).numpy()
+    assert got.shape == want.shape
+    assert got.shape == ((4, 2) if mapped == "none" else ())
+    assert_close(got, want, LOSS_TOL["float32"])
+    np.testing.assert_allclose(got, ours(x, t, ignore_index=1, reduction=mapped))
+
+
+@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=str)
+@pytest.mark.parametrize("cls", ["NLLLoss", "CrossEntropyLoss"])
+def test_legacy_arguments_of_the_classes(cls, size_average, reduce):
+    x, t = make(("legacy-cls", cls), (4, 3), 1)
+    kw = dict(size_average=size_average, reduce=reduce, reduction="none")
+    if size_average is None and reduce is None:
+        ours = getattr(torch_compat, cls)(**kw)
+    else:
+        with pytest.warns(DeprecationWarning, match="size_average and reduce args"):
+            ours = getattr(torch_compat, cls)(**kw)
+    theirs = torch_legacy(getattr(torch.nn, cls), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calling warns no more
+        got = ours(x, t)
+    want = theirs(torch.tensor(x), torch.tensor(t)).numpy()
+    assert got.shape == want.shape
+    assert_close(got, want, LOSS_TOL["float32"])
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's NaN for a mean over nothing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_all_ignored_mean_is_nan(fn, weighted):
+    x, _ = make(("allign", fn), (3, 4, 2))
+    t = np.full((3, 2), 255, np.uint8)
+    w = np.array([0.5, 1.0, 2.0, 1.5], np.float32) if weighted else None
+    ls = 0.1 if fn == "ce_ls" else 0.0
+    for reduction in REDUCTIONS:
+        kw = dict(weight=w, ignore_index=255, reduction=reduction)
+        if fn == "nll":
+            got = torch_compat.nll_loss(x, t, **kw)
+        else:
+            got = torch_compat.cross_entropy(x, t, label_smoothing=ls, **kw)
+        want, _ = torch_loss_and_grad(x, t, 1.0, nll=fn == "nll", label_smoothing=ls, **kw)
+        if reduction == "mean":
+            assert np.isnan(want) and np.isnan(got)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4)], ids=str)
+def test_empty_batch_mean_is_nan(shape, soft):
+    x = np.zeros(shape, np.float32)
+    t = np.zeros(x.shape, np.float32) if soft else np.zeros(shape[:1] + shape[2:], np.int64)
+    for reduction in REDUCTIONS:
+        got = torch_compat.cross_entropy(x, t, reduction=reduction)
+        want = F.cross_entropy(torch.tensor(x), torch.tensor(t), reduction=reduction).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)  # NaN == NaN here
+        if not soft:
+            got = torch_compat.nll_loss(x, t, reduction=reduction)
+            want = F.nll_loss(torch.tensor(x), torch.tensor(t), reduction=reduction).numpy()
+            np.testing.assert_array_equal(got, want)
+
+
+def test_probability_targets_refuse_a_non_default_ignore_index():
+    x, q = make("soft-ign", (2, 3), soft=True)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point"):
+        F.cross_entropy(torch.tensor(x), torch.tensor(q), ignore_index=0)
+    with pytest.raises(ValueError, match="ignore_index is not supported for floating point"):
+        torch_compat.cross_entropy(x, q, ignore_index=0)
+    with pytest.raises(ValueError, match="ignore_index is not supported for floating point"):
+        torch_compat.CrossEntropyLoss(ignore_index=0)(x, q)
+
+
+# ---------------------------------------------------------------------------
+# LogSoftmax(dim)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_log_softmax_dim(dim):
+    x = rng_for("lsm", dim).standard_normal((2, 3, 4)).astype(np.float32)
+    want = torch.nn.LogSoftmax(dim=dim)(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(torch_compat.LogSoftmax(dim=dim)(x), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(torch_compat.LogSoftmax(dim).forward(x), want, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(torch_compat.log_softmax(x, dim=dim), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4])
+def test_log_softmax_implicit_dim_is_pytorchs_legacy_choice(ndim):
+    x = rng_for("lsm-none", ndim).standard_normal((2, 3, 4, 5)[:ndim]).astype(np.float32)
+    with pytest.warns(UserWarning, match="Implicit dimension choice for log_softmax"):
+        want = F.log_softmax(torch.tensor(x), dim=None).numpy()
+    with pytest.warns(UserWarning, match="Implicit dimension choice for log_softmax"):
+        got = torch_compat.log_softmax(x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_log_softmax_keeps_dtype_and_feeds_nll():
+    x = rng_for("lsm-nll").standard_normal((4, 5)).astype(np.float32)
+    t = np.array([0, 4, 2, 1])
+    y = torch_compat.LogSoftmax(dim=1)(jnp.asarray(x, jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        torch_compat.NLLLoss()(torch_compat.LogSoftmax(dim=1)(x), t),
+        torch_compat.CrossEntropyLoss()(x, t), rtol=1e-6)
