@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from jaxloss._kernels import disable_pallas
 from jaxloss._losses import cross_entropy, log_softmax, nll_loss
 from jaxloss._weights import class_weights
 from jaxloss.linen import CrossEntropyLoss, LogSoftmax, NLLLoss
@@ -18,6 +19,7 @@ __all__ = [
     "__version__",
     "class_weights",
     "cross_entropy",
+    "disable_pallas",
     "log_softmax",
     "nll_loss",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxloss import _checks
+from jaxloss import _checks, _kernels
 
 Array = jax.Array
 
@@ -393,7 +393,43 @@ def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Arra
     return valid if where is None else valid & where
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def _pass(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    pallas: bool,
+    with_grad: bool,
+) -> tuple[Array, Array | None]:
+    """``(scale * sum_i l_i, scale * dl/dx or None)``, gradient in ``x.dtype``:
+    the Pallas kernel on CUDA (when enabled), else the XLA formulation."""
+    config = dict(ignore_index=ignore_index, eps=eps, normalize=normalize, axis=axis)
+
+    def xla(x, t, where, w, scale):
+        if _loop_writes_grad(x.dtype):
+            return _fused_pass(x, t, where, w, scale, with_grad=with_grad, **config)
+        if not with_grad:
+            valid = _valid_mask(t, where, ignore_index)
+            loss = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+            s = scale.astype(loss.dtype)
+            return jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype)), None
+        total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
+        return total, grad.astype(x.dtype)
+
+    def kernel(x, t, where, w, scale):
+        from jaxloss._kernels.cross_entropy import cross_entropy_pallas
+
+        return cross_entropy_pallas(x, t, where, w, scale, with_grad=with_grad, **config)
+
+    return _kernels.dispatch(pallas, kernel, xla, x, t, where, w, scale)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _fused_total_and_grad(
     x: Array,
     t: Array,
@@ -404,10 +440,10 @@ def _fused_total_and_grad(
     eps: float,
     normalize: bool,
     axis: int,
+    pallas: bool,
 ) -> tuple[Array, Array]:
-    total, grad = _fused_pass(
-        x, t, where, w, scale, ignore_index=ignore_index, eps=eps, normalize=normalize,
-        axis=axis, with_grad=True,
+    total, grad = _pass(
+        x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas, with_grad=True
     )
     assert grad is not None
     return total, grad
@@ -415,11 +451,12 @@ def _fused_total_and_grad(
 
 @_fused_total_and_grad.defjvp
 def _fused_total_and_grad_jvp(
-    ignore_index: int | None, eps: float, normalize: bool, axis: int, primals: tuple,
-    tangents: tuple,
+    ignore_index: int | None, eps: float, normalize: bool, axis: int, pallas: bool,
+    primals: tuple, tangents: tuple,
 ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     # Reached only when the gradient itself is differentiated (jvp of grad,
-    # hessian): differentiate the plain formulation instead of the loop.
+    # hessian): differentiate the plain formulation instead of the loop or
+    # the kernel (pallas_call has no differentiation rule).
     x, t, where, w, scale = primals
 
     def plain(x: Array) -> tuple[Array, Array]:
@@ -470,7 +507,7 @@ def _plain_total_and_grad(
     return total, s * grad
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _index_total(
     x: Array,
     t: Array,
@@ -481,31 +518,26 @@ def _index_total(
     eps: float,
     normalize: bool,
     axis: int,
+    pallas: bool,
 ) -> Array:
     """``scale * sum_i l_i`` over all positions (0 when ``scale`` is 0)."""
     # Primal only: evaluation never pays for the gradient.
-    if not _loop_writes_grad(x.dtype):
-        valid = _valid_mask(t, where, ignore_index)
-        loss = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
-        s = scale.astype(loss.dtype)
-        return jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
-    return _fused_pass(
-        x, t, where, w, scale, ignore_index=ignore_index, eps=eps, normalize=normalize,
-        axis=axis, with_grad=False,
+    return _pass(
+        x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas, with_grad=False
     )[0]
 
 
 @_index_total.defjvp
 def _index_total_jvp(
-    ignore_index: int | None, eps: float, normalize: bool, axis: int, primals: tuple,
-    tangents: tuple,
+    ignore_index: int | None, eps: float, normalize: bool, axis: int, pallas: bool,
+    primals: tuple, tangents: tuple,
 ) -> tuple[Array, Array]:
     # As for _index_loss: the gradient g is formed in the loss's pass and
     # reverse mode transposes dl = sum(g * dx) into dx = g * ct. For
     # jax.grad of the loss ct is 1 and XLA returns g's buffer as is. Only
     # the logits are differentiated (weights and scale are constants).
-    if _loop_writes_grad(primals[0].dtype):
-        total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+    if pallas or _loop_writes_grad(primals[0].dtype):
+        total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
     else:
         total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
     cdt = total.dtype
@@ -571,6 +603,7 @@ def _reduce(
         "axis_name",
         "normalize",
         "nan_if_empty",
+        "pallas",
     ),
 )
 def _index_impl(
@@ -586,6 +619,7 @@ def _index_impl(
     axis_name: Any,
     normalize: bool,
     nan_if_empty: bool,
+    pallas: bool = False,
 ) -> Array:
     if reduction == "none":
         valid = _valid_mask(t, where, ignore_index)
@@ -607,7 +641,7 @@ def _index_impl(
             nonzero = denom != 0
             scale = jnp.where(nonzero, 1 / jnp.where(nonzero, denom, 1), jnp.zeros((), cdt))
     scale = jax.lax.stop_gradient(scale)
-    total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis)
+    total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     return total
@@ -702,6 +736,7 @@ def _loss(
         axis_name=axis_name,
         normalize=normalize,
         nan_if_empty=nan_if_empty,
+        pallas=_kernels.pallas_enabled(),
     )
 
 

@@ -1,0 +1,60 @@
+"""Pallas GPU kernels and the switch that picks them or the XLA path.
+
+On NVIDIA GPUs the reduced ("mean"/"sum") index-target path runs the Triton
+kernel of :mod:`jaxloss._kernels.cross_entropy`; every other platform keeps the
+XLA formulation. The choice is made inside ``jit`` by
+``jax.lax.platform_dependent``, so one traced function serves CPU and GPU.
+
+Escape hatches, both read when a loss is traced (part of the core's jit
+cache key; a function of yours that ``jax.jit`` has already traced keeps the
+choice it was traced with):
+
+* the environment variable ``JAXLOSS_DISABLE_PALLAS=1``;
+* the context manager :func:`disable_pallas` (``jaxloss.disable_pallas``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+_state = threading.local()
+
+
+def pallas_enabled() -> bool:
+    """Whether the GPU kernel may be used (it still runs on CUDA only)."""
+    if os.environ.get("JAXLOSS_DISABLE_PALLAS", "").strip() not in ("", "0"):
+        return False
+    return not getattr(_state, "disabled", False)
+
+
+@contextlib.contextmanager
+def disable_pallas() -> Iterator[None]:
+    """Force the XLA path (also on GPU) for losses traced inside the block.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxloss
+      >>> with jaxloss.disable_pallas():
+      ...     loss = jaxloss.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 2]))
+      >>> print(f"{loss:.4f}")
+      1.0986
+    """
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous
+
+
+def dispatch(use_pallas: bool, kernel: Callable[..., Any], xla: Callable[..., Any], *args: Any):
+    """``kernel(*args)`` on CUDA when ``use_pallas``, else ``xla(*args)``."""
+    if not use_pallas:
+        return xla(*args)
+    return jax.lax.platform_dependent(*args, cuda=kernel, default=xla)

@@ -1,0 +1,294 @@
+"""Pallas (Triton) kernel: cross-entropy / NLL loss and its gradient in one pass.
+
+One program owns a tile of positions and all their classes. When a row of
+classes fits on chip (``C <= _MAX_BLOCK_C``) the tile is read once: the row
+statistics, the loss and -- with ``with_grad`` -- d(logits) all come from the
+one load, and the gradient is written once, in the logits' dtype (the
+Liger-Kernel trick). Larger vocabularies loop over class chunks twice: an
+online log-sum-exp pass, then a pass that writes the gradient.
+
+Layouts, without transposing copies:
+
+* ``"last"``: the ``(P, C)`` view of channels-last logits; a tile is
+  ``(block_p, block_c)``, contiguous along classes.
+* ``"mid"``: the ``(A, C, B)`` view of ``axis=1`` (NCHW) logits; a tile is
+  ``(block_c, block_p)`` at one ``a``, contiguous along positions.
+
+Block shapes are powers of two; the Triton lowering does not mask a block that
+overhangs the array, so every load and store is masked explicitly (interpret
+mode would mask it for us, which is why CI alone would not catch this).
+
+Maths in float32 whatever the input dtype; see ``jaxloss._losses`` for the
+formulas (``_index_loss_and_grad``) that this kernel reproduces.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+
+# Rows of up to this many classes are held on chip whole (single read).
+_MAX_BLOCK_C = 4096
+# Elements per tile (per program): 8K keeps registers in check at 4 warps.
+_TILE_ELEMENTS = 8192
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def block_sizes(c: int, n_pos: int) -> tuple[int, int]:
+    """``(block_c, block_p)``: powers of two, ``block_c * block_p <= tile``."""
+    block_c = min(pl.next_power_of_2(c), _MAX_BLOCK_C)
+    block_p = max(1, _TILE_ELEMENTS // block_c)
+    block_p = min(block_p, pl.next_power_of_2(max(n_pos, 1)))
+    return block_c, _pow2_floor(block_p)
+
+
+def _kernel(
+    # inputs
+    x_ref,
+    t_ref,
+    m_ref,
+    w_ref,
+    scale_ref,
+    # outputs
+    loss_ref,
+    *grad_refs,
+    # static configuration
+    layout: str,
+    c: int,
+    n_pos: int,
+    block_c: int,
+    block_p: int,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    has_where: bool,
+    has_weight: bool,
+    per_position: bool,
+):
+    f32 = jnp.float32
+    last = layout == "last"
+    cax = 1 if last else 0  # class axis of a tile
+    if last:
+        pid = pl.program_id(0)
+        p0 = pid * block_p
+    else:
+        a = pl.program_id(0)
+        p0 = pl.program_id(1) * block_p
+    pos = p0 + jnp.arange(block_p)
+    pos_ok = pos < n_pos
+    cls = jnp.arange(block_c)
+
+    def tile(c0):
+        ci = c0 + cls
+        if last:
+            idx = (pl.ds(p0, block_p), pl.ds(c0, block_c))
+            mask = pos_ok[:, None] & (ci < c)[None, :]
+        else:
+            idx = (a, pl.ds(c0, block_c), pl.ds(p0, block_p))
+            mask = (ci < c)[:, None] & pos_ok[None, :]
+        return idx, mask, ci
+
+    def per_class(v):  # per-position vector -> broadcast along the class axis
+        return v[None, :] if not last else v[:, None]
+
+    def along(v):  # per-class vector -> broadcast along the position axis
+        return v[:, None] if not last else v[None, :]
+
+    pidx = pl.ds(p0, block_p) if last else (a, pl.ds(p0, block_p))
+    t = plgpu.load(t_ref.at[pidx], mask=pos_ok, other=0)
+    valid = pos_ok
+    if ignore_index is not None:
+        valid = valid & (t != ignore_index)
+    if has_where:
+        valid = valid & (plgpu.load(m_ref.at[pidx], mask=pos_ok, other=0) != 0)
+    in_range = (t >= 0) & (t < c)
+    scale = scale_ref[0]
+    nan = jnp.full((), jnp.nan, f32)
+    zero = jnp.zeros((), f32)
+
+    def load_x(c0):
+        idx, mask, ci = tile(c0)
+        x = plgpu.load(x_ref.at[idx], mask=mask, other=-jnp.inf).astype(f32)
+        if has_weight:
+            w = plgpu.load(w_ref.at[pl.ds(c0, block_c)], mask=ci < c, other=0.0).astype(f32)
+        else:
+            w = (ci < c).astype(f32)
+        is_t = along(ci) == per_class(t)
+        return idx, mask, ci, x, w, is_t
+
+    def chunk_stats(x, w, is_t):
+        x_t = jnp.sum(jnp.where(is_t, x, zero), axis=cax)
+        w_t = jnp.sum(jnp.where(is_t, along(w) if w.ndim == 1 else w, zero), axis=cax)
+        m = jnp.max(x, axis=cax)
+        wx = jnp.sum(jnp.where(along(w) != 0, along(w) * x, zero), axis=cax)
+        return x_t, w_t, m, wx
+
+    n_chunks = -(-c // block_c)
+    w_total = zero
+    if n_chunks == 1:
+        idx, mask, ci, x, w, is_t = load_x(0)
+        x_t, w_t, m, wx = chunk_stats(x, w, is_t)
+        m = jnp.where(jnp.isfinite(m), m, zero)
+        e = jnp.exp(x - per_class(m))
+        s = jnp.sum(e, axis=cax)
+        w_total = jnp.sum(w)
+    else:
+        # Pass 1: online log-sum-exp over class chunks.
+        def body(k, carry):
+            m, s, x_t, w_t, wx, wsum = carry
+            _, _, _, x, w, is_t = load_x(k * block_c)
+            cx_t, cw_t, cm, cwx = chunk_stats(x, w, is_t)
+            m_new = jnp.maximum(m, cm)
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, zero)
+            s = s * jnp.exp(jnp.where(jnp.isfinite(m), m, zero) - m_safe) + jnp.sum(
+                jnp.exp(x - per_class(m_safe)), axis=cax
+            )
+            return m_new, s, x_t + cx_t, w_t + cw_t, wx + cwx, wsum + jnp.sum(w)
+
+        init = (
+            jnp.full((block_p,), -jnp.inf, f32),
+            jnp.zeros((block_p,), f32),
+            jnp.zeros((block_p,), f32),
+            jnp.zeros((block_p,), f32),
+            jnp.zeros((block_p,), f32),
+            zero,
+        )
+        m, s, x_t, w_t, wx, w_total = jax.lax.fori_loop(0, n_chunks, body, init)
+        m = jnp.where(jnp.isfinite(m), m, zero)
+    if not has_weight:
+        w_t = jnp.ones((block_p,), f32)
+        w_total = jnp.asarray(float(c), f32)
+
+    if normalize:
+        log_s = jnp.log(s)
+        loss = w_t * ((m - x_t) + log_s)
+        if eps > 0.0:
+            smooth = (w_total * m - wx) + w_total * log_s
+            loss = (1.0 - eps) * loss + (eps / c) * smooth
+    else:
+        loss = -w_t * x_t
+    loss = jnp.where(valid, jnp.where(in_range, loss, nan), zero)
+    if per_position:
+        plgpu.store(loss_ref.at[pidx], loss, mask=pos_ok)
+    elif last:
+        loss_ref[pid] = jnp.sum(loss)
+    else:
+        loss_ref[a, pl.program_id(1)] = jnp.sum(loss)
+    if not grad_refs:
+        return
+    (g_ref,) = grad_refs
+    coef = jnp.where(valid, jnp.where(in_range, scale, nan), zero)
+    inv_s = 1.0 / s
+
+    def grad_tile(x, w, is_t, e=None):
+        if not normalize:
+            return jnp.where(is_t, per_class(-coef * w_t), zero)
+        p = (jnp.exp(x - per_class(m)) if e is None else e) * per_class(inv_s)
+        g = per_class((1.0 - eps) * w_t) * (p - is_t.astype(f32))
+        if eps > 0.0:
+            g = g + (eps / c) * (w_total * p - along(w))
+        return per_class(coef) * g
+
+    if n_chunks == 1:
+        plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t, e).astype(g_ref.dtype), mask=mask)
+    else:
+        # Pass 2: re-read the chunks and write the gradient.
+        def write(k, carry):
+            idx, mask, _, x, w, is_t = load_x(k * block_c)
+            plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t).astype(g_ref.dtype), mask=mask)
+            return carry
+
+        jax.lax.fori_loop(0, n_chunks, write, 0)
+
+
+def cross_entropy_pallas(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    *,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    with_grad: bool,
+    per_position: bool = False,
+    interpret: bool = False,
+    num_warps: int = 4,
+) -> tuple[Array, Array | None]:
+    """Kernel entry point, the same contract as ``jaxloss._losses._fused_pass``.
+
+    Returns ``(scale * sum_i l_i, scale * dl/dx)`` -- or, with
+    ``per_position``, ``(l, dl/dx)`` with ``l`` shaped like ``t`` (and
+    ``scale`` applied to the gradient only).
+    """
+    shape = x.shape
+    c = shape[axis]
+    a = math.prod(shape[:axis])
+    b = math.prod(shape[axis + 1 :])
+    f32 = jnp.float32
+    if a * b == 0:
+        loss = jnp.zeros(t.shape, f32) if per_position else jnp.zeros((), f32)
+        return loss, (jnp.zeros(shape, x.dtype) if with_grad else None)
+    last = b == 1
+    n_pos = a if last else b
+    block_c, block_p = block_sizes(c, n_pos)
+    n_blocks = -(-n_pos // block_p)
+    if last:
+        xv, tv = x.reshape(a, c), t.reshape(a)
+        grid = (n_blocks,)
+        partial_shape = (n_blocks,)
+    else:
+        xv, tv = x.reshape(a, c, b), t.reshape(a, b)
+        grid = (a, n_blocks)
+        partial_shape = (a, n_blocks)
+    tv = tv.astype(jnp.int32)
+    # A boolean mask travels as int8 (1 byte a position); none is a dummy.
+    mv = jnp.zeros((1,), jnp.int8) if where is None else where.reshape(tv.shape).astype(jnp.int8)
+    wv = jnp.zeros((1,), f32) if w is None else w.astype(f32)
+    sv = jnp.reshape(scale.astype(f32), (1,))
+    loss_shape = jax.ShapeDtypeStruct(tv.shape if per_position else partial_shape, f32)
+    out_shape = [loss_shape]
+    if with_grad:
+        out_shape.append(jax.ShapeDtypeStruct(xv.shape, x.dtype))
+    kernel = functools.partial(
+        _kernel,
+        layout="last" if last else "mid",
+        c=c,
+        n_pos=n_pos,
+        block_c=block_c,
+        block_p=block_p,
+        ignore_index=ignore_index,
+        eps=eps,
+        normalize=normalize,
+        has_where=where is not None,
+        has_weight=w is not None,
+        per_position=per_position,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="jaxloss_cross_entropy_fwd_bwd" if with_grad else "jaxloss_cross_entropy_fwd",
+    )(xv, tv, mv, wv, sv)
+    loss = outs[0]
+    if per_position:
+        loss = loss.reshape(t.shape)
+    else:
+        s = scale.astype(f32)
+        loss = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), f32))
+    grad = outs[1].reshape(shape) if with_grad else None
+    return loss, grad
