@@ -1,0 +1,302 @@
+"""Benchmark: fwd+bwd and forward-only of jaxloss against the peers, one process.
+
+Each case is the weighted mean cross-entropy with ~10% of positions ignored
+(label 255) and class weights ``linspace(0.5, 2, C)`` -- the method of
+``../shared/anchors/anchors_method.py``. Implementations:
+
+* ``jaxloss``            -- ``jaxloss.cross_entropy`` (Pallas kernel on CUDA)
+* ``jaxloss_xla``        -- the same under ``jaxloss.disable_pallas()``
+* ``optax``              -- optax + masking, as a JAX user writes it today
+* ``log_softmax``        -- a plain log_softmax + take_along_axis formulation
+* ``torch_eager`` / ``torch_compile`` -- PyTorch when importable (compile on GPU)
+* ``copy``               -- ``x * 2``: one read + one write, the floor
+
+Repetitions are interleaved across implementations (round-robin), and every
+row reports p20/p50/p80 ms, ``floor`` = copy_ms / ms (1.0 is the floor),
+``speedup`` = best peer's p50 / p50, and XLA's compiled temp bytes.
+
+Run:  PYTHONPATH=. python benchmarks/bench.py [--small] [--reps N] [--cases a,b]
+Writes benchmarks/results/bench-<device>-<time>.json and .csv (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+IGN = 255
+FULL = {
+    "seg19": ((16, 512, 1024, 19), "float32", -1),
+    "seg19_nchw": ((16, 19, 512, 1024), "float32", 1),
+    "seg150": ((8, 512, 512, 150), "float32", -1),
+    "lm": ((8192, 128256), "bfloat16", -1),
+}
+SMALL = {
+    "seg19": ((8, 128, 128, 19), "float32", -1),
+    "seg19_nchw": ((8, 19, 128, 128), "float32", 1),
+    "seg150": ((4, 64, 64, 150), "float32", -1),
+    "lm": ((512, 32000), "bfloat16", -1),
+}
+PEERS = ("optax", "log_softmax", "torch_eager", "torch_compile")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="CPU-sized cases")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20/15)")
+    p.add_argument("--cases", default=None, help="comma-separated subset of " + ",".join(FULL))
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, stderr=subprocess.DEVNULL
+        ).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def jax_impls(jnp, jax, optax, jaxloss, axis):
+    def weights_and_safe(y, w):
+        valid = y != IGN
+        safe = jnp.where(valid, y, 0)
+        return valid, safe, w[safe] * valid
+
+    def optax_loss(x, y, w):
+        _, safe, ww = weights_and_safe(y, w)
+        ax = axis % x.ndim
+        per = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), safe, axis=ax)
+        return jnp.sum(per * ww) / jnp.sum(ww)
+
+    def log_softmax_loss(x, y, w):
+        _, safe, ww = weights_and_safe(y, w)
+        lp = jax.nn.log_softmax(x.astype(jnp.float32), axis=axis)
+        picked = jnp.squeeze(jnp.take_along_axis(lp, jnp.expand_dims(safe, axis), axis=axis), axis)
+        return -jnp.sum(picked * ww) / jnp.sum(ww)
+
+    def ours(x, y, w):
+        return jaxloss.cross_entropy(x, y, weight=w, ignore_index=IGN, axis=axis)
+
+    return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
+
+
+def temp_bytes(fn, *args):
+    try:
+        return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    except Exception:
+        return -1
+
+
+def pct(ts):
+    a = np.asarray(ts) * 1e3
+    return {"p20": float(np.percentile(a, 20)), "p50": float(np.percentile(a, 50)),
+            "p80": float(np.percentile(a, 80))}
+
+
+def run(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxloss
+
+    shapes = SMALL if args.small else FULL
+    names = list(shapes) if not args.cases else args.cases.split(",")
+    reps = args.reps or (15 if args.small else 20)
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.device_kind} ({dev.platform})", flush=True)
+    rows = []
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F811
+        except Exception:
+            torch = None
+    for name in names:
+        shape, dtype, axis = shapes[name]
+        ax = axis % len(shape)
+        c = shape[ax]
+        pos = shape[:ax] + shape[ax + 1 :]
+        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
+        y = jax.random.randint(k2, pos, 0, c)
+        y = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, y)
+        w = jnp.linspace(0.5, 2.0, c).astype(jnp.float32)
+        nbytes = x.size * x.dtype.itemsize
+        impls = jax_impls(jnp, jax, optax, jaxloss, axis)
+        data = (x, y, w)
+        steps = {}  # (impl, mode) -> (callable, compiled temp bytes)
+
+        def add(iname, f, data=data, steps=steps):
+            vg = jax.jit(jax.value_and_grad(f))
+            fo = jax.jit(f)
+            jax.block_until_ready(vg(*data))  # trace now (the Pallas switch is read here)
+            jax.block_until_ready(fo(*data))
+            steps[(iname, "fwdbwd")] = (lambda: vg(*data), temp_bytes(vg, *data))
+            steps[(iname, "fwd")] = (lambda: fo(*data), None)
+
+        for iname, f in impls.items():
+            add(iname, f)
+        if dev.platform == "gpu":
+            with jaxloss.disable_pallas():
+                f = impls["jaxloss"]
+                add("jaxloss_xla", lambda *a, f=f: f(*a))
+        cp = jax.jit(lambda x: x * 2)
+        steps[("copy", "copy")] = (lambda cp=cp, x=x: cp(x), None)
+        sync = jax.block_until_ready
+        tsteps = {}
+        if torch is not None:
+            tsteps = torch_steps(torch, x, y, w, ax, dtype, dev.platform == "gpu")
+        # warm up (compile) everything, then interleave the timed repetitions
+        results = {}
+        for key, (fn, _) in steps.items():
+            out = fn()
+            sync(out)
+            sync(fn())
+            results[key] = out
+        for fn, tsync in tsteps.values():
+            fn()
+            fn()
+            tsync()
+        times = {k: [] for k in [*steps, *tsteps]}
+        for _ in range(reps):
+            for key, (fn, _) in steps.items():
+                t0 = time.perf_counter()
+                sync(fn())
+                times[key].append(time.perf_counter() - t0)
+            for key, (fn, tsync) in tsteps.items():
+                t0 = time.perf_counter()
+                fn()
+                tsync()
+                times[key].append(time.perf_counter() - t0)
+        copy_ms = pct(times[("copy", "copy")])["p50"]
+        ref_v, ref_g = results[("optax", "fwdbwd")]
+        case_rows = []
+        for (iname, mode), ts in times.items():
+            if mode == "copy":
+                continue
+            st = pct(ts)
+            row = {"case": name, "shape": list(shape), "dtype": dtype, "axis": ax,
+                   "bytes": int(nbytes), "impl": iname, "mode": mode, **st,
+                   "copy_ms": copy_ms, "floor": copy_ms / st["p50"]}
+            temp = steps.get((iname, mode), (None, None))[1]
+            if temp is not None:
+                row["temp_bytes"] = temp
+                row["temp_pct_of_logits"] = 100.0 * temp / nbytes if temp >= 0 else None
+            if (iname, mode) in results and mode == "fwdbwd":
+                v, g = results[(iname, mode)]
+                row["loss"] = float(v)
+                row["loss_diff_vs_optax"] = float(abs(float(v) - float(ref_v)))
+                row["grad_maxdiff_vs_optax"] = float(jnp.max(jnp.abs(
+                    g.astype(jnp.float32) - ref_g.astype(jnp.float32))))
+            case_rows.append(row)
+        for row in case_rows:
+            if row["impl"].startswith("jaxloss"):
+                same = [r for r in case_rows if r["mode"] == row["mode"]]
+                peers = [r["p50"] for r in same if r["impl"] in PEERS]
+                if peers:
+                    row["speedup_vs_best_peer"] = min(peers) / row["p50"]
+                opt = [r["p50"] for r in same if r["impl"] == "optax"]
+                if opt:
+                    row["speedup_vs_optax"] = opt[0] / row["p50"]
+        for row in case_rows:
+            print(json.dumps(row), flush=True)
+        rows.extend(case_rows)
+        del data, results, steps, tsteps
+    return rows
+
+
+def torch_steps(torch, x, y, w, ax, dtype, gpu):
+    import torch.nn.functional as F
+
+    dev = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    xt = torch.from_numpy(np.array(x, np.float32)).to(tdt).to(dev)
+    xc = (xt.movedim(-1, 1) if ax == xt.dim() - 1 and xt.dim() > 2 else xt)
+    xc = xc.detach().requires_grad_(True)
+    yt = torch.from_numpy(np.array(y).astype(np.int64)).to(dev)
+    wt = torch.from_numpy(np.array(w)).to(dev).to(tdt if dtype != "float32" else torch.float32)
+
+    def tsync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def eager_fwdbwd():
+        xc.grad = None
+        F.cross_entropy(xc, yt, weight=wt, ignore_index=IGN).backward()
+
+    def eager_fwd():
+        with torch.no_grad():
+            F.cross_entropy(xc, yt, weight=wt, ignore_index=IGN)
+
+    out = {("torch_eager", "fwdbwd"): (eager_fwdbwd, tsync),
+           ("torch_eager", "fwd"): (eager_fwd, tsync)}
+    if dev == "cuda":
+        cfn = torch.compile(lambda a: F.cross_entropy(a, yt, weight=wt, ignore_index=IGN))
+
+        def compiled():
+            xc.grad = None
+            cfn(xc).backward()
+
+        out[("torch_compile", "fwdbwd")] = (compiled, tsync)
+    return out
+
+
+def environment() -> dict:
+    import jax
+
+    env = {"jax": jax.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "processor": platform.processor(),
+           "cpu_count": os.cpu_count(), "commit": _commit(),
+           "device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    for mod in ("jaxlib", "optax", "flax", "torch"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def write(rows, env, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev = env["device"].replace(" ", "_").replace("/", "_")
+    base = os.path.join(out_dir, f"bench-{tag}-{dev}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(base + ".csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["device", "jax", "commit", *keys])
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({"device": env["device"], "jax": env["jax"], "commit": env["commit"], **r})
+    print("wrote", base + ".json", file=sys.stderr)
+    return base
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = run(args)
+    env = environment()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    write(rows, env, out, "small" if args.small else "full")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""One script for a GPU session: kernel correctness, then the full benchmark.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py            # on the GPU machine
+    PYTHONPATH=. python benchmarks/gpu_check.py --small    # CPU dry run (interpret mode)
+
+1. The Pallas kernel against the XLA path (values and gradients) at odd shapes,
+   both layouts, f32 and bf16, weight/where/smoothing/NLL -- compiled for the
+   GPU (interpret mode on CPU). Also that ``jaxloss.cross_entropy`` really runs
+   the kernel on the device (its compiled HLO holds a Triton call).
+2. ``benchmarks/bench.py`` at full size (``--small`` on CPU).
+
+Everything goes to $OUT (default /tmp): gpu_check.json, the bench JSON/CSV.
+Nothing to install; torch rows appear only if torch imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jaxloss  # noqa: E402
+from jaxloss import _losses  # noqa: E402
+from jaxloss._kernels.cross_entropy import cross_entropy_pallas  # noqa: E402
+
+IGN = 255
+CASES = [
+    ((4099, 19), 1, "float32"), ((3, 19, 37, 41), 1, "float32"), ((2, 150, 1031), 1, "float32"),
+    ((513, 150), 1, "bfloat16"), ((61, 1000), 1, "float32"), ((17, 32003), 1, "bfloat16"),
+    ((9, 128256), 1, "bfloat16"), ((7, 5), 1, "float16"),
+]
+
+
+def check(interpret: bool) -> list[dict]:
+    rows = []
+    for shape, axis, dtype in CASES:
+        for variant in ("plain", "weighted-where-smooth", "nll"):
+            c = shape[axis]
+            pos = shape[:axis] + shape[axis + 1 :]
+            k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+            x = (3 * jax.random.normal(k1, shape)).astype(dtype)
+            t = jax.random.randint(k2, pos, 0, c)
+            t = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, t)
+            where = jax.random.uniform(k4, pos) < 0.9
+            w = jnp.linspace(0.5, 2.0, c)
+            kw = dict(ignore_index=IGN, eps=0.0, normalize=True, axis=axis, with_grad=True)
+            if variant == "plain":
+                where, w = None, None
+            elif variant == "nll":
+                kw["normalize"] = False
+            else:
+                kw["eps"] = 0.1
+            scale = jnp.float32(1.0 / max(1, np.prod(pos)))
+            row = {"shape": shape, "dtype": dtype, "variant": variant}
+            try:
+                fk = jax.jit(lambda x, t, wh, w, s, kw=kw: cross_entropy_pallas(
+                    x, t, wh, w, s, interpret=interpret, **kw))
+                fx = jax.jit(
+                    lambda x, t, wh, w, s, kw=kw: _losses._fused_pass(x, t, wh, w, s, **kw)
+                )
+                lk, gk = jax.block_until_ready(fk(x, t, where, w, scale))
+                lx, gx = jax.block_until_ready(fx(x, t, where, w, scale))
+                gk32, gx32 = np.asarray(gk, np.float32), np.asarray(gx, np.float32)
+                row["loss_rel"] = float(abs(lk - lx) / max(abs(float(lx)), 1e-30))
+                row["grad_maxabs"] = float(np.max(np.abs(gk32 - gx32)))
+                row["grad_scale"] = float(np.max(np.abs(gx32)))
+                tol = 2e-5 if dtype == "float32" else 2.0 ** -7
+                bound = tol * row["grad_scale"] + 1e-7
+                row["ok"] = bool(row["loss_rel"] < 1e-4 and row["grad_maxabs"] <= bound)
+            except Exception as e:
+                row["ok"] = False
+                row["error"] = traceback.format_exception_only(type(e), e)[-1][:2000]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def kernel_in_use() -> dict:
+    x = jnp.zeros((64, 19))
+    t = jnp.zeros((64,), jnp.int32)
+    f = jax.jit(jax.value_and_grad(lambda x: jaxloss.cross_entropy(x, t)))
+    hlo = f.lower(x).compile().as_text()
+    return {"triton_call_in_compiled_hlo": "triton" in hlo.lower()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--small", action="store_true", help="CPU dry run")
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args()
+    out = os.environ.get("OUT", "/tmp")
+    on_gpu = jax.devices()[0].platform == "gpu"
+    report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    t0 = time.time()
+    report["kernel_vs_xla"] = check(interpret=not on_gpu)
+    report["all_ok"] = all(r["ok"] for r in report["kernel_vs_xla"])
+    report["check_s"] = time.time() - t0
+    if on_gpu:
+        report.update(kernel_in_use())
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps({k: v for k, v in report.items() if k != "kernel_vs_xla"}), flush=True)
+    if not args.skip_bench:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench
+
+        bench.main((["--small"] if args.small or not on_gpu else []) + ["--out", out])
+
+
+if __name__ == "__main__":
+    main()
