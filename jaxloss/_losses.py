@@ -236,8 +236,10 @@ def _loop_writes_grad(dtype: Any) -> bool:
 
 
 def _empty(shape: tuple[int, ...], dtype: Any) -> Array:
-    empty = getattr(jax.lax, "empty", None)  # no initialising write on GPU/TPU
-    return jnp.zeros(shape, dtype) if empty is None else empty(shape, dtype)
+    # Not jax.lax.empty: as a fori_loop carry it breaks forward-over-forward
+    # differentiation (jax.jacfwd(jax.jacfwd(loss)): "mul: arrays must have
+    # the same number of dimensions") under JAX 0.10.
+    return jnp.zeros(shape, dtype)
 
 
 def _fused_pass(
@@ -341,7 +343,8 @@ def _fused_pass(
                 grad = grad + (eps / c) * (w_sum * p - (1.0 if w_row is None else w_row))
             grad = coef * grad
         else:
-            grad = jnp.where(is_t, -coef * per_class(w_t), zero)
+            # An out-of-range label matches no class: its row takes coef (NaN).
+            grad = jnp.where(is_t | ~per_class(in_range), -coef * per_class(w_t), zero)
         g = jax.lax.dynamic_update_slice(
             g, grad.astype(x.dtype), (a0, 0, b0) if three else (a0, 0)
         )
@@ -426,7 +429,9 @@ def _pass(
 
         return cross_entropy_pallas(x, t, where, w, scale, with_grad=with_grad, **config)
 
-    return _kernels.dispatch(pallas, kernel, xla, x, t, where, w, scale)
+    # The kernel computes in float32: float64 inputs (x64) keep the XLA path.
+    use_kernel = pallas and jnp.dtype(x.dtype).itemsize <= 4
+    return _kernels.dispatch(use_kernel, kernel, xla, x, t, where, w, scale)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -736,7 +741,8 @@ def _loss(
         axis_name=axis_name,
         normalize=normalize,
         nan_if_empty=nan_if_empty,
-        pallas=_kernels.pallas_enabled(),
+        # The kernel's maths is float32: float64 inputs (x64) keep the XLA path.
+        pallas=_kernels.pallas_enabled() and x.dtype != jnp.float64,
     )
 
 
