@@ -139,7 +139,7 @@ def test_jvp_forward_mode(case, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", [*CASES, "soft", "where"])
+@pytest.mark.parametrize("case", ["ce", "ce_w_ls_ign", "nll_w_ign", "soft", "where"])
 def test_check_grads_second_order(case, reduction):
     """Numerical vs automatic derivatives to order 2, forward and reverse, in float64."""
     with jax.enable_x64(True):
