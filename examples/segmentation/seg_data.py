@@ -22,6 +22,7 @@ VOID = 255
 # Relative frequency of each shape class when a shape is drawn (sums to 1).
 SHAPE_PROBS = {"circle": 0.38, "rectangle": 0.34, "triangle": 0.17, "ring": 0.06, "cross": 0.05}
 RARE_CLASSES = ("ring", "cross")
+MAX_OVERLAP = 0.2
 _SPLITS = {"train": 0, "val": 1}
 
 
@@ -72,12 +73,12 @@ def _shape_mask(rng: np.random.Generator, name: str, size: int, yy, xx) -> np.nd
         d2 = u * u + v * v
         return (d2 <= r * r) & (d2 >= inner * inner)
     if name == "rectangle":
-        a = rng.uniform(0.08, 0.19) * size
-        b = a * rng.uniform(0.5, 1.0)
+        a = rng.uniform(0.1, 0.21) * size
+        b = a * rng.uniform(0.35, 0.7)  # elongated: never mistaken for a circle
         return (np.abs(u) <= a) & (np.abs(v) <= b)
     if name == "cross":
         arm = rng.uniform(0.13, 0.22) * size
-        half = arm * rng.uniform(0.28, 0.38)
+        half = arm * rng.uniform(0.3, 0.42)
         au, av = np.abs(u), np.abs(v)
         return ((au <= arm) & (av <= half)) | ((au <= half) & (av <= arm))
     if name == "triangle":
@@ -115,7 +116,14 @@ def make_example(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
     probs = np.array(list(SHAPE_PROBS.values()))
     for _ in range(int(rng.integers(2, 5))):
         name = names[rng.choice(len(names), p=probs)]
-        mask = _shape_mask(rng, name, size, yy, xx)
+        # Partial overlaps only: a shape may hide at most MAX_OVERLAP of itself
+        # behind or in front of earlier ones (a few tries, else it is skipped).
+        for _try in range(8):
+            mask = _shape_mask(rng, name, size, yy, xx)
+            if (mask & (label != 0)).sum() <= MAX_OVERLAP * mask.sum():
+                break
+        else:
+            continue
         colour = rng.uniform(0.0, 1.0, 3)
         # Keep every object visible: push its colour away from the background's.
         gap = colour - base

@@ -68,10 +68,10 @@ from seg_model import UNet
 FEATURES = (16, 32, 64, 128)
 
 DEFAULTS = {
-    "steps": 1200,
-    "batch_size": 16,
+    "steps": 2800,
+    "batch_size": 8,
     "image_size": 48,
-    "train_images": 2000,
+    "train_images": 3000,
     "val_images": 256,
     "lr": 3e-3,
     "class_weights": "enet",
