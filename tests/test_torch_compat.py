@@ -198,14 +198,18 @@ def test_all_ignored_mean_is_nan(fn, weighted):
     for reduction in REDUCTIONS:
         kw = dict(weight=w, ignore_index=255, reduction=reduction)
         if fn == "nll":
-            got = torch_compat.nll_loss(x, t, **kw)
+            got, g = compat_loss_and_grad(torch_compat.nll_loss, x, t, 1.0, **kw)
         else:
-            got = torch_compat.cross_entropy(x, t, label_smoothing=ls, **kw)
-        want, _ = torch_loss_and_grad(x, t, 1.0, nll=fn == "nll", label_smoothing=ls, **kw)
+            got, g = compat_loss_and_grad(torch_compat.cross_entropy, x, t, 1.0,
+                                          label_smoothing=ls, **kw)
+        want, t_g = torch_loss_and_grad(x, t, 1.0, nll=fn == "nll", label_smoothing=ls, **kw)
         if reduction == "mean":
             assert np.isnan(want) and np.isnan(got)
         else:
             np.testing.assert_array_equal(got, want)
+        # PyTorch's gradient is 0 (no position contributes), NaN loss or not.
+        np.testing.assert_array_equal(t_g, 0.0)
+        np.testing.assert_array_equal(g, t_g)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
