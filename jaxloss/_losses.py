@@ -235,6 +235,33 @@ def _loop_writes_grad(dtype: Any) -> bool:
     return jnp.dtype(dtype).itemsize >= 4 or jax.default_backend() != "cpu"
 
 
+def _varying_axes(*refs: Array | None) -> tuple[Any, ...]:
+    """The ``shard_map`` mesh axes that any of ``refs`` varies over (``()`` outside)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:  # older JAX: no varying-axis types
+        return ()
+    axes: list[Any] = []
+    for ref in refs:
+        if ref is None:
+            continue
+        aval = typeof(ref)
+        manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; before: .vma
+        varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+        axes += [name for name in varying if name not in axes]
+    return tuple(axes)
+
+
+def _varying_like(value: Array, *refs: Array | None) -> Array:
+    """``value`` cast to vary over every ``shard_map`` axis that ``refs`` vary over.
+
+    A loop carry that starts as a constant but is updated from per-shard data
+    must be declared varying up front inside ``shard_map`` (``check_vma``),
+    else the loop fails with "the manual axis types do not match".
+    """
+    axes = _varying_axes(*refs)
+    return jax.lax.pcast(value, axes, to="varying") if axes else value
+
+
 def _empty(shape: tuple[int, ...], dtype: Any) -> Array:
     # Not jax.lax.empty: as a fori_loop carry it breaks forward-over-forward
     # differentiation (jax.jacfwd(jax.jacfwd(loss)): "mul: arrays must have
@@ -351,7 +378,8 @@ def _fused_pass(
         return total, g
 
     g0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
-    total, g = jax.lax.fori_loop(0, steps, body, (zero, g0))
+    carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, g0))
+    total, g = jax.lax.fori_loop(0, steps, body, carry)
     # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
     total = jnp.where(scale != 0, scale * total, zero)
     if not with_grad:
@@ -388,7 +416,7 @@ def _weight_count(
         w_t = w.astype(dtype)[jnp.clip(tb, 0, num_classes - 1)]
         return count + jnp.sum(jnp.where(valid, w_t, zero))
 
-    return jax.lax.fori_loop(0, -(-n // r), body, zero)
+    return jax.lax.fori_loop(0, -(-n // r), body, _varying_like(zero, ts, ms, w))
 
 
 def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Array:
@@ -431,6 +459,9 @@ def _pass(
 
     # The kernel computes in float32: float64 inputs (x64) keep the XLA path.
     use_kernel = pallas and jnp.dtype(x.dtype).itemsize <= 4
+    # Inside shard_map the pallas_call's outputs carry no varying-axis types
+    # (check_vma rejects them): the XLA path there.
+    use_kernel = use_kernel and not _varying_axes(x, t, where, w, scale)
     return _kernels.dispatch(use_kernel, kernel, xla, x, t, where, w, scale)
 
 
