@@ -1,9 +1,10 @@
 """A procedural semantic-segmentation dataset, generated in code.
 
 Each image has a textured, noisy background and two to four shapes drawn on
-top of each other (later shapes occlude earlier ones) with a random size,
-rotation and colour. The shape classes are deliberately imbalanced: circles
-and rectangles are common, triangles less so, rings and crosses rare. As in
+top of each other with a random size, rotation and colour; later shapes
+occlude earlier ones, but at most ``MAX_OVERLAP`` of a shape overlaps others.
+The shape classes are deliberately imbalanced: circles and rectangles are
+common, triangles less so, rings and crosses rare. As in
 PASCAL VOC, the one-pixel inner border of every visible object is labelled
 ``VOID`` (255): those pixels are ambiguous and are ignored by the loss and
 the metrics.
