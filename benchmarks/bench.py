@@ -11,7 +11,8 @@ Each case is the weighted mean cross-entropy with ~10% of positions ignored
 * ``torch_eager`` / ``torch_compile`` -- PyTorch when importable (compile on GPU)
 * ``copy``               -- ``x * 2``: one read + one write, the floor
 
-Repetitions are interleaved across implementations (round-robin), and every
+JAX repetitions are interleaved across implementations (round-robin);
+PyTorch's are timed in a phase of their own after them. Every
 row reports p20/p50/p80 ms, ``floor`` = copy_ms / ms (1.0 is the floor),
 ``speedup`` = best peer's p50 / p50, and XLA's compiled temp bytes.
 
@@ -178,6 +179,10 @@ def run(args) -> list[dict]:
                 t0 = time.perf_counter()
                 sync(fn())
                 times[key].append(time.perf_counter() - t0)
+        # PyTorch in its own phase: on CPU its OpenMP workers keep spinning
+        # after each call and would steal the cores from the XLA runs that
+        # follow (measured: jaxloss/optax ratios moved by up to 2x).
+        for _ in range(reps):
             for key, (fn, tsync) in tsteps.items():
                 t0 = time.perf_counter()
                 fn()

@@ -73,6 +73,7 @@ def _index_loss_and_grad(
     axis: int,
     with_grad: bool,
     grad_x: Array | None = None,
+    share_exp: bool = False,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -93,6 +94,9 @@ def _index_loss_and_grad(
 
     ``grad_x``, if given, is ``x`` in the compute dtype computed another way,
     for the gradient's elementwise part to read (see :func:`_exact_upcast`).
+    ``share_exp`` forms ``exp(x - m)`` once for both the row sum and the
+    gradient (XLA then materialises it: fastest on XLA:CPU for small float32
+    inputs, where one exponential per element dominates).
     """
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
@@ -111,7 +115,14 @@ def _index_loss_and_grad(
     x_t = jnp.squeeze(x_t, axis).astype(cdt)
     w_t = jnp.ones((), cdt) if w is None else w[t_safe]
 
-    if normalize:
+    if normalize and share_exp:
+        m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+        e = jnp.exp(xc - m)
+        s = jnp.sum(e, axis=axis, keepdims=True)
+        log_s = jnp.log(s)
+        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
+    elif normalize:
         m, log_s = _row_stats(x, axis)
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
     else:
@@ -136,7 +147,9 @@ def _index_loss_and_grad(
     is_t = _class_iota(x.shape, axis) == t_keep
     scale_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else jnp.expand_dims(w_t, axis))
     if normalize:
-        if grad_x is None:
+        if share_exp:
+            p = e * (1.0 / s)
+        elif grad_x is None:
             p = jnp.exp(xc - m - log_s)
         else:  # shares no subexpression with the row reductions
             p = jnp.exp(grad_x - (m + log_s))
@@ -223,16 +236,26 @@ def _chunks(a: int, c: int, b: int) -> tuple[int, int]:
     return 1, max(1, min(b, target // c))
 
 
-def _loop_writes_grad(dtype: Any) -> bool:
-    """Whether the chunked loop suits ``dtype`` on the default backend.
+# XLA:CPU below this many bytes of logits: the whole-array formulation.
+_CPU_LOOP_MIN_BYTES = 64 << 20
+
+
+def _loop_writes_grad(x: Array) -> bool:
+    """Whether the chunked loop suits ``x`` on the default backend.
 
     XLA:CPU converts every 16-bit floating op to float32, slices and in-place
     updates included; inside a loop that hoists a float32 copy of the whole
     input and turns each chunk's write into a rewrite of the whole buffer.
     There, 16-bit inputs take :func:`_plain_total_and_grad` instead (row
     statistics by fused reductions, the gradient one elementwise pass).
+    For float32 the loop's per-step cost makes it 1.7-3.7x slower than the
+    whole-array formulation at a few MiB (``benchmarks/bench.py --small``);
+    the loop is kept for large inputs, where its temporaries (a few chunks
+    instead of several per-position arrays) are what matters.
     """
-    return jnp.dtype(dtype).itemsize >= 4 or jax.default_backend() != "cpu"
+    if jax.default_backend() != "cpu":
+        return True
+    return x.dtype.itemsize >= 4 and x.size * x.dtype.itemsize >= _CPU_LOOP_MIN_BYTES
 
 
 def _varying_axes(*refs: Array | None) -> tuple[Any, ...]:
@@ -442,7 +465,7 @@ def _pass(
     config = dict(ignore_index=ignore_index, eps=eps, normalize=normalize, axis=axis)
 
     def xla(x, t, where, w, scale):
-        if _loop_writes_grad(x.dtype):
+        if _loop_writes_grad(x):
             return _fused_pass(x, t, where, w, scale, with_grad=with_grad, **config)
         if not with_grad:
             valid = _valid_mask(t, where, ignore_index)
@@ -533,14 +556,20 @@ def _plain_total_and_grad(
     """``_fused_pass``'s result by whole-array ops: ``(total, grad)``, grad in
     the compute dtype, left as an expression for XLA to fuse into its consumer."""
     valid = _valid_mask(t, where, ignore_index)
-    grad_x = _exact_upcast(x) if barrier else None
+    # 16-bit: recompute exp in the gradient's pass (a shared float32
+    # exponential would be a full-size temporary); 32-bit: share it.
+    share = barrier and x.dtype.itemsize >= 4
+    grad_x = _exact_upcast(x) if barrier and not share else None
     loss, grad = _index_loss_and_grad(
-        x, t, valid, w, eps, normalize, axis, with_grad=True, grad_x=grad_x
+        x, t, valid, w, eps, normalize, axis, with_grad=True, grad_x=grad_x, share_exp=share
     )
     assert grad is not None
     s = scale.astype(loss.dtype)
     total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
-    return total, s * grad
+    # An infinite scale (torch_compat's mean over nothing, where every
+    # position is ignored) must leave their zero gradient zero, as in PyTorch.
+    s_grad = jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s)
+    return total, s_grad * grad
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -572,7 +601,7 @@ def _index_total_jvp(
     # reverse mode transposes dl = sum(g * dx) into dx = g * ct. For
     # jax.grad of the loss ct is 1 and XLA returns g's buffer as is. Only
     # the logits are differentiated (weights and scale are constants).
-    if pallas or _loop_writes_grad(primals[0].dtype):
+    if pallas or _loop_writes_grad(primals[0]):
         total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
     else:
         total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
