@@ -16,6 +16,7 @@ choice it was traced with):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -26,11 +27,26 @@ import jax
 _state = threading.local()
 
 
+@functools.cache
+def _triton_available() -> bool:
+    """Whether this JAX still ships the Pallas Triton lowering the kernel uses.
+
+    It is deprecated from jax 0.11 (Mosaic GPU is the default there); should a
+    release drop it, the losses fall back to the XLA path instead of failing.
+    """
+    try:
+        from jax.experimental.pallas import triton as plgpu
+
+        return hasattr(plgpu, "CompilerParams")
+    except ImportError:
+        return False
+
+
 def pallas_enabled() -> bool:
     """Whether the GPU kernel may be used (it still runs on CUDA only)."""
     if os.environ.get("JAXLOSS_DISABLE_PALLAS", "").strip() not in ("", "0"):
         return False
-    return not getattr(_state, "disabled", False)
+    return not getattr(_state, "disabled", False) and _triton_available()
 
 
 @contextlib.contextmanager
