@@ -1,7 +1,8 @@
 """The chunked "mean"/"sum" path of the core against its per-position path.
 
 ``reduction="none"`` goes through ``_index_loss`` (whole-array ops); "mean" and
-"sum" through the chunked loop of ``_fused_pass``. Shrinking the chunk makes
+"sum" through the chunked loop of ``_fused_pass`` (on XLA:CPU only from
+``_CPU_LOOP_MIN_BYTES`` up, so the tests force it). Shrinking the chunk makes
 the loop take many steps, with a shifted last chunk along both the position
 axes before and after the class axis.
 """
@@ -17,10 +18,24 @@ from jaxloss import _losses
 IGN = 255
 
 
-@pytest.fixture(params=[64, 1 << 18], ids=["tiny-chunks", "default-chunks"])
+@pytest.fixture(
+    params=[(64, 0), (1 << 18, 0), (1 << 18, None)],
+    ids=["loop-tiny-chunks", "loop-default-chunks", "cpu-default-path"],
+)
 def chunk(request, monkeypatch):
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", request.param)
-    return request.param
+    """Force the loop (any size) with tiny or default chunks, or keep XLA:CPU's
+    own choice (the whole-array formulation at these sizes).
+
+    The core's jit cache does not see these module constants: clear it so
+    each setting really traces its own path.
+    """
+    elements, min_bytes = request.param
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", elements)
+    if min_bytes is not None:
+        monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", min_bytes)
+    _losses._index_impl.clear_cache()
+    yield elements
+    _losses._index_impl.clear_cache()
 
 
 def _data(shape, axis, dtype=jnp.float32, seed=0, ignore=0.2, bad=False):
