@@ -333,15 +333,9 @@ def _fused_pass(
     xs = x.reshape((a, c, b) if three else (a, c))
     ts = t.reshape((a, b) if three else (a,))
     ms = None if where is None else where.reshape(ts.shape)
-    class_iota = _class_iota(cshape, 1)
-    if w is not None:
-        w_row = w.astype(cdt).reshape((1, c, 1) if three else (1, c))
-        w_sum = jnp.sum(w.astype(cdt))
-    else:
-        w_row, w_sum = None, jnp.asarray(c, cdt)
-
-    def per_class(v: Array) -> Array:  # per-position -> along the class axis
-        return jnp.expand_dims(v, 1)
+    # An infinite scale (torch_compat's mean over nothing, where every
+    # position is ignored) must leave their zero gradient zero, as in PyTorch.
+    scale_grad = jnp.where(jnp.isinf(scale), zero, scale)
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
@@ -353,7 +347,6 @@ def _fused_pass(
         b0 = jnp.minimum(ib * rb, b - rb)
         start = (a0, b0) if three else (a0,)
         xb = jax.lax.dynamic_slice(xs, (a0, 0, b0) if three else (a0, 0), cshape)
-        xb = xb.astype(cdt)
         tb = jax.lax.dynamic_slice(ts, start, pshape)
         valid = jnp.ones(pshape, bool) if ignore_index is None else tb != ignore_index
         if ms is not None:
@@ -361,40 +354,15 @@ def _fused_pass(
         fresh = jax.lax.broadcasted_iota(jnp.int32, pshape, 0) + a0 >= ia * ra
         if three:
             fresh = fresh & (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + b0 >= ib * rb)
-        in_range = (tb >= 0) & (tb < c)
-        # The target is found by comparing against an iota: no gather.
-        is_t = class_iota == per_class(tb)
-        t_safe = jnp.where(in_range, tb, 0)
-        x_t = jnp.squeeze(jnp.take_along_axis(xb, per_class(t_safe), axis=1), 1)
-        w_t = jnp.ones(pshape, cdt) if w is None else w.astype(cdt)[t_safe]
-        if normalize:
-            m = jnp.max(xb, axis=1, keepdims=True)
-            m = jnp.where(jnp.isfinite(m), m, zero)  # a row of -inf
-            e = jnp.exp(xb - m)
-            s = jnp.sum(e, axis=1, keepdims=True)
-            log_s = jnp.log(jnp.squeeze(s, 1))
-            loss = w_t * ((jnp.squeeze(m, 1) - x_t) + log_s)
-            if eps > 0.0:
-                centred = m - xb if w_row is None else w_row * (m - xb)
-                smooth = jnp.sum(centred, axis=1) + w_sum * log_s
-                loss = (1.0 - eps) * loss + (eps / c) * smooth
-        else:
-            loss = -w_t * x_t
-        nan = jnp.full((), jnp.nan, cdt)
-        loss = jnp.where(valid & fresh, jnp.where(in_range, loss, nan), zero)
-        total = total + jnp.sum(loss)
+        # The chunk's loss and gradient: the same maths as every other path.
+        loss, grad = _index_loss_and_grad(
+            xb, tb, valid, w, eps, normalize, 1, with_grad, share_exp=normalize
+        )
+        total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:
             return total, g
-        coef = per_class(jnp.where(valid, jnp.where(in_range, scale, nan), zero))
-        if normalize:
-            p = e * (1.0 / s)
-            grad = per_class((1.0 - eps) * w_t) * (p - is_t.astype(cdt))
-            if eps > 0.0:
-                grad = grad + (eps / c) * (w_sum * p - (1.0 if w_row is None else w_row))
-            grad = coef * grad
-        else:
-            # An out-of-range label matches no class: its row takes coef (NaN).
-            grad = jnp.where(is_t | ~per_class(in_range), -coef * per_class(w_t), zero)
+        assert grad is not None
+        grad = scale_grad * grad
         g = jax.lax.dynamic_update_slice(
             g, grad.astype(x.dtype), (a0, 0, b0) if three else (a0, 0)
         )
