@@ -64,9 +64,13 @@ def parse_args(argv=None):
 def _commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, stderr=subprocess.DEVNULL
-        ).decode().strip()
+        return (
+            subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=here, stderr=subprocess.DEVNULL
+            )
+            .decode()
+            .strip()
+        )
     except Exception:
         return "unknown"
 
@@ -104,11 +108,14 @@ def temp_bytes(fn, *args):
 
 def pct(ts):
     a = np.asarray(ts) * 1e3
-    return {"p20": float(np.percentile(a, 20)), "p50": float(np.percentile(a, 50)),
-            "p80": float(np.percentile(a, 80))}
+    return {
+        "p20": float(np.percentile(a, 20)),
+        "p50": float(np.percentile(a, 50)),
+        "p80": float(np.percentile(a, 80)),
+    }
 
 
-def run(args) -> list[dict]:
+def run(args, on_case=None) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -195,9 +202,18 @@ def run(args) -> list[dict]:
             if mode == "copy":
                 continue
             st = pct(ts)
-            row = {"case": name, "shape": list(shape), "dtype": dtype, "axis": ax,
-                   "bytes": int(nbytes), "impl": iname, "mode": mode, **st,
-                   "copy_ms": copy_ms, "floor": copy_ms / st["p50"]}
+            row = {
+                "case": name,
+                "shape": list(shape),
+                "dtype": dtype,
+                "axis": ax,
+                "bytes": int(nbytes),
+                "impl": iname,
+                "mode": mode,
+                **st,
+                "copy_ms": copy_ms,
+                "floor": copy_ms / st["p50"],
+            }
             temp = steps.get((iname, mode), (None, None))[1]
             if temp is not None:
                 row["temp_bytes"] = temp
@@ -206,8 +222,9 @@ def run(args) -> list[dict]:
                 v, g = results[(iname, mode)]
                 row["loss"] = float(v)
                 row["loss_diff_vs_optax"] = float(abs(float(v) - float(ref_v)))
-                row["grad_maxdiff_vs_optax"] = float(jnp.max(jnp.abs(
-                    g.astype(jnp.float32) - ref_g.astype(jnp.float32))))
+                row["grad_maxdiff_vs_optax"] = float(
+                    jnp.max(jnp.abs(g.astype(jnp.float32) - ref_g.astype(jnp.float32)))
+                )
             case_rows.append(row)
         for row in case_rows:
             if row["impl"].startswith("jaxloss"):
@@ -221,6 +238,8 @@ def run(args) -> list[dict]:
         for row in case_rows:
             print(json.dumps(row), flush=True)
         rows.extend(case_rows)
+        if on_case is not None:
+            on_case(rows)
         del data, results, steps, tsteps
     return rows
 
@@ -231,7 +250,7 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu):
     dev = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     xt = torch.from_numpy(np.array(x, np.float32)).to(tdt).to(dev)
-    xc = (xt.movedim(-1, 1) if ax == xt.dim() - 1 and xt.dim() > 2 else xt)
+    xc = xt.movedim(-1, 1) if ax == xt.dim() - 1 and xt.dim() > 2 else xt
     xc = xc.detach().requires_grad_(True)
     yt = torch.from_numpy(np.array(y).astype(np.int64)).to(dev)
     wt = torch.from_numpy(np.array(w)).to(dev).to(tdt if dtype != "float32" else torch.float32)
@@ -248,8 +267,10 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu):
         with torch.no_grad():
             F.cross_entropy(xc, yt, weight=wt, ignore_index=IGN)
 
-    out = {("torch_eager", "fwdbwd"): (eager_fwdbwd, tsync),
-           ("torch_eager", "fwd"): (eager_fwd, tsync)}
+    out = {
+        ("torch_eager", "fwdbwd"): (eager_fwdbwd, tsync),
+        ("torch_eager", "fwd"): (eager_fwd, tsync),
+    }
     if dev == "cuda":
         cfn = torch.compile(lambda a: F.cross_entropy(a, yt, weight=wt, ignore_index=IGN))
 
@@ -264,11 +285,23 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu):
 def environment() -> dict:
     import jax
 
-    env = {"jax": jax.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "processor": platform.processor(),
-           "cpu_count": os.cpu_count(), "commit": _commit(),
-           "device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    env = {
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "commit": _commit(),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.devices()[0].platform,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    try:
+        from jaxloss._kernels import cross_entropy as ce
+
+        env["kernel_tuned"] = {repr(k): v for k, v in ce._TUNED.items()}
+    except Exception:
+        pass
     for mod in ("jaxlib", "optax", "flax", "torch"):
         try:
             env[mod] = __import__(mod).__version__
@@ -277,9 +310,9 @@ def environment() -> dict:
     return env
 
 
-def write(rows, env, out_dir, tag):
+def write(rows, env, out_dir, tag, stamp=None):
     os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev = env["device"].replace(" ", "_").replace("/", "_")
     base = os.path.join(out_dir, f"bench-{tag}-{dev}-{stamp}")
     with open(base + ".json", "w") as f:
@@ -296,10 +329,12 @@ def write(rows, env, out_dir, tag):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = run(args)
-    env = environment()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    write(rows, env, out, "small" if args.small else "full")
+    tag = "small" if args.small else "full"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Rewritten after every case: a run cut short keeps the cases it finished.
+    rows = run(args, on_case=lambda rows: write(rows, environment(), out, tag, stamp))
+    write(rows, environment(), out, tag, stamp)
     return rows
 
 

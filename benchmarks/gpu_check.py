@@ -30,13 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxloss  # noqa: E402
 from jaxloss import _losses  # noqa: E402
+from jaxloss._kernels import cross_entropy as ce  # noqa: E402
 from jaxloss._kernels.cross_entropy import cross_entropy_pallas  # noqa: E402
 
 IGN = 255
 CASES = [
-    ((4099, 19), 1, "float32"), ((3, 19, 37, 41), 1, "float32"), ((2, 150, 1031), 1, "float32"),
-    ((513, 150), 1, "bfloat16"), ((61, 1000), 1, "float32"), ((17, 32003), 1, "bfloat16"),
-    ((9, 128256), 1, "bfloat16"), ((7, 5), 1, "float16"),
+    ((4099, 19), 1, "float32"),
+    ((3, 19, 37, 41), 1, "float32"),
+    ((2, 150, 1031), 1, "float32"),
+    ((513, 150), 1, "bfloat16"),
+    ((61, 1000), 1, "float32"),
+    ((17, 32003), 1, "bfloat16"),
+    ((9, 128256), 1, "bfloat16"),
+    ((7, 5), 1, "float16"),
 ]
 
 
@@ -62,8 +68,11 @@ def check(interpret: bool) -> list[dict]:
             scale = jnp.float32(1.0 / max(1, np.prod(pos)))
             row = {"shape": shape, "dtype": dtype, "variant": variant}
             try:
-                fk = jax.jit(lambda x, t, wh, w, s, kw=kw: cross_entropy_pallas(
-                    x, t, wh, w, s, interpret=interpret, **kw))
+                fk = jax.jit(
+                    lambda x, t, wh, w, s, kw=kw: cross_entropy_pallas(
+                        x, t, wh, w, s, interpret=interpret, **kw
+                    )
+                )
                 fx = jax.jit(
                     lambda x, t, wh, w, s, kw=kw: _losses._fused_pass(x, t, wh, w, s, **kw)
                 )
@@ -73,7 +82,7 @@ def check(interpret: bool) -> list[dict]:
                 row["loss_rel"] = float(abs(lk - lx) / max(abs(float(lx)), 1e-30))
                 row["grad_maxabs"] = float(np.max(np.abs(gk32 - gx32)))
                 row["grad_scale"] = float(np.max(np.abs(gx32)))
-                tol = 2e-5 if dtype == "float32" else 2.0 ** -7
+                tol = 2e-5 if dtype == "float32" else 2.0**-7
                 bound = tol * row["grad_scale"] + 1e-7
                 row["ok"] = bool(row["loss_rel"] < 1e-4 and row["grad_maxabs"] <= bound)
             except Exception as e:
@@ -92,28 +101,149 @@ def kernel_in_use() -> dict:
     return {"triton_call_in_compiled_hlo": "triton" in hlo.lower()}
 
 
+def _candidates(c: int) -> list[tuple[int, int, int, int]]:
+    """Launch configurations to try, most promising first (default first)."""
+    if c <= ce._MAX_BLOCK_C:
+        bc = int(pl_next_pow2(c))
+        out = []
+        for tile, warps in (
+            (8192, 4),
+            (4096, 4),
+            (8192, 8),
+            (16384, 8),
+            (4096, 2),
+            (2048, 4),
+            (16384, 16),
+            (32768, 16),
+            (2048, 2),
+            (32768, 8),
+        ):
+            bp = max(1, tile // bc)
+            out.append((bc, bp, warps, 1))
+        return list(dict.fromkeys(out))
+    return [
+        (4096, 2, 4, 1),
+        (4096, 1, 4, 1),
+        (8192, 1, 8, 1),
+        (4096, 2, 8, 1),
+        (8192, 2, 8, 1),
+        (16384, 1, 16, 1),
+        (4096, 1, 4, 3),
+        (8192, 1, 8, 3),
+        (2048, 4, 4, 1),
+        (8192, 1, 4, 1),
+        (16384, 1, 8, 1),
+        (4096, 4, 8, 1),
+    ]
+
+
+def pl_next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def tune(cases: dict, interpret: bool, budget_s: float, reps: int) -> list[dict]:
+    """Time launch configurations of the kernel at the benchmark shapes and
+    record the fastest per (layout, C, with_grad) in ``ce._TUNED``."""
+    rows = []
+    for name, (shape, dtype, axis) in cases.items():
+        ax = axis % len(shape)
+        c = shape[ax]
+        pos = shape[:ax] + shape[ax + 1 :]
+        k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+        x = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
+        t = jax.random.randint(k2, pos, 0, c)
+        t = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, t)
+        w = jnp.linspace(0.5, 2.0, c).astype(jnp.float32)
+        scale = jnp.float32(1e-3)
+        layout = "last" if ax == len(shape) - 1 else "mid"
+        for with_grad in (True, False):
+            t0 = time.time()
+            best = None
+            for i, cfg in enumerate(_candidates(c)):
+                if i and time.time() - t0 > budget_s:
+                    break
+                f = jax.jit(
+                    lambda x, t, w, s, cfg=cfg, wg=with_grad, ax=ax: cross_entropy_pallas(
+                        x,
+                        t,
+                        None,
+                        w,
+                        s,
+                        ignore_index=IGN,
+                        eps=0.0,
+                        normalize=True,
+                        axis=ax,
+                        with_grad=wg,
+                        interpret=interpret,
+                        config=cfg,
+                    )
+                )
+                row = {"case": name, "with_grad": with_grad, "config": cfg}
+                try:
+                    tc = time.time()
+                    jax.block_until_ready(f(x, t, w, scale))
+                    row["compile_s"] = time.time() - tc
+                    ts = []
+                    for _ in range(reps):
+                        tt = time.perf_counter()
+                        jax.block_until_ready(f(x, t, w, scale))
+                        ts.append(time.perf_counter() - tt)
+                    row["p50_ms"] = float(np.median(ts) * 1e3)
+                    if best is None or row["p50_ms"] < best[0]:
+                        best = (row["p50_ms"], cfg)
+                except Exception as e:
+                    row["error"] = traceback.format_exception_only(type(e), e)[-1][:1000]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del f
+            if best is not None:
+                ce._TUNED[(layout, c, with_grad)] = best[1]
+        del x, t
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true", help="CPU dry run")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--no-tune", action="store_true")
+    p.add_argument("--tune-budget", type=float, default=20.0, help="seconds per case and mode")
     args = p.parse_args()
     out = os.environ.get("OUT", "/tmp")
     on_gpu = jax.devices()[0].platform == "gpu"
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+    def save():
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
     t0 = time.time()
     report["kernel_vs_xla"] = check(interpret=not on_gpu)
     report["all_ok"] = all(r["ok"] for r in report["kernel_vs_xla"])
     report["check_s"] = time.time() - t0
     if on_gpu:
         report.update(kernel_in_use())
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    save()
     print(json.dumps({k: v for k, v in report.items() if k != "kernel_vs_xla"}), flush=True)
-    if not args.skip_bench:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import bench
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench
 
-        bench.main((["--small"] if args.small or not on_gpu else []) + ["--out", out])
+    small = args.small or not on_gpu
+    if not args.no_tune:
+        t0 = time.time()
+        cases = bench.SMALL if small else bench.FULL
+        report["tune"] = tune(
+            cases,
+            interpret=not on_gpu,
+            budget_s=args.tune_budget if on_gpu else 0.0,
+            reps=10 if on_gpu else 1,
+        )
+        report["tuned"] = {repr(k): v for k, v in ce._TUNED.items()}
+        report["tune_s"] = time.time() - t0
+        save()
+        print(json.dumps({"tuned": report["tuned"], "tune_s": report["tune_s"]}), flush=True)
+    if not args.skip_bench:
+        bench.main((["--small"] if small else []) + ["--out", out])
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ def _describe(x: Any) -> str:
 
 def check_reduction(reduction: Any) -> str:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(
-            f"reduction must be one of 'none', 'mean' or 'sum'; got {reduction!r}."
-        )
+        raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum'; got {reduction!r}.")
     return reduction
 
 
@@ -70,9 +68,7 @@ def as_float_input(x: Any, name: str) -> jax.Array:
             f"float64); got dtype {arr.dtype}."
         )
     if arr.ndim == 0:
-        raise ValueError(
-            f"{name} must have at least one dimension (the class axis); got a scalar."
-        )
+        raise ValueError(f"{name} must have at least one dimension (the class axis); got a scalar.")
     return arr
 
 
@@ -111,9 +107,7 @@ def check_index_targets(
     if hints:
         other = hints[0]
         if other == 1:
-            msg += (
-                " It looks like a channels-first (PyTorch layout) input: pass axis=1."
-            )
+            msg += " It looks like a channels-first (PyTorch layout) input: pass axis=1."
         else:
             neg = other - len(input_shape)
             msg += f" The class axis looks like axis={neg}: pass axis={neg}."
@@ -134,15 +128,11 @@ def as_index_targets(targets: Any) -> jax.Array:
     return arr
 
 
-def check_weight(
-    weight: Any, num_classes: int, compute_dtype: Any
-) -> jax.Array | None:
+def check_weight(weight: Any, num_classes: int, compute_dtype: Any) -> jax.Array | None:
     if weight is None:
         return None
     arr = jnp.asarray(weight)
-    if not (
-        jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
-    ):
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"weight must be a real-valued array; got dtype {arr.dtype}.")
     if arr.shape != (num_classes,):
         raise ValueError(
@@ -171,9 +161,7 @@ def check_where(where: Any, positions: tuple[int, ...]) -> jax.Array | None:
     return jnp.broadcast_to(arr, positions)
 
 
-def check_soft_targets(
-    targets: jax.Array, input_shape: tuple[int, ...], input_name: str
-) -> None:
+def check_soft_targets(targets: jax.Array, input_shape: tuple[int, ...], input_name: str) -> None:
     if tuple(targets.shape) != tuple(input_shape):
         raise ValueError(
             f"probability targets (a floating-point targets array) must have the same "

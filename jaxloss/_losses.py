@@ -133,9 +133,7 @@ def _index_loss_and_grad(
             smooth = jnp.sum(m - xc, axis=axis) + num_classes * jnp.squeeze(log_s, axis)
         else:
             wb = _broadcast_weight(w, x.ndim, axis)
-            smooth = jnp.sum(wb * (m - xc), axis=axis) + jnp.sum(w) * jnp.squeeze(
-                log_s, axis
-            )
+            smooth = jnp.sum(wb * (m - xc), axis=axis) + jnp.sum(w) * jnp.squeeze(log_s, axis)
         loss = (1.0 - eps) * loss + (eps / num_classes) * smooth
 
     nan = jnp.full((), jnp.nan, cdt)
@@ -363,9 +361,7 @@ def _fused_pass(
             return total, g
         assert grad is not None
         grad = scale_grad * grad
-        g = jax.lax.dynamic_update_slice(
-            g, grad.astype(x.dtype), (a0, 0, b0) if three else (a0, 0)
-        )
+        g = jax.lax.dynamic_update_slice(g, grad.astype(x.dtype), (a0, 0, b0) if three else (a0, 0))
         return total, g
 
     g0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
@@ -379,7 +375,11 @@ def _fused_pass(
 
 
 def _weight_count(
-    t: Array, where: Array | None, w: Array | None, ignore_index: int | None, num_classes: int,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    ignore_index: int | None,
+    num_classes: int,
     dtype: Any,
 ) -> Array:
     """``sum_i valid_i * w_{t_i}``, the weighted mean's denominator, chunk by chunk.
@@ -478,8 +478,13 @@ def _fused_total_and_grad(
 
 @_fused_total_and_grad.defjvp
 def _fused_total_and_grad_jvp(
-    ignore_index: int | None, eps: float, normalize: bool, axis: int, pallas: bool,
-    primals: tuple, tangents: tuple,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    pallas: bool,
+    primals: tuple,
+    tangents: tuple,
 ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     # Reached only when the gradient itself is differentiated (jvp of grad,
     # hessian): differentiate the plain formulation instead of the loop or
@@ -562,8 +567,13 @@ def _index_total(
 
 @_index_total.defjvp
 def _index_total_jvp(
-    ignore_index: int | None, eps: float, normalize: bool, axis: int, pallas: bool,
-    primals: tuple, tangents: tuple,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    pallas: bool,
+    primals: tuple,
+    tangents: tuple,
 ) -> tuple[Array, Array]:
     # As for _index_loss: the gradient g is formed in the loss's pass and
     # reverse mode transposes dl = sum(g * dx) into dx = g * ct. For

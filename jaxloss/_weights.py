@@ -97,9 +97,7 @@ def class_weights(
             f"labels must be an integer array of class indices (any integer dtype, "
             f"uint8 masks included); got dtype {arr.dtype}."
         )
-    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(
-        num_classes, (int, np.integer)
-    ):
+    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(
             f"num_classes must be a Python int (static under jit); got "
             f"{_checks._describe(num_classes)}."
@@ -107,9 +105,7 @@ def class_weights(
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int; got {num_classes}.")
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"method must be one of 'inverse', 'median' or 'enet'; got {method!r}."
-        )
+        raise ValueError(f"method must be one of 'inverse', 'median' or 'enet'; got {method!r}.")
     ignore_index = _checks.check_ignore_index(ignore_index)
     num_classes = int(num_classes)
     if not isinstance(arr, jax.core.Tracer):

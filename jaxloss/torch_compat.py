@@ -41,8 +41,7 @@ def _legacy_reduction(size_average: Any, reduce: Any, reduction: str) -> str:
     else:
         ret = "none"
     warnings.warn(
-        f"size_average and reduce args will be deprecated, please use reduction='{ret}' "
-        "instead.",
+        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
         DeprecationWarning,
         stacklevel=3,
     )
@@ -168,9 +167,7 @@ class NLLLoss:
     ) -> None:
         self.weight = weight
         self.ignore_index = _checks.check_ignore_index(ignore_index)
-        self.reduction = _checks.check_reduction(
-            _legacy_reduction(size_average, reduce, reduction)
-        )
+        self.reduction = _checks.check_reduction(_legacy_reduction(size_average, reduce, reduction))
 
     def __call__(self, input: Any, target: Any) -> jax.Array:
         return nll_loss(
@@ -206,9 +203,7 @@ class CrossEntropyLoss:
     ) -> None:
         self.weight = weight
         self.ignore_index = _checks.check_ignore_index(ignore_index)
-        self.reduction = _checks.check_reduction(
-            _legacy_reduction(size_average, reduce, reduction)
-        )
+        self.reduction = _checks.check_reduction(_legacy_reduction(size_average, reduce, reduction))
         self.label_smoothing = _checks.check_label_smoothing(label_smoothing)
 
     def __call__(self, input: Any, target: Any) -> jax.Array:

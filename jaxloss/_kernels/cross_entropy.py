@@ -39,17 +39,33 @@ _MAX_BLOCK_C = 4096
 # Elements per tile (per program): 8K keeps registers in check at 4 warps.
 _TILE_ELEMENTS = 8192
 
+# Launch configurations measured faster than the defaults on a device, keyed
+# by ``(layout, c, with_grad)``; values ``(block_c, block_p, num_warps,
+# num_stages)``. Filled by ``benchmarks/gpu_check.py --tune`` in its own
+# process (never by the library itself).
+_TUNED: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {}
+
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def block_sizes(c: int, n_pos: int) -> tuple[int, int]:
+def block_sizes(c: int, n_pos: int, tile: int = _TILE_ELEMENTS) -> tuple[int, int]:
     """``(block_c, block_p)``: powers of two, ``block_c * block_p <= tile``."""
     block_c = min(pl.next_power_of_2(c), _MAX_BLOCK_C)
-    block_p = max(1, _TILE_ELEMENTS // block_c)
+    block_p = max(1, tile // block_c)
     block_p = min(block_p, pl.next_power_of_2(max(n_pos, 1)))
     return block_c, _pow2_floor(block_p)
+
+
+def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> tuple[int, int, int, int]:
+    """``(block_c, block_p, num_warps, num_stages)`` for one call."""
+    tuned = _TUNED.get((layout, c, with_grad))
+    if tuned is not None:
+        block_c, block_p, warps, stages = tuned
+        return block_c, min(block_p, pl.next_power_of_2(max(n_pos, 1))), warps, stages
+    block_c, block_p = block_sizes(c, n_pos)
+    return block_c, block_p, 4, 1
 
 
 def _kernel(
@@ -225,13 +241,15 @@ def cross_entropy_pallas(
     with_grad: bool,
     per_position: bool = False,
     interpret: bool = False,
-    num_warps: int = 4,
+    config: tuple[int, int, int, int] | None = None,
 ) -> tuple[Array, Array | None]:
     """Kernel entry point, the same contract as ``jaxloss._losses._fused_pass``.
 
     Returns ``(scale * sum_i l_i, scale * dl/dx)`` -- or, with
     ``per_position``, ``(l, dl/dx)`` with ``l`` shaped like ``t`` (and
-    ``scale`` applied to the gradient only).
+    ``scale`` applied to the gradient only). ``config`` overrides
+    :func:`launch_config`: ``(block_c, block_p, num_warps, num_stages)``, each
+    block a power of two (``block_c`` below ``C`` selects the two-read loop).
     """
     shape = x.shape
     c = shape[axis]
@@ -243,7 +261,10 @@ def cross_entropy_pallas(
         return loss, (jnp.zeros(shape, x.dtype) if with_grad else None)
     last = b == 1
     n_pos = a if last else b
-    block_c, block_p = block_sizes(c, n_pos)
+    layout = "last" if last else "mid"
+    if config is None:
+        config = launch_config(layout, c, n_pos, with_grad)
+    block_c, block_p, num_warps, num_stages = config
     n_blocks = -(-n_pos // block_p)
     if last:
         xv, tv = x.reshape(a, c), t.reshape(a)
@@ -264,7 +285,7 @@ def cross_entropy_pallas(
         out_shape.append(jax.ShapeDtypeStruct(xv.shape, x.dtype))
     kernel = functools.partial(
         _kernel,
-        layout="last" if last else "mid",
+        layout=layout,
         c=c,
         n_pos=n_pos,
         block_c=block_c,
@@ -281,7 +302,7 @@ def cross_entropy_pallas(
         grid=grid,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxloss_cross_entropy_fwd_bwd" if with_grad else "jaxloss_cross_entropy_fwd",
     )(xv, tv, mv, wv, sv)
     loss = outs[0]
