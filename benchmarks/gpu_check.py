@@ -46,10 +46,24 @@ CASES = [
 ]
 
 
+def _check_configs(shape, axis) -> list:
+    """The default launch plus, channels-last, both "flat" addressings and a
+    two-read loop (``block_c < C``) where the row would fit whole."""
+    c = shape[axis]
+    if axis != len(shape) - 1:
+        return [None]
+    bc = int(pl_next_pow2(min(c, ce._MAX_BLOCK_C)))
+    bp = max(1, 4096 // bc)
+    out = [None, (bc, bp, 4, 1, 1), (bc, bp, 4, 1, 2)]
+    if 64 < c <= ce._MAX_BLOCK_C:
+        out.append((bc // 4, bp, 4, 1, 0))
+    return out
+
+
 def check(interpret: bool) -> list[dict]:
     rows = []
     for shape, axis, dtype in CASES:
-        for variant in ("plain", "weighted-where-smooth", "nll"):
+        for variant in ("plain", "weighted", "weighted-where-smooth", "nll"):
             c = shape[axis]
             pos = shape[:axis] + shape[axis + 1 :]
             k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
@@ -63,33 +77,33 @@ def check(interpret: bool) -> list[dict]:
                 where, w = None, None
             elif variant == "nll":
                 kw["normalize"] = False
-            else:
+            elif variant == "weighted-where-smooth":
                 kw["eps"] = 0.1
             scale = jnp.float32(1.0 / max(1, np.prod(pos)))
-            row = {"shape": shape, "dtype": dtype, "variant": variant}
-            try:
-                fk = jax.jit(
-                    lambda x, t, wh, w, s, kw=kw: cross_entropy_pallas(
-                        x, t, wh, w, s, interpret=interpret, **kw
+            fx = jax.jit(lambda x, t, wh, w, s, kw=kw: _losses._fused_pass(x, t, wh, w, s, **kw))
+            lx, gx = jax.block_until_ready(fx(x, t, where, w, scale))
+            gx32 = np.asarray(gx, np.float32)
+            for cfg in _check_configs(shape, axis):
+                row = {"shape": shape, "dtype": dtype, "variant": variant, "config": cfg}
+                try:
+                    fk = jax.jit(
+                        lambda x, t, wh, w, s, kw=kw, cfg=cfg: cross_entropy_pallas(
+                            x, t, wh, w, s, interpret=interpret, config=cfg, **kw
+                        )
                     )
-                )
-                fx = jax.jit(
-                    lambda x, t, wh, w, s, kw=kw: _losses._fused_pass(x, t, wh, w, s, **kw)
-                )
-                lk, gk = jax.block_until_ready(fk(x, t, where, w, scale))
-                lx, gx = jax.block_until_ready(fx(x, t, where, w, scale))
-                gk32, gx32 = np.asarray(gk, np.float32), np.asarray(gx, np.float32)
-                row["loss_rel"] = float(abs(lk - lx) / max(abs(float(lx)), 1e-30))
-                row["grad_maxabs"] = float(np.max(np.abs(gk32 - gx32)))
-                row["grad_scale"] = float(np.max(np.abs(gx32)))
-                tol = 2e-5 if dtype == "float32" else 2.0**-7
-                bound = tol * row["grad_scale"] + 1e-7
-                row["ok"] = bool(row["loss_rel"] < 1e-4 and row["grad_maxabs"] <= bound)
-            except Exception as e:
-                row["ok"] = False
-                row["error"] = traceback.format_exception_only(type(e), e)[-1][:2000]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+                    lk, gk = jax.block_until_ready(fk(x, t, where, w, scale))
+                    gk32 = np.asarray(gk, np.float32)
+                    row["loss_rel"] = float(abs(lk - lx) / max(abs(float(lx)), 1e-30))
+                    row["grad_maxabs"] = float(np.max(np.abs(gk32 - gx32)))
+                    row["grad_scale"] = float(np.max(np.abs(gx32)))
+                    tol = 2e-5 if dtype == "float32" else 2.0**-7
+                    bound = tol * row["grad_scale"] + 1e-7
+                    row["ok"] = bool(row["loss_rel"] < 1e-4 and row["grad_maxabs"] <= bound)
+                except Exception as e:
+                    row["ok"] = False
+                    row["error"] = traceback.format_exception_only(type(e), e)[-1][:2000]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -101,39 +115,49 @@ def kernel_in_use() -> dict:
     return {"triton_call_in_compiled_hlo": "triton" in hlo.lower()}
 
 
-def _candidates(c: int) -> list[tuple[int, int, int, int]]:
+def _candidates(c: int, layout: str) -> list[tuple[int, int, int, int, int]]:
     """Launch configurations to try, most promising first (default first)."""
     if c <= ce._MAX_BLOCK_C:
         bc = int(pl_next_pow2(c))
-        out = []
-        for tile, warps in (
-            (8192, 4),
-            (4096, 4),
-            (8192, 8),
-            (16384, 8),
-            (4096, 2),
-            (2048, 4),
-            (16384, 16),
-            (32768, 16),
-            (2048, 2),
-            (32768, 8),
-        ):
-            bp = max(1, tile // bc)
-            out.append((bc, bp, warps, 1))
+        out = [ce.launch_config(layout, c, 1 << 30, True)]
+        if layout == "mid":
+            tiles = [
+                (8192, 4, 0),
+                (4096, 2, 0),
+                (2048, 2, 0),
+                (16384, 8, 0),
+                (4096, 4, 0),
+                (2048, 1, 0),
+                (8192, 8, 0),
+            ]
+        else:
+            tiles = [
+                (4096, 4, 1),
+                (8192, 4, 1),
+                (2048, 2, 1),
+                (8192, 8, 1),
+                (16384, 8, 1),
+                (4096, 4, 2),
+                (8192, 4, 2),
+                (2048, 2, 2),
+                (2048, 4, 0),
+                (1024, 2, 0),
+            ]
+        out += [(bc, max(1, tile // bc), warps, 1, g) for tile, warps, g in tiles]
         return list(dict.fromkeys(out))
     return [
-        (4096, 2, 4, 1),
-        (4096, 1, 4, 1),
-        (8192, 1, 8, 1),
-        (4096, 2, 8, 1),
-        (8192, 2, 8, 1),
-        (16384, 1, 16, 1),
-        (4096, 1, 4, 3),
-        (8192, 1, 8, 3),
-        (2048, 4, 4, 1),
-        (8192, 1, 4, 1),
-        (16384, 1, 8, 1),
-        (4096, 4, 8, 1),
+        (4096, 2, 8, 1, 0),
+        (4096, 1, 4, 1, 0),
+        (4096, 1, 8, 1, 0),
+        (8192, 1, 16, 1, 0),
+        (4096, 2, 4, 1, 0),
+        (2048, 1, 4, 1, 0),
+        (4096, 1, 16, 1, 0),
+        (8192, 1, 32, 1, 0),
+        (4096, 4, 8, 1, 0),
+        (2048, 2, 4, 1, 0),
+        (16384, 1, 32, 1, 0),
+        (8192, 2, 16, 1, 0),
     ]
 
 
@@ -159,7 +183,7 @@ def tune(cases: dict, interpret: bool, budget_s: float, reps: int) -> list[dict]
         for with_grad in (True, False):
             t0 = time.time()
             best = None
-            for i, cfg in enumerate(_candidates(c)):
+            for i, cfg in enumerate(_candidates(c, layout)):
                 if i and time.time() - t0 > budget_s:
                     break
                 f = jax.jit(

@@ -85,6 +85,51 @@ def test_kernel_matches_xla(shape, axis, dtype, variant):
     np.testing.assert_allclose(scale * jnp.sum(lp), lx, rtol=2e-5, atol=1e-6)
 
 
+# Launch configurations other than the default: channels-last "flat"
+# addressing (gather 1: computed load offsets, natural store; gather 2: both
+# computed), and a two-read loop where the row would fit (block_c < C).
+CONFIGS = [
+    ((37, 19), (32, 16, 4, 1, 1)),
+    ((2, 3, 5, 19), (32, 8, 4, 1, 2)),
+    ((53, 150), (256, 16, 4, 1, 1)),
+    ((53, 150), (64, 16, 4, 1, 2)),
+    ((53, 150), (64, 8, 4, 1, 0)),
+    ((5, 1000), (256, 2, 4, 1, 0)),
+    ((3, 5), (8, 4, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape,config", CONFIGS, ids=[f"{s}-{c}" for s, c in CONFIGS])
+@pytest.mark.parametrize("variant", ["weighted", "weighted-where-smooth", "nll", "plain"])
+def test_kernel_configs_match_xla(shape, config, variant):
+    x, t, where, w = _data(shape, -1, jnp.float32, seed=3)
+    kw = dict(ignore_index=IGN, eps=0.0, normalize=True, axis=len(shape) - 1, with_grad=True)
+    if variant == "plain":
+        where, w = None, None
+    elif variant == "weighted-where-smooth":
+        kw["eps"] = 0.1
+    elif variant == "nll":
+        kw["normalize"] = False
+    scale = jnp.float32(0.37)
+    lk, gk = cross_entropy_pallas(x, t, where, w, scale, interpret=True, config=config, **kw)
+    lx, gx = _losses._fused_pass(x, t, where, w, scale, **kw)
+    np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
+    lf, _ = cross_entropy_pallas(
+        x, t, where, w, scale, interpret=True, config=config, **{**kw, "with_grad": False}
+    )
+    np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
+
+
+def test_tuned_table_is_used(monkeypatch):
+    from jaxloss._kernels import cross_entropy as ce
+
+    monkeypatch.setitem(ce._TUNED, ("last", 19, True), (32, 8, 2, 1, 1))
+    assert ce.launch_config("last", 19, 1000, True) == (32, 8, 2, 1, 1)
+    assert ce.launch_config("last", 19, 3, True) == (32, 4, 2, 1, 1)  # clipped to the positions
+    assert ce.launch_config("last", 19, 1000, False) == (32, 256, 4, 1, 0)
+
+
 def test_kernel_bad_label_and_zero_scale():
     x, t, _, w = _data((4, 19), -1, jnp.float32)
     t = t.at[1].set(40)

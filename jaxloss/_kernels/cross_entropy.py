@@ -41,9 +41,11 @@ _TILE_ELEMENTS = 8192
 
 # Launch configurations measured faster than the defaults on a device, keyed
 # by ``(layout, c, with_grad)``; values ``(block_c, block_p, num_warps,
-# num_stages)``. Filled by ``benchmarks/gpu_check.py --tune`` in its own
+# num_stages, gather)``. Filled by ``benchmarks/gpu_check.py`` in its own
 # process (never by the library itself).
-_TUNED: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {}
+_TUNED: dict[tuple[str, int, bool], tuple[int, int, int, int, int]] = {}
+
+Config = tuple[int, int, int, int, int]
 
 
 def _pow2_floor(n: int) -> int:
@@ -58,14 +60,14 @@ def block_sizes(c: int, n_pos: int, tile: int = _TILE_ELEMENTS) -> tuple[int, in
     return block_c, _pow2_floor(block_p)
 
 
-def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> tuple[int, int, int, int]:
-    """``(block_c, block_p, num_warps, num_stages)`` for one call."""
+def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
+    """``(block_c, block_p, num_warps, num_stages, gather)`` for one call."""
     tuned = _TUNED.get((layout, c, with_grad))
     if tuned is not None:
-        block_c, block_p, warps, stages = tuned
-        return block_c, min(block_p, pl.next_power_of_2(max(n_pos, 1))), warps, stages
+        block_c, block_p, warps, stages, gather = tuned
+        return block_c, min(block_p, pl.next_power_of_2(max(n_pos, 1))), warps, stages, gather
     block_c, block_p = block_sizes(c, n_pos)
-    return block_c, block_p, 4, 1
+    return block_c, block_p, 4, 1, 0
 
 
 def _kernel(
@@ -74,6 +76,8 @@ def _kernel(
     t_ref,
     m_ref,
     w_ref,
+    wt_ref,
+    i_ref,
     scale_ref,
     # outputs
     loss_ref,
@@ -84,34 +88,58 @@ def _kernel(
     n_pos: int,
     block_c: int,
     block_p: int,
+    gather: int,
     ignore_index: int | None,
     eps: float,
     normalize: bool,
     has_where: bool,
     has_weight: bool,
+    w_t_given: bool,
     per_position: bool,
+    interpret: bool,
 ):
     f32 = jnp.float32
+    # "last": (P, C) tiles (block_p, block_c). "mid": (A, C, B) tiles
+    # (block_c, block_p) at one a. "flat": channels-last logits as a flat
+    # (P*C,) array, tiles (block_c, block_p) addressed by computed offsets.
     last = layout == "last"
     cax = 1 if last else 0  # class axis of a tile
-    if last:
-        pid = pl.program_id(0)
-        p0 = pid * block_p
-    else:
+    if layout == "mid":
         a = pl.program_id(0)
         p0 = pl.program_id(1) * block_p
+    else:
+        pid = pl.program_id(0)
+        p0 = pid * block_p
     pos = p0 + jnp.arange(block_p)
     pos_ok = pos < n_pos
     cls = jnp.arange(block_c)
+    if layout == "flat":
+        # Class offsets scaled by a runtime 1: Triton then cannot prove the
+        # load contiguous along classes, and lays threads out along positions,
+        # so the row reductions stay inside a thread (no warp shuffles); L1
+        # absorbs the strided access. (``gather == 2``: the store too.)
+        one = i_ref[0]
+        wide = jnp.int64 if n_pos * c >= 2**31 else jnp.int32
+        row = pos.astype(wide) * c
 
-    def tile(c0):
+    def tile(c0, store=False):
         ci = c0 + cls
         if last:
             idx = (pl.ds(p0, block_p), pl.ds(c0, block_c))
             mask = pos_ok[:, None] & (ci < c)[None, :]
-        else:
+        elif layout == "mid":
             idx = (a, pl.ds(c0, block_c), pl.ds(p0, block_p))
             mask = (ci < c)[:, None] & pos_ok[None, :]
+        else:
+            cj = ci if (store and gather == 1) else c0 + cls * one
+            idx = cj.astype(row.dtype)[:, None] + row[None, :]
+            mask = (ci < c)[:, None] & pos_ok[None, :]
+            if interpret:
+                # Interpret mode stores masked lanes too (rewriting the old
+                # value, which races with the owner's write of that address):
+                # send them out of bounds, where scatters drop them. The
+                # Triton store does not touch masked lanes.
+                idx = jnp.where(mask, idx, n_pos * c)
         return idx, mask, ci
 
     def per_class(v):  # per-position vector -> broadcast along the class axis
@@ -120,7 +148,7 @@ def _kernel(
     def along(v):  # per-class vector -> broadcast along the position axis
         return v[:, None] if not last else v[None, :]
 
-    pidx = pl.ds(p0, block_p) if last else (a, pl.ds(p0, block_p))
+    pidx = (a, pl.ds(p0, block_p)) if layout == "mid" else pl.ds(p0, block_p)
     t = plgpu.load(t_ref.at[pidx], mask=pos_ok, other=0)
     valid = pos_ok
     if ignore_index is not None:
@@ -131,28 +159,32 @@ def _kernel(
     scale = scale_ref[0]
     nan = jnp.full((), jnp.nan, f32)
     zero = jnp.zeros((), f32)
+    # Class weights: a chunk of them, unless only the target's weight matters
+    # (no smoothing) and the caller passed it per position.
+    load_w = has_weight and not w_t_given
 
     def load_x(c0):
         idx, mask, ci = tile(c0)
         x = plgpu.load(x_ref.at[idx], mask=mask, other=-jnp.inf).astype(f32)
-        if has_weight:
+        if load_w:
             w = plgpu.load(w_ref.at[pl.ds(c0, block_c)], mask=ci < c, other=0.0).astype(f32)
         else:
             w = (ci < c).astype(f32)
         is_t = along(ci) == per_class(t)
-        return idx, mask, ci, x, w, is_t
+        return mask, ci, x, w, is_t
 
     def chunk_stats(x, w, is_t):
         x_t = jnp.sum(jnp.where(is_t, x, zero), axis=cax)
-        w_t = jnp.sum(jnp.where(is_t, along(w) if w.ndim == 1 else w, zero), axis=cax)
+        w_t = jnp.sum(jnp.where(is_t, along(w), zero), axis=cax) if load_w else None
         m = jnp.max(x, axis=cax)
-        wx = jnp.sum(jnp.where(along(w) != 0, along(w) * x, zero), axis=cax)
+        wx = jnp.sum(jnp.where(along(w) != 0, along(w) * x, zero), axis=cax) if eps else None
         return x_t, w_t, m, wx
 
     n_chunks = -(-c // block_c)
     w_total = zero
+    wx = None
     if n_chunks == 1:
-        idx, mask, ci, x, w, is_t = load_x(0)
+        mask, ci, x, w, is_t = load_x(0)
         x_t, w_t, m, wx = chunk_stats(x, w, is_t)
         m = jnp.where(jnp.isfinite(m), m, zero)
         e = jnp.exp(x - per_class(m))
@@ -160,30 +192,29 @@ def _kernel(
         w_total = jnp.sum(w)
     else:
         # Pass 1: online log-sum-exp over class chunks.
+        zeros = jnp.zeros((block_p,), f32)
+
         def body(k, carry):
             m, s, x_t, w_t, wx, wsum = carry
-            _, _, _, x, w, is_t = load_x(k * block_c)
+            _, _, x, w, is_t = load_x(k * block_c)
             cx_t, cw_t, cm, cwx = chunk_stats(x, w, is_t)
             m_new = jnp.maximum(m, cm)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, zero)
             s = s * jnp.exp(jnp.where(jnp.isfinite(m), m, zero) - m_safe) + jnp.sum(
                 jnp.exp(x - per_class(m_safe)), axis=cax
             )
-            return m_new, s, x_t + cx_t, w_t + cw_t, wx + cwx, wsum + jnp.sum(w)
+            w_t = w_t + cw_t if load_w else w_t
+            wx = wx + cwx if eps else wx
+            return m_new, s, x_t + cx_t, w_t, wx, wsum + jnp.sum(w)
 
-        init = (
-            jnp.full((block_p,), -jnp.inf, f32),
-            jnp.zeros((block_p,), f32),
-            jnp.zeros((block_p,), f32),
-            jnp.zeros((block_p,), f32),
-            jnp.zeros((block_p,), f32),
-            zero,
-        )
+        init = (jnp.full((block_p,), -jnp.inf, f32), zeros, zeros, zeros, zeros, zero)
         m, s, x_t, w_t, wx, w_total = jax.lax.fori_loop(0, n_chunks, body, init)
         m = jnp.where(jnp.isfinite(m), m, zero)
     if not has_weight:
         w_t = jnp.ones((block_p,), f32)
         w_total = jnp.asarray(float(c), f32)
+    elif w_t_given:
+        w_t = plgpu.load(wt_ref.at[pidx], mask=pos_ok, other=0.0)
 
     if normalize:
         log_s = jnp.log(s)
@@ -196,10 +227,10 @@ def _kernel(
     loss = jnp.where(valid, jnp.where(in_range, loss, nan), zero)
     if per_position:
         plgpu.store(loss_ref.at[pidx], loss, mask=pos_ok)
-    elif last:
-        loss_ref[pid] = jnp.sum(loss)
-    else:
+    elif layout == "mid":
         loss_ref[a, pl.program_id(1)] = jnp.sum(loss)
+    else:
+        loss_ref[pid] = jnp.sum(loss)
     if not grad_refs:
         return
     (g_ref,) = grad_refs
@@ -216,11 +247,15 @@ def _kernel(
         return per_class(coef) * g
 
     if n_chunks == 1:
+        idx = tile(0, store=True)[0]
         plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t, e).astype(g_ref.dtype), mask=mask)
     else:
-        # Pass 2: re-read the chunks and write the gradient.
+        # Pass 2: re-read the chunks, last first (the most recently read are
+        # the likeliest still in L2), and write the gradient.
         def write(k, carry):
-            idx, mask, _, x, w, is_t = load_x(k * block_c)
+            c0 = (n_chunks - 1 - k) * block_c
+            mask, _, x, w, is_t = load_x(c0)
+            idx = tile(c0, store=True)[0]
             plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t).astype(g_ref.dtype), mask=mask)
             return carry
 
@@ -241,15 +276,17 @@ def cross_entropy_pallas(
     with_grad: bool,
     per_position: bool = False,
     interpret: bool = False,
-    config: tuple[int, int, int, int] | None = None,
+    config: Config | None = None,
 ) -> tuple[Array, Array | None]:
     """Kernel entry point, the same contract as ``jaxloss._losses._fused_pass``.
 
     Returns ``(scale * sum_i l_i, scale * dl/dx)`` -- or, with
     ``per_position``, ``(l, dl/dx)`` with ``l`` shaped like ``t`` (and
     ``scale`` applied to the gradient only). ``config`` overrides
-    :func:`launch_config`: ``(block_c, block_p, num_warps, num_stages)``, each
-    block a power of two (``block_c`` below ``C`` selects the two-read loop).
+    :func:`launch_config`: ``(block_c, block_p, num_warps, num_stages,
+    gather)``, each block a power of two (``block_c`` below ``C`` selects the
+    two-read loop); ``gather`` (channels-last only) 1 or 2 picks the "flat"
+    addressing of :func:`_kernel`.
     """
     shape = x.shape
     c = shape[axis]
@@ -261,23 +298,32 @@ def cross_entropy_pallas(
         return loss, (jnp.zeros(shape, x.dtype) if with_grad else None)
     last = b == 1
     n_pos = a if last else b
-    layout = "last" if last else "mid"
     if config is None:
-        config = launch_config(layout, c, n_pos, with_grad)
-    block_c, block_p, num_warps, num_stages = config
+        config = launch_config("last" if last else "mid", c, n_pos, with_grad)
+    block_c, block_p, num_warps, num_stages, gather = config
+    layout = ("flat" if gather else "last") if last else "mid"
     n_blocks = -(-n_pos // block_p)
-    if last:
-        xv, tv = x.reshape(a, c), t.reshape(a)
-        grid = (n_blocks,)
-        partial_shape = (n_blocks,)
-    else:
+    if layout == "mid":
         xv, tv = x.reshape(a, c, b), t.reshape(a, b)
         grid = (a, n_blocks)
         partial_shape = (a, n_blocks)
+    else:
+        xv = x.reshape(a * c) if layout == "flat" else x.reshape(a, c)
+        tv = t.reshape(a)
+        grid = (n_blocks,)
+        partial_shape = (n_blocks,)
     tv = tv.astype(jnp.int32)
     # A boolean mask travels as int8 (1 byte a position); none is a dummy.
     mv = jnp.zeros((1,), jnp.int8) if where is None else where.reshape(tv.shape).astype(jnp.int8)
     wv = jnp.zeros((1,), f32) if w is None else w.astype(f32)
+    # Two-read loop without smoothing: the target's weight per position
+    # (a gather of P values) instead of a chunk of C weights every step.
+    w_t_given = w is not None and block_c < c and eps == 0.0
+    if w_t_given:
+        wtv = wv[jnp.clip(tv, 0, c - 1)]
+    else:
+        wtv = jnp.zeros((1,), f32)
+    iv = jnp.ones((1,), jnp.int32)
     sv = jnp.reshape(scale.astype(f32), (1,))
     loss_shape = jax.ShapeDtypeStruct(tv.shape if per_position else partial_shape, f32)
     out_shape = [loss_shape]
@@ -290,12 +336,15 @@ def cross_entropy_pallas(
         n_pos=n_pos,
         block_c=block_c,
         block_p=block_p,
+        gather=gather,
         ignore_index=ignore_index,
         eps=eps,
         normalize=normalize,
         has_where=where is not None,
         has_weight=w is not None,
+        w_t_given=w_t_given,
         per_position=per_position,
+        interpret=bool(interpret),
     )
     outs = pl.pallas_call(
         kernel,
@@ -304,7 +353,7 @@ def cross_entropy_pallas(
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxloss_cross_entropy_fwd_bwd" if with_grad else "jaxloss_cross_entropy_fwd",
-    )(xv, tv, mv, wv, sv)
+    )(xv, tv, mv, wv, wtv, iv, sv)
     loss = outs[0]
     if per_position:
         loss = loss.reshape(t.shape)
