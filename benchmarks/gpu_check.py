@@ -60,7 +60,7 @@ def _check_configs(shape, axis) -> list:
     return out
 
 
-def check(interpret: bool) -> list[dict]:
+def check(interpret: bool, defaults_only: bool = False) -> list[dict]:
     rows = []
     for shape, axis, dtype in CASES:
         for variant in ("plain", "weighted", "weighted-where-smooth", "nll"):
@@ -83,7 +83,7 @@ def check(interpret: bool) -> list[dict]:
             fx = jax.jit(lambda x, t, wh, w, s, kw=kw: _losses._fused_pass(x, t, wh, w, s, **kw))
             lx, gx = jax.block_until_ready(fx(x, t, where, w, scale))
             gx32 = np.asarray(gx, np.float32)
-            for cfg in _check_configs(shape, axis):
+            for cfg in [None] if defaults_only else _check_configs(shape, axis):
                 row = {"shape": shape, "dtype": dtype, "variant": variant, "config": cfg}
                 try:
                     fk = jax.jit(
@@ -115,50 +115,29 @@ def kernel_in_use() -> dict:
     return {"triton_call_in_compiled_hlo": "triton" in hlo.lower()}
 
 
-def _candidates(c: int, layout: str) -> list[tuple[int, int, int, int, int]]:
-    """Launch configurations to try, most promising first (default first)."""
-    if c <= ce._MAX_BLOCK_C:
-        bc = int(pl_next_pow2(c))
-        out = [ce.launch_config(layout, c, 1 << 30, True)]
-        if layout == "mid":
-            tiles = [
-                (8192, 4, 0),
-                (4096, 2, 0),
-                (2048, 2, 0),
-                (16384, 8, 0),
-                (4096, 4, 0),
-                (2048, 1, 0),
-                (8192, 8, 0),
-            ]
-        else:
-            tiles = [
-                (4096, 4, 1),
-                (8192, 4, 1),
-                (2048, 2, 1),
-                (8192, 8, 1),
-                (16384, 8, 1),
-                (4096, 4, 2),
-                (8192, 4, 2),
-                (2048, 2, 2),
-                (2048, 4, 0),
-                (1024, 2, 0),
-            ]
-        out += [(bc, max(1, tile // bc), warps, 1, g) for tile, warps, g in tiles]
+def _candidates(c: int, layout: str, with_grad: bool) -> list[tuple[int, int, int, int, int]]:
+    """Launch configurations to try: the default first, then its neighbours."""
+    bc, bp, w, st, g = ce.launch_config(layout, c, 1 << 30, with_grad)
+    if c > ce._MAX_BLOCK_C:
+        out = [(bc, bp, w, st, g)] + [
+            (2048, 1, 2, 1, 0),
+            (1024, 1, 4, 1, 0),
+            (1024, 1, 2, 1, 0),
+            (2048, 1, 8, 1, 0),
+            (4096, 1, 4, 1, 0),
+            (2048, 2, 4, 1, 0),
+            (1024, 2, 4, 1, 0),
+            (512, 1, 2, 1, 0),
+            (2048, 1, 4, 1, 0),
+            (4096, 1, 8, 1, 0),
+        ]
         return list(dict.fromkeys(out))
-    return [
-        (4096, 2, 8, 1, 0),
-        (4096, 1, 4, 1, 0),
-        (4096, 1, 8, 1, 0),
-        (8192, 1, 16, 1, 0),
-        (4096, 2, 4, 1, 0),
-        (2048, 1, 4, 1, 0),
-        (4096, 1, 16, 1, 0),
-        (8192, 1, 32, 1, 0),
-        (4096, 4, 8, 1, 0),
-        (2048, 2, 4, 1, 0),
-        (16384, 1, 32, 1, 0),
-        (8192, 2, 16, 1, 0),
-    ]
+    out = [(bc, bp, w, st, g)]
+    for fp, fw in ((2, 2), (1, 2), (0.5, 0.5), (2, 1), (0.5, 1), (4, 4), (1, 0.5), (0.25, 0.25)):
+        nw, nbp = int(w * fw), int(bp * fp)
+        if 1 <= nw <= 16 and nbp >= 1:
+            out.append((bc, nbp, nw, st, g))
+    return list(dict.fromkeys(out))
 
 
 def pl_next_pow2(n: int) -> int:
@@ -183,7 +162,7 @@ def tune(cases: dict, interpret: bool, budget_s: float, reps: int) -> list[dict]
         for with_grad in (True, False):
             t0 = time.time()
             best = None
-            for i, cfg in enumerate(_candidates(c, layout)):
+            for i, cfg in enumerate(_candidates(c, layout, with_grad)):
                 if i and time.time() - t0 > budget_s:
                     break
                 f = jax.jit(
@@ -231,6 +210,11 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="CPU dry run")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--no-tune", action="store_true")
+    p.add_argument(
+        "--check-defaults-only",
+        action="store_true",
+        help="kernel vs XLA at the default launch configuration only",
+    )
     p.add_argument("--tune-budget", type=float, default=20.0, help="seconds per case and mode")
     args = p.parse_args()
     out = os.environ.get("OUT", "/tmp")
@@ -242,7 +226,7 @@ def main() -> None:
             json.dump(report, f, indent=1, default=str)
 
     t0 = time.time()
-    report["kernel_vs_xla"] = check(interpret=not on_gpu)
+    report["kernel_vs_xla"] = check(interpret=not on_gpu, defaults_only=args.check_defaults_only)
     report["all_ok"] = all(r["ok"] for r in report["kernel_vs_xla"])
     report["check_s"] = time.time() - t0
     if on_gpu:

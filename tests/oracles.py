@@ -26,7 +26,10 @@ LOSS_TOL = {
 }
 GRAD_TOL = {
     "float64": (1e-12, 1e-14),
-    "float32": (2e-5, 1e-7),
+    # A gradient entry p - 1 with p close to 1 carries an absolute error of a
+    # few float32 ulps of 1 (1.2e-7 each) in any implementation; XLA:GPU's
+    # reduction="none" path showed 1.6e-7 on an H200 (1 case of 748).
+    "float32": (2e-5, 5e-7),
     "bfloat16": (1.6e-2, 1e-5),  # 8 significant bits
     "float16": (2e-3, 1e-6),  # 11 significant bits
 }

@@ -127,7 +127,8 @@ def test_tuned_table_is_used(monkeypatch):
     monkeypatch.setitem(ce._TUNED, ("last", 19, True), (32, 8, 2, 1, 1))
     assert ce.launch_config("last", 19, 1000, True) == (32, 8, 2, 1, 1)
     assert ce.launch_config("last", 19, 3, True) == (32, 4, 2, 1, 1)  # clipped to the positions
-    assert ce.launch_config("last", 19, 1000, False) == (32, 256, 4, 1, 0)
+    assert ce.launch_config("last", 19, 1000, False) == (32, 256, 4, 1, 1)  # the default
+    assert ce.launch_config("last", 128256, 8192, True) == (2048, 1, 4, 1, 0)
 
 
 def test_kernel_bad_label_and_zero_scale():

@@ -61,13 +61,40 @@ def block_sizes(c: int, n_pos: int, tile: int = _TILE_ELEMENTS) -> tuple[int, in
 
 
 def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
-    """``(block_c, block_p, num_warps, num_stages, gather)`` for one call."""
+    """``(block_c, block_p, num_warps, num_stages, gather)`` for one call.
+
+    The defaults come from timing candidates at the benchmark shapes on an
+    H200 (``benchmarks/gpu_check.py``; jax 0.11.2):
+
+    * about 32 logits per thread; bigger tiles spilled or starved the SM of
+      resident programs (C = 19 channels-last: 0.72 ms at 8 warps and 256
+      positions vs 3.7 ms for the old 2-D tile);
+    * channels-last rows that fit use the "flat" addressing with the natural
+      store (``gather=1``): threads along positions, row reductions inside a
+      thread. Computed store offsets too (``gather=2``) cost 3x;
+    * rows that do not fit loop over chunks of 2048 classes, one row per
+      program: few rows in flight, so the second read mostly hits L2
+      (0.73 of the copy floor at 8192 x 128256 bf16, above the 0.67 that two
+      reads from HBM would allow).
+    """
     tuned = _TUNED.get((layout, c, with_grad))
+    cap = pl.next_power_of_2(max(n_pos, 1))
     if tuned is not None:
         block_c, block_p, warps, stages, gather = tuned
-        return block_c, min(block_p, pl.next_power_of_2(max(n_pos, 1))), warps, stages, gather
-    block_c, block_p = block_sizes(c, n_pos)
-    return block_c, block_p, 4, 1, 0
+        return block_c, min(block_p, cap), warps, stages, gather
+    if c > _MAX_BLOCK_C:
+        return 2048, min(1 if with_grad else 2, cap), 4, 1, 0
+    block_c = pl.next_power_of_2(c)
+    if layout == "mid":
+        warps = 1 if block_c <= 32 else 4
+        block_p = max(1, 64 * 32 * warps // block_c)
+        return block_c, _pow2_floor(min(block_p, cap)), warps, 1, 0
+    if with_grad:
+        warps, per_thread = max(2, min(8, 256 // block_c)), 32
+    else:  # no gradient tile to hold: narrow rows take twice as many
+        warps, per_thread = max(2, min(4, 128 // block_c)), 64 if block_c <= 32 else 32
+    block_p = max(1, per_thread * 32 * warps // block_c)
+    return block_c, _pow2_floor(min(block_p, cap)), warps, 1, 1
 
 
 def _kernel(
