@@ -279,7 +279,8 @@ def _varying_like(value: Array, *refs: Array | None) -> Array:
     must be declared varying up front inside ``shard_map`` (``check_vma``),
     else the loop fails with "the manual axis types do not match".
     """
-    axes = _varying_axes(*refs)
+    have = _varying_axes(value)
+    axes = tuple(a for a in _varying_axes(*refs) if a not in have)
     return jax.lax.pcast(value, axes, to="varying") if axes else value
 
 
@@ -454,13 +455,14 @@ def _pass(
     def kernel(x, t, where, w, scale):
         from jaxloss._kernels.cross_entropy import cross_entropy_pallas
 
+        # Inside shard_map: every operand varying over the same mesh axes, so
+        # the kernel's outputs can be typed by the logits' axes.
+        refs = (x, t, where, w, scale)
+        x, t, where, w, scale = (None if a is None else _varying_like(a, *refs) for a in refs)
         return cross_entropy_pallas(x, t, where, w, scale, with_grad=with_grad, **config)
 
     # The kernel computes in float32: float64 inputs (x64) keep the XLA path.
-    use_kernel = pallas and jnp.dtype(x.dtype).itemsize <= 4
-    # Inside shard_map the pallas_call's outputs carry no varying-axis types
-    # (check_vma rejects them): the XLA path there.
-    use_kernel = use_kernel and not _varying_axes(x, t, where, w, scale)
+    use_kernel = pallas and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
     return _kernels.dispatch(use_kernel, kernel, xla, x, t, where, w, scale)
 
 

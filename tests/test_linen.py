@@ -130,7 +130,8 @@ def torch_seed_example(x_nchw, target, w_oihw, b):
 class SeedHead(nn.Module):
     @nn.compact
     def __call__(self, x, target):
-        x = nn.Conv(C, (3, 3), padding="VALID")(x)  # (5, 8, 8, 4)
+        # Full float32 convolution (XLA:GPU would use TF32 by default).
+        x = nn.Conv(C, (3, 3), padding="VALID", precision=jax.lax.Precision.HIGHEST)(x)
         return jaxloss.NLLLoss()(jaxloss.LogSoftmax()(x), target)
 
 

@@ -144,3 +144,24 @@ def test_mean_of_local_means_would_be_wrong(data):
         for d in range(N_DEV)
     ]
     assert abs(np.mean(local_means) - global_mean) > 0.05 * abs(global_mean)
+
+
+def test_shard_map_body_lowers_with_the_kernel_for_cuda(data):
+    """Inside ``shard_map`` the CUDA branch holds the Triton kernel (its
+    outputs typed as varying over the mesh axis); on this CPU the XLA branch
+    runs and equals the one-device loss (the tests above)."""
+    proj, feats, labels = data[1], data[0], data[2]
+    mesh = _mesh()
+    sharded = _shard_mapped(functools.partial(_loss, axis_name="data"))
+    args = (
+        jax.device_put(proj, NamedSharding(mesh, P())),
+        jax.device_put(feats, NamedSharding(mesh, P("data"))),
+        jax.device_put(labels, NamedSharding(mesh, P("data"))),
+    )
+    step = jax.jit(functools.partial(_value_and_grads, sharded))
+    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
+    with jaxloss.disable_pallas():
+        step = jax.jit(functools.partial(_value_and_grads, _shard_mapped(
+            functools.partial(_loss, axis_name="data"))))
+        assert "triton" not in step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

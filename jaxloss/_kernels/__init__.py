@@ -19,12 +19,20 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
 _state = threading.local()
+
+# From jax 0.11 every lowering of the Triton kernel warns that the Pallas
+# Triton backend is deprecated. It is this library's implementation detail
+# (a Mosaic GPU port is the way out), not something its users can act on.
+warnings.filterwarnings(
+    "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
+)
 
 
 @functools.cache

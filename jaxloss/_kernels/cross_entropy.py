@@ -66,9 +66,10 @@ def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
     The defaults come from timing candidates at the benchmark shapes on an
     H200 (``benchmarks/gpu_check.py``; jax 0.11.2):
 
-    * about 32 logits per thread; bigger tiles spilled or starved the SM of
-      resident programs (C = 19 channels-last: 0.72 ms at 8 warps and 256
-      positions vs 3.7 ms for the old 2-D tile);
+    * 32 to 64 logits per thread, 1 to 4 warps; bigger tiles starved the
+      SM of resident programs (C = 19 channels-last: 0.63 ms at 4 warps and
+      256 positions, 1.05 ms at 8 warps and 512; 3.7 ms for the old 2-D
+      tile). Two runs on two machines ranked neighbours within ~15%;
     * channels-last rows that fit use the "flat" addressing with the natural
       store (``gather=1``): threads along positions, row reductions inside a
       thread. Computed store offsets too (``gather=2``) cost 3x;
@@ -83,18 +84,21 @@ def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
         block_c, block_p, warps, stages, gather = tuned
         return block_c, min(block_p, cap), warps, stages, gather
     if c > _MAX_BLOCK_C:
-        return 2048, min(1 if with_grad else 2, cap), 4, 1, 0
+        return 2048, 1, 4 if with_grad else 2, 1, 0
     block_c = pl.next_power_of_2(c)
     if layout == "mid":
-        warps = 1 if block_c <= 32 else 4
-        block_p = max(1, 64 * 32 * warps // block_c)
-        return block_c, _pow2_floor(min(block_p, cap)), warps, 1, 0
-    if with_grad:
-        warps, per_thread = max(2, min(8, 256 // block_c)), 32
-    else:  # no gradient tile to hold: narrow rows take twice as many
-        warps, per_thread = max(2, min(4, 128 // block_c)), 64 if block_c <= 32 else 32
+        if block_c > 32:  # not measured on a device: the first version's tile
+            block_c, block_p = block_sizes(c, n_pos)
+            return block_c, block_p, 4, 1, 0
+        warps, per_thread, gather = 1, 64 if with_grad else 128, 0
+    elif with_grad:
+        warps, per_thread, gather = max(1, min(4, 128 // block_c)), 64 if block_c <= 32 else 32, 1
+    else:  # no gradient tile to hold
+        warps, per_thread, gather = max(1, min(2, 64 // block_c)), 64, 1
+    # Wide rows: enough warps that a thread holds at most per_thread logits.
+    warps = max(warps, min(16, block_c // (32 * per_thread)))
     block_p = max(1, per_thread * 32 * warps // block_c)
-    return block_c, _pow2_floor(min(block_p, cap)), warps, 1, 1
+    return block_c, _pow2_floor(min(block_p, cap)), warps, 1, gather
 
 
 def _kernel(
@@ -266,7 +270,8 @@ def _kernel(
 
     def grad_tile(x, w, is_t, e=None):
         if not normalize:
-            return jnp.where(is_t, per_class(-coef * w_t), zero)
+            # A label out of range makes its whole row NaN (coef is NaN there).
+            return jnp.where(is_t, per_class(-coef * w_t), per_class(coef * zero))
         p = (jnp.exp(x - per_class(m)) if e is None else e) * per_class(inv_s)
         g = per_class((1.0 - eps) * w_t) * (p - is_t.astype(f32))
         if eps > 0.0:
@@ -352,10 +357,15 @@ def cross_entropy_pallas(
         wtv = jnp.zeros((1,), f32)
     iv = jnp.ones((1,), jnp.int32)
     sv = jnp.reshape(scale.astype(f32), (1,))
-    loss_shape = jax.ShapeDtypeStruct(tv.shape if per_position else partial_shape, f32)
+    # Inside shard_map (check_vma) the outputs must say which mesh axes they
+    # vary over: those of the logits (the caller casts every operand alike).
+    typeof = getattr(jax, "typeof", None)
+    mat = getattr(typeof(xv), "manual_axis_type", None) if typeof is not None else None
+    kw = {} if mat is None else {"manual_axis_type": mat}
+    loss_shape = jax.ShapeDtypeStruct(tv.shape if per_position else partial_shape, f32, **kw)
     out_shape = [loss_shape]
     if with_grad:
-        out_shape.append(jax.ShapeDtypeStruct(xv.shape, x.dtype))
+        out_shape.append(jax.ShapeDtypeStruct(xv.shape, x.dtype, **kw))
     kernel = functools.partial(
         _kernel,
         layout=layout,
