@@ -99,6 +99,23 @@ def jax_impls(jnp, jax, optax, jaxloss, axis):
     return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
 
 
+def make_case(shape, dtype, axis, seed=0):
+    """Logits, labels (10% ignored), class weights ``linspace(0.5, 2, C)`` and
+    the class axis of one benchmark case -- the anchors' method."""
+    import jax
+    import jax.numpy as jnp
+
+    ax = axis % len(shape)
+    c = shape[ax]
+    pos = shape[:ax] + shape[ax + 1 :]
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
+    y = jax.random.randint(k2, pos, 0, c)
+    y = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, y)
+    w = jnp.linspace(0.5, 2.0, c).astype(jnp.float32)
+    return x, y, w, ax
+
+
 def temp_bytes(fn, *args):
     try:
         return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
@@ -136,14 +153,7 @@ def run(args, on_case=None) -> list[dict]:
             torch = None
     for name in names:
         shape, dtype, axis = shapes[name]
-        ax = axis % len(shape)
-        c = shape[ax]
-        pos = shape[:ax] + shape[ax + 1 :]
-        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
-        y = jax.random.randint(k2, pos, 0, c)
-        y = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, y)
-        w = jnp.linspace(0.5, 2.0, c).astype(jnp.float32)
+        x, y, w, ax = make_case(shape, dtype, axis)
         nbytes = x.size * x.dtype.itemsize
         impls = jax_impls(jnp, jax, optax, jaxloss, axis)
         data = (x, y, w)

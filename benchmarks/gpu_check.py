@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench  # noqa: E402
 
 import jaxloss  # noqa: E402
 from jaxloss import _losses  # noqa: E402
@@ -149,14 +152,8 @@ def tune(cases: dict, interpret: bool, budget_s: float, reps: int) -> list[dict]
     record the fastest per (layout, C, with_grad) in ``ce._TUNED``."""
     rows = []
     for name, (shape, dtype, axis) in cases.items():
-        ax = axis % len(shape)
+        x, t, w, ax = bench.make_case(shape, dtype, axis, seed=1)
         c = shape[ax]
-        pos = shape[:ax] + shape[ax + 1 :]
-        k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-        x = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
-        t = jax.random.randint(k2, pos, 0, c)
-        t = jnp.where(jax.random.uniform(k3, pos) < 0.1, IGN, t)
-        w = jnp.linspace(0.5, 2.0, c).astype(jnp.float32)
         scale = jnp.float32(1e-3)
         layout = "last" if ax == len(shape) - 1 else "mid"
         for with_grad in (True, False):
@@ -233,9 +230,6 @@ def main() -> None:
         report.update(kernel_in_use())
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "kernel_vs_xla"}), flush=True)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench
-
     small = args.small or not on_gpu
     if not args.no_tune:
         t0 = time.time()

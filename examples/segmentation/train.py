@@ -12,14 +12,16 @@ Data parallelism
 ----------------
 The script uses every device JAX sees: a 1-D ``Mesh`` named ``"data"``, the
 batch sharded along it with ``NamedSharding(mesh, P("data"))``, parameters
-and optimiser state replicated with ``NamedSharding(mesh, P())``. The one
-jitted train step computes the loss of the *whole* global batch, so the
-compiler (GSPMD) sums the loss numerator and the weighted count of
-non-ignored pixels across devices before dividing: the result is the exact
-global weighted mean, not a mean of per-device means (which would be wrong,
-since every device holds a different number of void pixels). The same code
-runs on 1 CPU, 1 GPU or N GPUs; the global batch is rounded up to a multiple
-of the device count.
+and optimiser state replicated with ``NamedSharding(mesh, P())``. The model
+runs under the jitted train step (GSPMD); the loss runs under ``shard_map``
+with ``axis_name="data"``, so each device computes its slice's loss
+numerator and weighted count of non-ignored pixels, and both are summed
+across devices before dividing: the result is the exact global weighted
+mean, not a mean of per-device means (which would be wrong, since every
+device holds a different number of void pixels). (``shard_map`` because on
+GPUs the loss is a Pallas kernel, which GSPMD cannot partition.) The same
+code runs on 1 CPU, 1 GPU or N GPUs; the global batch is rounded up to a
+multiple of the device count.
 
 Multi-host
 ----------
@@ -186,7 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"class weights ({args.class_weights}): "
                   + ", ".join(f"{v:.2f}" for v in weight))
     loss_module = jaxloss.CrossEntropyLoss(
-        weight=weight, ignore_index=seg_data.VOID, label_smoothing=args.label_smoothing
+        weight=weight,
+        ignore_index=seg_data.VOID,
+        label_smoothing=args.label_smoothing,
+        axis_name="data",  # the weighted mean over the global batch (below)
+    )
+    # The loss runs per device under shard_map: each device's slice of the
+    # logits, with the numerator and the weighted count of counted pixels
+    # summed over the "data" axis (axis_name) before dividing. A plain jit
+    # would compute the same value, but on GPUs jaxloss's Pallas kernel cannot
+    # be partitioned by GSPMD, and XLA would gather every device's logits.
+    global_loss = jax.shard_map(
+        lambda logits, labels: loss_module.apply({}, logits, labels),
+        mesh=mesh,
+        in_specs=(P("data"), P("data")),
+        out_specs=P(),
     )
 
     # ---- model, optimiser, replicated state ----
@@ -206,9 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     def train_step(state, images, labels):
         def loss_fn(params):
             logits = state.apply_fn(params, normalise(images))
-            # The whole global batch: GSPMD sums numerator and denominator
-            # of the weighted mean across devices.
-            return loss_module.apply({}, logits, labels)
+            return global_loss(logits, labels)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         return state.apply_gradients(grads=grads), loss
