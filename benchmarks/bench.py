@@ -292,6 +292,24 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu):
     return out
 
 
+def source_digest() -> str:
+    """sha256 (first 12 hex) of the library and benchmark sources as they ran:
+    traceable even where the checkout's git metadata is stale or absent."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for sub in ("jaxloss", "benchmarks"):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, sub))):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    h.update(os.path.relpath(path, root).encode())
+                    with open(path, "rb") as fh:
+                        h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     import jax
 
@@ -302,6 +320,7 @@ def environment() -> dict:
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "commit": _commit(),
+        "source_sha256": source_digest(),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
