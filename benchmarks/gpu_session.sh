@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU session, one command (run it from the repository root):
+#   bash benchmarks/gpu_session.sh            # BUDGET=330 seconds by default
+# 1. benchmarks/gpu_check.py: the kernel against the XLA path on the device,
+#    the public API on the device (shard_map, bad labels, empty batch),
+#    launch-configuration tuning, then benchmarks/bench.py at full size;
+# 2. with the time left, the test files that reach the kernel through the
+#    public API, on the device.
+# Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:
+# the package runs from the tree.
+set -u
+OUT=${OUT:-/tmp/jaxloss-gpu}
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1 PYTHONPATH=.
+BUDGET=${BUDGET:-330}
+timeout $((BUDGET - 90)) python3 benchmarks/gpu_check.py "$@" > "$OUT/gpu_check.log" 2>&1
+echo "gpu_check rc=$?"
+grep -E '"all_ok"|"tuned"' "$OUT/gpu_check.log" | head -4
+grep '"ok": false' "$OUT/gpu_check.log" | head -3
+left=$((BUDGET - SECONDS))
+if [ "$left" -gt 30 ]; then
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$left" python3 -m pytest -q -n 12 \
+        -p no:benchmark -p no:cacheprovider --maxfail=30 \
+        tests/test_functional.py tests/test_transforms.py tests/test_torch_compat.py \
+        tests/test_linen.py tests/test_seed_examples.py tests/test_kernels.py \
+        > "$OUT/pytest.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "passed|failed|FAILED" "$OUT/pytest.log" | tail -15
+fi
