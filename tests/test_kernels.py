@@ -139,6 +139,15 @@ def test_default_launch_configs():
     assert ce.launch_config("last", 19, 3, True) == (32, 4, 4, 1, 1)
 
 
+def test_flat_layout_only_below_int32_offsets():
+    from jaxloss._kernels import cross_entropy as ce
+
+    assert ce._layout(True, 1, ce.FLAT_MAX_ELEMENTS - 1) == "flat"
+    assert ce._layout(True, 1, ce.FLAT_MAX_ELEMENTS) == "last"
+    assert ce._layout(True, 0, 100) == "last"
+    assert ce._layout(False, 1, 100) == "mid"
+
+
 def test_tuned_table_is_used(monkeypatch):
     from jaxloss._kernels import cross_entropy as ce
 

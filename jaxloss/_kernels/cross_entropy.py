@@ -53,6 +53,9 @@ _TUNED: dict[tuple[str, int, bool], tuple[int, int, int, int, int]] = {}
 
 Config = tuple[int, int, int, int, int]
 
+# The "flat" layout's computed offsets are int32.
+FLAT_MAX_ELEMENTS = 2**31
+
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
@@ -64,6 +67,15 @@ def block_sizes(c: int, n_pos: int, tile: int = _TILE_ELEMENTS) -> tuple[int, in
     block_p = max(1, tile // block_c)
     block_p = min(block_p, pl.next_power_of_2(max(n_pos, 1)))
     return block_c, _pow2_floor(block_p)
+
+
+def _layout(channels_last: bool, gather: int, n_logits: int) -> str:
+    """The kernel's view of the logits. The "flat" view computes its offsets
+    in int32 (int64 would need x64 in JAX): from ``FLAT_MAX_ELEMENTS`` logits
+    up, the 2-D "last" view, whose offsets Pallas widens itself."""
+    if not channels_last:
+        return "mid"
+    return "flat" if gather and n_logits < FLAT_MAX_ELEMENTS else "last"
 
 
 def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
@@ -156,8 +168,7 @@ def _kernel(
         # so the row reductions stay inside a thread (no warp shuffles); L1
         # absorbs the strided access. (``gather == 2``: the store too.)
         one = i_ref[0]
-        wide = jnp.int64 if n_pos * c >= 2**31 else jnp.int32
-        row = pos.astype(wide) * c
+        row = pos * c  # int32: the wrapper keeps "flat" below 2**31 logits
 
     def tile(c0, store=False):
         ci = c0 + cls
@@ -339,7 +350,7 @@ def cross_entropy_pallas(
     if config is None:
         config = launch_config("last" if last else "mid", c, n_pos, with_grad)
     block_c, block_p, num_warps, num_stages, gather = config
-    layout = ("flat" if gather else "last") if last else "mid"
+    layout = _layout(last, gather, a * b * c)
     n_blocks = -(-n_pos // block_p)
     if layout == "mid":
         xv, tv = x.reshape(a, c, b), t.reshape(a, b)
