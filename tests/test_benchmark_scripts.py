@@ -1,0 +1,46 @@
+"""The GPU session's script stays runnable between GPU sessions (CI has no GPU).
+
+``benchmarks/gpu_check.py`` runs once per lent device; here its pieces run on
+the CPU: the public-API checks, and every launch configuration it would tune
+lowers for CUDA at the benchmark shapes (built from shapes alone, no memory).
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import bench  # noqa: E402
+import gpu_check  # noqa: E402
+
+from jaxloss._kernels import cross_entropy as ce  # noqa: E402
+
+
+def test_api_checks_pass_on_cpu():
+    report = gpu_check.api_on_device()
+    assert report["ok"], report
+
+
+def test_every_tuning_candidate_lowers_for_cuda():
+    s = jax.ShapeDtypeStruct
+    for shape, dtype, axis in bench.FULL.values():
+        ax = axis % len(shape)
+        c = shape[ax]
+        pos = shape[:ax] + shape[ax + 1 :]
+        layout = "last" if ax == len(shape) - 1 else "mid"
+        args = (s(shape, jnp.dtype(dtype)), s(pos, jnp.int32), s((c,), jnp.float32))
+        for with_grad in (True, False):
+            cands = gpu_check._candidates(c, layout, with_grad)
+            assert cands[0] == ce.launch_config(layout, c, 1 << 30, with_grad)
+            for cfg in cands:
+
+                def f(x, t, w, cfg=cfg, with_grad=with_grad, ax=ax):
+                    return ce.cross_entropy_pallas(
+                        x, t, None, w, jnp.float32(1.0), ignore_index=255, eps=0.0,
+                        normalize=True, axis=ax, with_grad=with_grad, config=cfg,
+                    )
+
+                jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
