@@ -215,15 +215,19 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 # Logit elements per chunk. A step of the loop costs XLA:CPU ~0.1 ms of
 # dispatch, so steps are at least 2**18 elements (1 MiB of float32); beyond
 # that 1/1024 of the input keeps the chunk's few float32 temporaries well
-# under 1% of the logits. Accelerators need bigger steps still to amortise
-# the per-iteration launches.
+# under 1% of the logits. Accelerators need bigger steps still: on an H200 a
+# step cost ~20 us whatever its size (160-256 steps of n/256: 3-7 ms, 0.15-0.24
+# of the copy floor, benchmarks/results/bench-full-NVIDIA_H200-*.json, rows
+# jaxloss_xla), and the temporaries measured 0.15% of the logits at seg19's
+# n/160 steps. So 32 steps: temporaries ~0.75%, launch cost ~0.6 ms
+# (predicted from those figures, not yet measured).
 _CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 def _chunk_elements(n: int) -> int:
     if jax.default_backend() == "cpu":
         return max(_CPU_CHUNK_ELEMENTS, n // 1024)
-    return min(max(1 << 20, n // 256), 1 << 24)
+    return min(max(1 << 20, n // 32), 1 << 24)
 
 
 def _chunks(a: int, c: int, b: int) -> tuple[int, int]:
