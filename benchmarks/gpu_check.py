@@ -55,7 +55,7 @@ def _check_configs(shape, axis) -> list:
     c = shape[axis]
     if axis != len(shape) - 1:
         return [None]
-    bc = int(pl_next_pow2(min(c, ce._MAX_BLOCK_C)))
+    bc = int(ce.pl.next_power_of_2(min(c, ce._MAX_BLOCK_C)))
     bp = max(1, 4096 // bc)
     out = [None, (bc, bp, 4, 1, 1), (bc, bp, 4, 1, 2)]
     if 64 < c <= ce._MAX_BLOCK_C:
@@ -187,10 +187,6 @@ def _candidates(c: int, layout: str, with_grad: bool) -> list[tuple[int, int, in
         if 1 <= nw <= 16 and nbp >= 1:
             out.append((bc, nbp, nw, st, g))
     return list(dict.fromkeys(out))
-
-
-def pl_next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
 
 
 def tune(cases: dict, interpret: bool, budget_s: float, reps: int) -> list[dict]:

@@ -396,29 +396,28 @@ def _weight_count(
     zero = jnp.zeros((), dtype)
     if n == 0:
         return zero
+
+    def count(tb: Array, valid: Array) -> Array:
+        if w is None:
+            return jnp.sum(valid, dtype=dtype)
+        w_t = w.astype(dtype)[jnp.clip(tb, 0, num_classes - 1)]
+        return jnp.sum(jnp.where(valid, w_t, zero))
+
     if jax.default_backend() != "cpu":
         # One fused reduction: a GPU loop pays a launch and a host round trip
         # per step (measured on an H200: ~0.2 ms for 8M targets).
-        valid = _valid_mask(t, where, ignore_index)
-        if w is None:
-            return jnp.sum(valid, dtype=dtype)
-        w_t = w.astype(dtype)[jnp.clip(t, 0, num_classes - 1)]
-        return jnp.sum(jnp.where(valid, w_t, zero))
+        return count(t, _valid_mask(t, where, ignore_index))
     r = min(n, _chunk_elements(n))
     ts = t.reshape(n)
     ms = None if where is None else where.reshape(n)
 
-    def body(i: Array, count: Array) -> Array:
+    def body(i: Array, total: Array) -> Array:
         i0 = jnp.minimum(i * r, n - r)
         tb = jax.lax.dynamic_slice(ts, (i0,), (r,))
-        valid = jnp.ones((r,), bool) if ignore_index is None else tb != ignore_index
-        if ms is not None:
-            valid = valid & jax.lax.dynamic_slice(ms, (i0,), (r,))
-        valid = valid & (jax.lax.broadcasted_iota(jnp.int32, (r,), 0) + i0 >= i * r)
-        if w is None:
-            return count + jnp.sum(valid.astype(dtype))
-        w_t = w.astype(dtype)[jnp.clip(tb, 0, num_classes - 1)]
-        return count + jnp.sum(jnp.where(valid, w_t, zero))
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, (i0,), (r,))
+        # The last chunk is shifted back to fit: skip what the one before counted.
+        fresh = jax.lax.broadcasted_iota(jnp.int32, (r,), 0) + i0 >= i * r
+        return total + count(tb, _valid_mask(tb, mb, ignore_index) & fresh)
 
     return jax.lax.fori_loop(0, -(-n // r), body, _varying_like(zero, ts, ms, w))
 
