@@ -74,6 +74,7 @@ def _index_loss_and_grad(
     with_grad: bool,
     grad_x: Array | None = None,
     share_exp: bool = False,
+    stats: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -96,7 +97,9 @@ def _index_loss_and_grad(
     for the gradient's elementwise part to read (see :func:`_exact_upcast`).
     ``share_exp`` forms ``exp(x - m)`` once for both the row sum and the
     gradient (XLA then materialises it: fastest on XLA:CPU for small float32
-    inputs, where one exponential per element dominates).
+    inputs, where one exponential per element dominates). ``stats``, if
+    given, is ``(m, log s)`` of :func:`_row_stats` computed elsewhere (by the
+    kernel), without the class axis.
     """
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
@@ -115,7 +118,10 @@ def _index_loss_and_grad(
     x_t = jnp.squeeze(x_t, axis).astype(cdt)
     w_t = jnp.ones((), cdt) if w is None else w[t_safe]
 
-    if normalize and share_exp:
+    if normalize and stats is not None:
+        m, log_s = (jnp.expand_dims(v.astype(cdt), axis) for v in stats)
+        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
+    elif normalize and share_exp:
         m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
         m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
         e = jnp.exp(xc - m)
@@ -166,17 +172,37 @@ def _index_loss_and_grad(
     return loss, grad
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _kernel_stats(pallas: bool, normalize: bool, x: Array) -> bool:
+    """Whether ``reduction="none"`` takes its row statistics from the kernel."""
+    # NLL needs none (its loss is a gather); the kernel's maths is float32.
+    return pallas and normalize and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _index_loss(
-    x: Array, t: Array, valid: Array, w: Array | None, eps: float, normalize: bool, axis: int
+    x: Array,
+    t: Array,
+    valid: Array,
+    w: Array | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    pallas: bool = False,
 ) -> Array:
     # Primal only: evaluation never pays for the gradient.
-    return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+    def xla(x, t, valid, w):
+        return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+
+    def kernel(x, t, valid, w):
+        return _kernel_stats_pass(x, t, valid, w, eps, axis)[0]
+
+    use_kernel = _kernel_stats(pallas, normalize, x)
+    return _kernels.dispatch(use_kernel, kernel, xla, x, t, valid, w)
 
 
 @_index_loss.defjvp
 def _index_loss_jvp(
-    eps: float, normalize: bool, axis: int, primals: tuple, tangents: tuple
+    eps: float, normalize: bool, axis: int, pallas: bool, primals: tuple, tangents: tuple
 ) -> tuple[Array, Array]:
     # Liger-style fusion expressed as a JVP: dl = sum_c g_c dx_c. Reverse mode
     # transposes this into dx = g * dl, so the gradient is formed in the pass
@@ -184,10 +210,65 @@ def _index_loss_jvp(
     # and higher orders keep working because g is built from ordinary ops.
     x, t, valid, w = primals
     x_dot = tangents[0]
-    loss, grad = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=True)
+
+    def xla(x, t, valid, w):
+        return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=True)
+
+    def kernel(x, t, valid, w):
+        # The kernel reads the logits once for the loss and the row
+        # statistics; g stays an XLA expression of x and them, which XLA
+        # fuses into its consumer (reverse mode: dx = g * dl, one read of x
+        # and one write of dx), instead of a g buffer written and re-read.
+        loss, m, log_s = _kernel_stats_pass(x, t, valid, w, eps, axis)
+        stats = (m, log_s)
+        _, grad = _index_loss_and_grad(
+            x, t, valid, w, eps, normalize, axis, with_grad=True, stats=stats
+        )
+        return loss, grad
+
+    use_kernel = _kernel_stats(pallas, normalize, x)
+    loss, grad = _kernels.dispatch(use_kernel, kernel, xla, x, t, valid, w)
     assert grad is not None
     loss_dot = jnp.sum(grad * x_dot.astype(grad.dtype), axis=axis)
     return loss, loss_dot
+
+
+def _xla_stats(
+    x: Array, t: Array, valid: Array, w: Array | None, eps: float, axis: int
+) -> tuple[Array, Array, Array]:
+    """:func:`_kernel_stats_pass`'s result by XLA (its derivative)."""
+    m, log_s = _row_stats(x, axis)
+    stats = (jnp.squeeze(m, axis), jnp.squeeze(log_s, axis))
+    loss, _ = _index_loss_and_grad(x, t, valid, w, eps, True, axis, with_grad=False, stats=stats)
+    return (loss, *stats)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _kernel_stats_pass(
+    x: Array, t: Array, valid: Array, w: Array | None, eps: float, axis: int
+) -> tuple[Array, Array, Array]:
+    """Cross-entropy's per-position ``(loss, m, log s)`` by the kernel (CUDA)."""
+    from jaxloss._kernels.cross_entropy import cross_entropy_pallas
+
+    # Inside shard_map: every operand varying over the same mesh axes.
+    refs = (x, t, valid, w)
+    x, t, valid, w = (None if a is None else _varying_like(a, *refs) for a in refs)
+    one = _varying_like(jnp.ones((), jnp.float32), x)
+    config = dict(ignore_index=None, eps=eps, normalize=True, axis=axis)
+    out, _ = cross_entropy_pallas(
+        x, t, valid, w, one, with_grad=False, per_position=True, stats=True, **config
+    )
+    return tuple(v.astype(_compute_dtype(x.dtype)) for v in out)
+
+
+@_kernel_stats_pass.defjvp
+def _kernel_stats_pass_jvp(
+    eps: float, axis: int, primals: tuple, tangents: tuple
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    # Reached when the gradient itself is differentiated (pallas_call has no
+    # differentiation rule): differentiate the XLA formulation instead.
+    x, t, valid, w = primals
+    return jax.jvp(lambda x: _xla_stats(x, t, valid, w, eps, axis), (x,), (tangents[0],))
 
 
 def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
@@ -679,7 +760,7 @@ def _index_impl(
 ) -> Array:
     if reduction == "none":
         valid = _valid_mask(t, where, ignore_index)
-        return _index_loss(x, t, valid, w, eps, normalize, axis)
+        return _index_loss(x, t, valid, w, eps, normalize, axis, pallas)
     # "mean"/"sum": the chunked pass, with the mean's 1/denominator folded in
     # so that the gradient it writes needs no rescaling.
     cdt = _compute_dtype(x.dtype)

@@ -199,7 +199,8 @@ def _cuda_lowering(fn, *args):
         ((8, 32003), -1, jnp.bfloat16),
     ],
 )
-def test_cuda_lowering_uses_the_kernel(shape, axis, dtype):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_lowering_uses_the_kernel(shape, axis, dtype, reduction):
     """The whole public loss (fwd+bwd) lowers for CUDA with the Triton kernel in it."""
     s = jax.ShapeDtypeStruct
     c = shape[axis]
@@ -208,8 +209,11 @@ def test_cuda_lowering_uses_the_kernel(shape, axis, dtype):
     def make_step():  # a fresh function: the switch is read when it is traced
         def step(x, t, w):
             return jax.value_and_grad(
-                lambda x: jaxloss.cross_entropy(
-                    x, t, weight=w, ignore_index=IGN, axis=axis, label_smoothing=0.1
+                lambda x: jnp.sum(
+                    jaxloss.cross_entropy(
+                        x, t, weight=w, ignore_index=IGN, axis=axis, label_smoothing=0.1,
+                        reduction=reduction,
+                    )
                 )
             )(x)
 

@@ -146,13 +146,19 @@ def test_mean_of_local_means_would_be_wrong(data):
     assert abs(np.mean(local_means) - global_mean) > 0.05 * abs(global_mean)
 
 
-def test_shard_map_body_lowers_with_the_kernel_for_cuda(data):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shard_map_body_lowers_with_the_kernel_for_cuda(data, reduction):
     """Inside ``shard_map`` the CUDA branch holds the Triton kernel (its
     outputs typed as varying over the mesh axis); on this CPU the XLA branch
     runs and equals the one-device loss (the tests above)."""
     proj, feats, labels = data[1], data[0], data[2]
     mesh = _mesh()
-    sharded = _shard_mapped(functools.partial(_loss, axis_name="data"))
+    def loss(proj, feats, labels):
+        if reduction == "none":  # per-position losses: the kernel's row statistics
+            return jax.lax.psum(jnp.sum(_loss(proj, feats, labels, reduction="none")), "data")
+        return _loss(proj, feats, labels, axis_name="data")
+
+    sharded = _shard_mapped(loss)
     args = (
         jax.device_put(proj, NamedSharding(mesh, P())),
         jax.device_put(feats, NamedSharding(mesh, P("data"))),
@@ -162,6 +168,5 @@ def test_shard_map_body_lowers_with_the_kernel_for_cuda(data):
     text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
     with jaxloss.disable_pallas():
-        step = jax.jit(functools.partial(_value_and_grads, _shard_mapped(
-            functools.partial(_loss, axis_name="data"))))
+        step = jax.jit(functools.partial(_value_and_grads, _shard_mapped(loss)))
         assert "triton" not in step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

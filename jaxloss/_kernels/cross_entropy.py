@@ -130,7 +130,7 @@ def _kernel(
     scale_ref,
     # outputs
     loss_ref,
-    *grad_refs,
+    *out_refs,
     # static configuration
     layout: str,
     c: int,
@@ -145,6 +145,7 @@ def _kernel(
     has_weight: bool,
     w_t_given: bool,
     per_position: bool,
+    stats: bool,
     interpret: bool,
 ):
     f32 = jnp.float32
@@ -279,9 +280,14 @@ def _kernel(
         loss_ref[a, pl.program_id(1)] = jnp.sum(loss)
     else:
         loss_ref[pid] = jnp.sum(loss)
-    if not grad_refs:
+    if stats:  # the row statistics (m, log s) for a gradient formed outside
+        m_out, log_s_out = out_refs[:2]
+        plgpu.store(m_out.at[pidx], m, mask=pos_ok)
+        plgpu.store(log_s_out.at[pidx], jnp.log(s), mask=pos_ok)
+        out_refs = out_refs[2:]
+    if not out_refs:
         return
-    (g_ref,) = grad_refs
+    (g_ref,) = out_refs
     coef = jnp.where(valid, jnp.where(in_range, scale, nan), zero)
     inv_s = 1.0 / s
 
@@ -324,6 +330,7 @@ def cross_entropy_pallas(
     axis: int,
     with_grad: bool,
     per_position: bool = False,
+    stats: bool = False,
     interpret: bool = False,
     config: Config | None = None,
 ) -> tuple[Array, Array | None]:
@@ -336,14 +343,23 @@ def cross_entropy_pallas(
     gather)``, each block a power of two (``block_c`` below ``C`` selects the
     two-read loop); ``gather`` (channels-last only) 1 or 2 picks the "flat"
     addressing of :func:`_kernel`.
+
+    ``stats`` (cross-entropy with ``per_position`` and without ``with_grad``)
+    returns ``((l, m, log_s), None)`` instead: the row statistics of
+    ``jaxloss._losses._row_stats``, shaped like ``t``, from which XLA forms
+    the gradient where it is consumed (``reduction="none"``).
     """
     shape = x.shape
     c = shape[axis]
     a = math.prod(shape[:axis])
     b = math.prod(shape[axis + 1 :])
     f32 = jnp.float32
+    if stats and (with_grad or not per_position or not normalize):
+        raise ValueError("stats needs per_position=True, with_grad=False, normalize=True")
     if a * b == 0:
         loss = jnp.zeros(t.shape, f32) if per_position else jnp.zeros((), f32)
+        if stats:
+            return (loss, loss, loss), None
         return loss, (jnp.zeros(shape, x.dtype) if with_grad else None)
     last = b == 1
     n_pos = a if last else b
@@ -381,6 +397,8 @@ def cross_entropy_pallas(
     kw = {} if mat is None else {"manual_axis_type": mat}
     loss_shape = jax.ShapeDtypeStruct(tv.shape if per_position else partial_shape, f32, **kw)
     out_shape = [loss_shape]
+    if stats:
+        out_shape += [jax.ShapeDtypeStruct(tv.shape, f32, **kw)] * 2
     if with_grad:
         out_shape.append(jax.ShapeDtypeStruct(xv.shape, x.dtype, **kw))
     kernel = functools.partial(
@@ -398,6 +416,7 @@ def cross_entropy_pallas(
         has_weight=w is not None,
         w_t_given=w_t_given,
         per_position=per_position,
+        stats=stats,
         interpret=bool(interpret),
     )
     outs = pl.pallas_call(
@@ -409,6 +428,8 @@ def cross_entropy_pallas(
         name="jaxloss_cross_entropy_fwd_bwd" if with_grad else "jaxloss_cross_entropy_fwd",
     )(xv, tv, mv, wv, wtv, iv, sv)
     loss = outs[0]
+    if stats:
+        return tuple(o.reshape(t.shape) for o in outs), None
     if per_position:
         loss = loss.reshape(t.shape)
     else:

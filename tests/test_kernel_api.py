@@ -1,0 +1,221 @@
+"""The public API routed through the Pallas kernel (interpret mode, on CPU).
+
+``jax.lax.platform_dependent`` picks the kernel on CUDA only, so on this CPU
+the fixture below makes :func:`jaxloss._kernels.dispatch` take the kernel
+branch and runs the kernel in interpret mode. Every reduction then goes
+through the kernel as it would on a GPU, and is checked against PyTorch, the
+NumPy reference and the XLA path: losses, gradients for a random cotangent,
+forward mode, second order and ``vmap``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import GRAD_TOL, LOSS_TOL, assert_close, rng_for, to_torch_layout, torch_loss_and_grad
+
+import jaxloss
+from jaxloss import _kernels
+from jaxloss._kernels import cross_entropy as ce
+
+IGN = 255
+
+
+@pytest.fixture
+def kernel_everywhere(monkeypatch):
+    calls = []
+    interpreted = functools.partial(ce.cross_entropy_pallas, interpret=True)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return interpreted(*args, **kwargs)
+
+    def dispatch(use_pallas, kernel, xla, *args):
+        return (kernel if use_pallas else xla)(*args)
+
+    monkeypatch.setattr(ce, "cross_entropy_pallas", counting)
+    monkeypatch.setattr(_kernels, "dispatch", dispatch)
+    jax.clear_caches()  # traces made without the kernel must not be reused
+    yield calls
+    jax.clear_caches()
+
+
+def _case(shape, axis, dtype, seed):
+    rng = rng_for("kernel_api", shape, axis, seed)
+    c = shape[axis]
+    pos = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    t = rng.integers(0, c, pos)
+    t[rng.random(pos) < 0.2] = IGN
+    w = np.linspace(0.5, 2.0, c).astype(np.float32)
+    return jnp.asarray(x, dtype), jnp.asarray(t, jnp.int32), jnp.asarray(w)
+
+
+CASES = [
+    ((7, 19), -1, jnp.float32),
+    ((2, 3, 4, 19), -1, jnp.float32),
+    ((2, 19, 3, 5), 1, jnp.float32),
+    ((3, 150), -1, jnp.bfloat16),
+    ((2, 5000), -1, jnp.float32),  # the two-read loop
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape,axis,dtype", CASES, ids=[f"{s}-ax{a}" for s, a, _ in CASES])
+def test_cross_entropy_through_the_kernel(
+    kernel_everywhere, shape, axis, dtype, reduction, smoothing
+):
+    x, t, w = _case(shape, axis, dtype, 0)
+    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing, axis=axis)
+    loss, vjp = jax.vjp(lambda x: jaxloss.cross_entropy(x, t, **kw), x)
+    assert kernel_everywhere, "the kernel was not reached"
+    ct = jnp.asarray(rng_for("ct", shape).standard_normal(loss.shape), loss.dtype)
+    (g,) = vjp(ct)
+    assert g.dtype == x.dtype and g.shape == x.shape
+    dt = jnp.dtype(dtype).name
+    xs = np.asarray(x.astype(jnp.float32), np.float64)
+    want_l, want_g = reference.loss_and_grad(
+        xs,
+        np.asarray(t),
+        weight=np.asarray(w),
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+        axis=axis,
+        cotangent=np.asarray(ct, np.float64),
+    )
+    assert_close(loss, want_l, LOSS_TOL[dt], "loss vs NumPy")
+    assert_close(np.asarray(g.astype(jnp.float32)), want_g, GRAD_TOL[dt], "grad vs NumPy")
+    tl, tg = torch_loss_and_grad(
+        to_torch_layout(xs, axis),
+        np.asarray(t),
+        np.asarray(ct, np.float64),
+        nll=False,
+        weight=np.asarray(w),
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
+    assert_close(loss, tl, LOSS_TOL[dt], "loss vs PyTorch")
+    assert_close(
+        to_torch_layout(np.asarray(g.astype(jnp.float32)), axis),
+        tg,
+        GRAD_TOL[dt],
+        "grad vs PyTorch",
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_none_takes_row_statistics_from_the_kernel(kernel_everywhere, reduction):
+    x, t, w = _case((6, 19), -1, jnp.float32, 1)
+    jax.grad(lambda x: jnp.sum(jaxloss.cross_entropy(x, t, weight=w, reduction=reduction)))(x)
+    stats = [k.get("stats", False) for k in kernel_everywhere]
+    assert any(stats) == (reduction == "none")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_nll_through_the_kernel(kernel_everywhere, reduction):
+    x, t, w = _case((5, 4, 19), -1, jnp.float32, 2)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    t = t.at[0, 1].set(40)  # out of range under jit: a NaN row, never a clamped class
+
+    @jax.jit  # traced labels: checked by NaN, not by ValueError
+    def loss_and_grad(v, t):
+        loss, vjp = jax.vjp(
+            lambda v: jaxloss.nll_loss(v, t, weight=w, ignore_index=IGN, reduction=reduction), v
+        )
+        return loss, vjp(jnp.ones_like(loss))[0]
+
+    loss, g = loss_and_grad(logp, t)
+    bad = np.zeros(t.shape, bool)
+    bad[0, 1] = True
+    if reduction == "none":
+        assert np.isnan(loss[0, 1]) and np.isfinite(np.asarray(loss)[~bad]).all()
+    else:
+        assert np.isnan(loss)
+    assert np.isnan(g[0, 1]).all() and np.isfinite(np.asarray(g)[~bad]).all()
+
+
+def test_none_bad_label_gives_a_nan_row(kernel_everywhere):
+    x, t, w = _case((5, 19), -1, jnp.float32, 3)
+    t = t.at[2].set(19)
+
+    @jax.jit
+    def loss_and_grad(v, t):
+        loss, vjp = jax.vjp(
+            lambda v: jaxloss.cross_entropy(v, t, weight=w, ignore_index=IGN, reduction="none"), v
+        )
+        return loss, vjp(jnp.ones_like(loss))[0]
+
+    loss, g = loss_and_grad(x, t)
+    assert np.isnan(loss[2]) and np.isnan(g[2]).all()
+    assert np.isfinite(np.delete(np.asarray(loss), 2)).all()
+    assert np.isfinite(np.delete(np.asarray(g), 2, 0)).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_forward_mode_second_order_and_vmap_through_the_kernel(kernel_everywhere, reduction):
+    x, t, w = _case((4, 7), -1, jnp.float32, 4)
+    x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
+
+    def f(v):
+        return jnp.sum(
+            jaxloss.cross_entropy(
+                v, t, weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1
+            )
+            ** 2
+        )
+
+    with jaxloss.disable_pallas():
+        want_g, want_h = jax.grad(f)(x), jax.hessian(f)(x)
+        want_v = jax.vmap(f)(jnp.stack([x, 2 * x]))
+    tol = (2e-5, 2e-6)
+    assert_close(jax.jacfwd(f)(x), want_g, tol, "jacfwd")
+    assert_close(jax.hessian(f)(x), want_h, (2e-4, 2e-6), "hessian")
+    assert_close(jax.vmap(f)(jnp.stack([x, 2 * x])), want_v, tol, "vmap")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_shard_map_through_the_kernel(kernel_everywhere, reduction):
+    """The kernel inside ``shard_map`` equals one device. (Interpret mode cannot
+    run under ``check_vma``; the typed CUDA lowering is checked in
+    ``test_sharding.py``.) No collective is differentiated: each shard's
+    gradient of its own sum is its slice of the global gradient."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # older jax
+        from jax.experimental.shard_map import shard_map
+    x, t, w = _case((8, 3, 19), -1, jnp.float32, 5)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
+
+    def total(x, t):
+        return jnp.sum(jaxloss.cross_entropy(x, t, **kw) ** 2)
+
+    def local(x, t):
+        value, grad = jax.value_and_grad(total)(x, t)
+        return jax.lax.psum(value, "data"), grad
+
+    sharded = jax.jit(
+        shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data"), P("data")),
+            out_specs=(P(), P("data")),
+            check_vma=False,
+        )
+    )
+    got_l, got_g = sharded(x, t)
+    assert kernel_everywhere
+    with jaxloss.disable_pallas():  # the XLA path, shard by shard
+        parts = [jax.value_and_grad(total)(x[i : i + 2], t[i : i + 2]) for i in range(0, 8, 2)]
+    want_l = sum(v for v, _ in parts)
+    want_g = jnp.concatenate([g for _, g in parts])
+    assert_close(got_l, want_l, (1e-5, 1e-6))
+    assert_close(got_g, want_g, (2e-5, 2e-6))
