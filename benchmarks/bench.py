@@ -16,8 +16,15 @@ PyTorch's are timed in a phase of their own after them. Every
 row reports p20/p50/p80 ms, ``floor`` = copy_ms / ms (1.0 is the floor),
 ``speedup`` = best peer's p50 / p50, and XLA's compiled temp bytes.
 
+With ``--reduction none`` every implementation computes the per-position
+losses and the step reduces them itself (``sum(l) / sum(w_t)``, the same
+value): jaxloss then runs ``reduction="none"`` (on CUDA: the kernel's row
+statistics, the gradient formed by XLA in the backward).
+
 Run:  PYTHONPATH=. python benchmarks/bench.py [--small] [--reps N] [--cases a,b]
-Writes benchmarks/results/bench-<device>-<time>.json and .csv (or --out DIR).
+                                              [--reduction none]
+Writes benchmarks/results/bench-<size>[-none]-<device>-<time>.json and .csv
+(or --out DIR).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", default=None, help="comma-separated subset of " + ",".join(FULL))
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--reduction", choices=("mean", "none"), default="mean")
     p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -75,7 +83,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def jax_impls(jnp, jax, optax, jaxloss, axis):
+def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean"):
     def weights_and_safe(y, w):
         valid = y != IGN
         safe = jnp.where(valid, y, 0)
@@ -94,6 +102,11 @@ def jax_impls(jnp, jax, optax, jaxloss, axis):
         return -jnp.sum(picked * ww) / jnp.sum(ww)
 
     def ours(x, y, w):
+        if reduction == "none":
+            per = jaxloss.cross_entropy(
+                x, y, weight=w, ignore_index=IGN, axis=axis, reduction="none"
+            )
+            return jnp.sum(per) / jnp.sum(weights_and_safe(y, w)[2])
         return jaxloss.cross_entropy(x, y, weight=w, ignore_index=IGN, axis=axis)
 
     return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
@@ -155,7 +168,7 @@ def run(args, on_case=None) -> list[dict]:
         shape, dtype, axis = shapes[name]
         x, y, w, ax = make_case(shape, dtype, axis)
         nbytes = x.size * x.dtype.itemsize
-        impls = jax_impls(jnp, jax, optax, jaxloss, axis)
+        impls = jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction)
         data = (x, y, w)
         steps = {}  # (impl, mode) -> (callable, compiled temp bytes)
 
@@ -178,7 +191,7 @@ def run(args, on_case=None) -> list[dict]:
         sync = jax.block_until_ready
         tsteps = {}
         if torch is not None:
-            tsteps = torch_steps(torch, x, y, w, ax, dtype, dev.platform == "gpu")
+            tsteps = torch_steps(torch, x, y, w, ax, dtype, dev.platform == "gpu", args.reduction)
         # warm up (compile) everything, then interleave the timed repetitions
         results = {}
         for key, (fn, _) in steps.items():
@@ -220,6 +233,7 @@ def run(args, on_case=None) -> list[dict]:
                 "bytes": int(nbytes),
                 "impl": iname,
                 "mode": mode,
+                "reduction": args.reduction,
                 **st,
                 "copy_ms": copy_ms,
                 "floor": copy_ms / st["p50"],
@@ -254,7 +268,7 @@ def run(args, on_case=None) -> list[dict]:
     return rows
 
 
-def torch_steps(torch, x, y, w, ax, dtype, gpu):
+def torch_steps(torch, x, y, w, ax, dtype, gpu, reduction="mean"):
     import torch.nn.functional as F
 
     dev = "cuda" if gpu and torch.cuda.is_available() else "cpu"
@@ -269,20 +283,28 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu):
         if dev == "cuda":
             torch.cuda.synchronize()
 
+    denom = wt[torch.where(yt == IGN, 0, yt)].masked_fill(yt == IGN, 0).sum()
+
+    def loss(a):
+        if reduction == "none":
+            per = F.cross_entropy(a, yt, weight=wt, ignore_index=IGN, reduction="none")
+            return per.sum() / denom
+        return F.cross_entropy(a, yt, weight=wt, ignore_index=IGN)
+
     def eager_fwdbwd():
         xc.grad = None
-        F.cross_entropy(xc, yt, weight=wt, ignore_index=IGN).backward()
+        loss(xc).backward()
 
     def eager_fwd():
         with torch.no_grad():
-            F.cross_entropy(xc, yt, weight=wt, ignore_index=IGN)
+            loss(xc)
 
     out = {
         ("torch_eager", "fwdbwd"): (eager_fwdbwd, tsync),
         ("torch_eager", "fwd"): (eager_fwd, tsync),
     }
     if dev == "cuda":
-        cfn = torch.compile(lambda a: F.cross_entropy(a, yt, weight=wt, ignore_index=IGN))
+        cfn = torch.compile(loss)
 
         def compiled():
             xc.grad = None
@@ -359,7 +381,7 @@ def write(rows, env, out_dir, tag, stamp=None):
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    tag = "small" if args.small else "full"
+    tag = ("small" if args.small else "full") + ("-none" if args.reduction == "none" else "")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     # Rewritten after every case: a run cut short keeps the cases it finished.
     rows = run(args, on_case=lambda rows: write(rows, environment(), out, tag, stamp))

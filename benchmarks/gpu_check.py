@@ -140,7 +140,9 @@ def api_on_device() -> dict:
     mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
     sm = jax.shard_map(
         lambda x, t: jax.value_and_grad(lambda x: loss(x, t, axis_name="d"))(x),
-        mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P(), P("d")),
+        mesh=mesh,
+        in_specs=(P("d"), P("d")),
+        out_specs=(P(), P("d")),
     )
     got = jax.jit(sm)(x, t)
     out["shard_map_loss_rel"] = float(abs(got[0] - want[0]) / abs(want[0]))

@@ -44,3 +44,16 @@ def test_every_tuning_candidate_lowers_for_cuda():
                     )
 
                 jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_bench_reduction_none_runs_and_agrees_with_optax(tmp_path):
+    """``--reduction none``: jaxloss's per-position losses, reduced by the step,
+    give optax's weighted mean and gradient."""
+    args = bench.parse_args(
+        ["--small", "--no-torch", "--cases", "seg19", "--reps", "1", "--reduction", "none"]
+    )
+    rows = bench.run(args)
+    ours = [r for r in rows if r["impl"] == "jaxloss" and r["mode"] == "fwdbwd"]
+    assert len(ours) == 1 and ours[0]["reduction"] == "none"
+    assert ours[0]["loss_diff_vs_optax"] < 1e-5
+    assert ours[0]["grad_maxdiff_vs_optax"] < 1e-9
