@@ -5,9 +5,12 @@
 
 1. The Pallas kernel against the XLA path (values and gradients) at odd shapes,
    both layouts, f32 and bf16, weight/where/smoothing/NLL -- compiled for the
-   GPU (interpret mode on CPU). Also that ``jaxloss.cross_entropy`` really runs
-   the kernel on the device (its compiled HLO holds a Triton call).
-2. ``benchmarks/bench.py`` at full size (``--small`` on CPU).
+   GPU (interpret mode on CPU), and the per-position row statistics that
+   ``reduction="none"`` takes from it. Also that ``jaxloss.cross_entropy``
+   really runs the kernel on the device (its compiled HLO holds a Triton call),
+   and the public API there (shard_map, bad labels, empty batch, "none").
+2. ``benchmarks/bench.py`` at full size (``--small`` on CPU), then again with
+   ``--reduction none`` at ``--none-cases`` (without PyTorch, to save time).
 
 Everything goes to $OUT (default /tmp): gpu_check.json, the bench JSON/CSV.
 Nothing to install; torch rows appear only if torch imports.
@@ -102,12 +105,43 @@ def check(interpret: bool, defaults_only: bool = False) -> list[dict]:
                     tol = 2e-5 if dtype == "float32" else 2.0**-7
                     bound = tol * row["grad_scale"] + 1e-7
                     row["ok"] = bool(row["loss_rel"] < 1e-4 and row["grad_maxabs"] <= bound)
+                    if kw["normalize"] and cfg is None:  # reduction="none"'s statistics
+                        row["stats_maxabs"] = _stats_error(x, t, where, w, kw, interpret)
+                        row["ok"] = row["ok"] and row["stats_maxabs"] < 1e-4
                 except Exception as e:
                     row["ok"] = False
                     row["error"] = traceback.format_exception_only(type(e), e)[-1][:2000]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
+
+
+def _stats_error(x, t, where, w, kw, interpret) -> float:
+    """Largest difference of the kernel's per-position (loss, m, log s) from XLA's."""
+    valid = (t != IGN) if where is None else (t != IGN) & where
+    eps, axis = kw["eps"], kw["axis"]
+
+    def kernel(x, t, valid, w):
+        out, _ = cross_entropy_pallas(
+            x,
+            t,
+            valid,
+            w,
+            jnp.float32(1.0),
+            ignore_index=None,
+            eps=eps,
+            normalize=True,
+            axis=axis,
+            with_grad=False,
+            per_position=True,
+            stats=True,
+            interpret=interpret,
+        )
+        return out
+
+    got = jax.jit(kernel)(x, t, valid, w)
+    want = jax.jit(lambda *a: _losses._xla_stats(*a, eps, axis))(x, t, valid, w)
+    return max(float(jnp.max(jnp.abs(g - v))) for g, v in zip(got, want, strict=True))
 
 
 def kernel_in_use() -> dict:
@@ -154,13 +188,26 @@ def api_on_device() -> dict:
         g = jax.jit(jax.grad(lambda x, t, fn=fn: fn(x, t, reduction="sum")))(x, bad)
         out[f"bad_label_{name}_nan_row"] = bool(jnp.isnan(g[0, 0, 0]).all())
         out[f"bad_label_{name}_rest_finite"] = bool(jnp.isfinite(g.reshape(-1, 19)[1:]).all())
+
+    # reduction="none": the kernel's row statistics, the gradient by XLA.
+    def none_step(x, t):
+        return jax.value_and_grad(lambda x: jnp.sum(loss(x, t, reduction="none") ** 2))(x)
+
+    got = jax.jit(none_step)(x, t)
+    out["none_triton"] = "triton" in jax.jit(none_step).lower(x, t).compile().as_text().lower()
+    with jaxloss.disable_pallas():
+        want = jax.jit(none_step)(x, t)
+    out["none_loss_rel"] = float(abs(got[0] - want[0]) / abs(want[0]))
+    out["none_grad_maxabs"] = float(jnp.max(jnp.abs(got[1] - want[1])))
     empty = torch_compat.cross_entropy(np.zeros((0, 3), np.float32), np.zeros((0,), np.int64))
     out["empty_mean_is_nan"] = bool(np.isnan(empty))
     on_gpu = jax.devices()[0].platform == "gpu"
     out["ok"] = bool(
-        (out["shard_map_triton"] or not on_gpu)
+        ((out["shard_map_triton"] and out["none_triton"]) or not on_gpu)
         and out["shard_map_loss_rel"] < 1e-5
         and out["shard_map_grad_maxabs"] < 1e-6
+        and out["none_loss_rel"] < 1e-5
+        and out["none_grad_maxabs"] < 1e-5
         and all(v for k, v in out.items() if k.startswith(("bad_label", "empty")))
     )
     return out
@@ -257,6 +304,11 @@ def main() -> None:
         help="kernel vs XLA at the default launch configuration only",
     )
     p.add_argument("--tune-budget", type=float, default=20.0, help="seconds per case and mode")
+    p.add_argument(
+        "--none-cases",
+        default="seg19,seg150,lm",
+        help="cases of the reduction='none' benchmark run after the main one ('' skips it)",
+    )
     args = p.parse_args()
     out = os.environ.get("OUT", "/tmp")
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -294,6 +346,12 @@ def main() -> None:
         print(json.dumps({"tuned": report["tuned"], "tune_s": report["tune_s"]}), flush=True)
     if not args.skip_bench:
         bench.main((["--small"] if small else []) + ["--out", out])
+        if args.none_cases:  # last: the first thing a short budget cuts
+            size = ["--small"] if small else []
+            bench.main(
+                size
+                + ["--out", out, "--reduction", "none", "--no-torch", "--cases", args.none_cases]
+            )
 
 
 if __name__ == "__main__":

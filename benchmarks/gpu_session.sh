@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session, one command (run it from the repository root):
 #   bash benchmarks/gpu_session.sh            # BUDGET=330 seconds by default
-# 1. benchmarks/gpu_check.py: the kernel against the XLA path on the device,
+# 1. benchmarks/gpu_check.py: the kernel against the XLA path on the device
+#    (and the row statistics reduction="none" takes from it),
 #    the public API on the device (shard_map, bad labels, empty batch),
-#    launch-configuration tuning, then benchmarks/bench.py at full size;
+#    launch-configuration tuning, then benchmarks/bench.py at full size
+#    (mean, then reduction="none" without PyTorch);
 # 2. with the time left, the test files that reach the kernel through the
 #    public API, on the device.
 # Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:
