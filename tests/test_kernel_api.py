@@ -219,3 +219,30 @@ def test_shard_map_through_the_kernel(kernel_everywhere, reduction):
     want_g = jnp.concatenate([g for _, g in parts])
     assert_close(got_l, want_l, (1e-5, 1e-6))
     assert_close(got_g, want_g, (2e-5, 2e-6))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_infinite_logits_match_the_xla_path(kernel_everywhere, reduction):
+    """-inf logits (masked classes) and a row of them: the kernel's statistics
+    give the XLA path's values and gradients, NaNs included."""
+    x, t, w = _case((6, 19), -1, jnp.float32, 6)
+    x = x.at[0, :5].set(-jnp.inf).at[1].set(-jnp.inf).at[2, 3].set(jnp.inf)
+    t = t.at[0].set(7).at[1].set(IGN).at[2].set(4).at[3].set(1)
+    where = jnp.ones(t.shape, bool).at[3].set(False)
+
+    def run(x):
+        loss, vjp = jax.vjp(
+            lambda v: jaxloss.cross_entropy(
+                v, t, weight=w, ignore_index=IGN, reduction=reduction, where=where
+            ),
+            x,
+        )
+        return loss, vjp(jnp.ones_like(loss))[0]
+
+    got = run(x)
+    with jaxloss.disable_pallas():
+        want = run(x)
+    assert kernel_everywhere
+    for g, v in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(v))
+        np.testing.assert_allclose(g, v, rtol=2e-5, atol=2e-6)

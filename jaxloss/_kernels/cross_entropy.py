@@ -299,7 +299,8 @@ def _kernel(
         g = per_class((1.0 - eps) * w_t) * (p - is_t.astype(f32))
         if eps > 0.0:
             g = g + (eps / c) * (w_total * p - along(w))
-        return per_class(coef) * g
+        # Selected, not multiplied: a skipped row of -inf logits has p = 0/0.
+        return jnp.where(per_class(valid), per_class(coef) * g, zero)
 
     if n_chunks == 1:
         idx = tile(0, store=True)[0]
