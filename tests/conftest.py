@@ -15,3 +15,25 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
+    # Every test through the Pallas kernel in interpret mode, as on a GPU:
+    #   JAXLOSS_TEST_THROUGH_KERNEL=1 python -m pytest tests/test_functional.py
+    import functools
+
+    import pytest
+
+    from jaxloss import _kernels
+    from jaxloss._kernels import cross_entropy as _ce
+
+    @pytest.fixture(autouse=True)
+    def _through_kernel(monkeypatch):
+        interpreted = functools.partial(_ce.cross_entropy_pallas, interpret=True)
+        monkeypatch.setattr(_ce, "cross_entropy_pallas", interpreted)
+        monkeypatch.setattr(
+            _kernels, "dispatch", lambda use, kernel, xla, *args: (kernel if use else xla)(*args)
+        )
+        jax.clear_caches()
+        yield
+        jax.clear_caches()
