@@ -5,7 +5,8 @@
 #    (and the row statistics reduction="none" takes from it),
 #    the public API on the device (shard_map, bad labels, empty batch),
 #    launch-configuration tuning, then benchmarks/bench.py at full size
-#    (mean, then reduction="none" without PyTorch);
+#    (mean; a profile and the compiled HLO of each jaxloss step; then
+#    reduction="none" without PyTorch);
 # 2. with the time left, the test files that reach the kernel through the
 #    public API, on the device.
 # Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:

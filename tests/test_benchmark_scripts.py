@@ -57,3 +57,11 @@ def test_bench_reduction_none_runs_and_agrees_with_optax(tmp_path):
     assert len(ours) == 1 and ours[0]["reduction"] == "none"
     assert ours[0]["loss_diff_vs_optax"] < 1e-5
     assert ours[0]["grad_maxdiff_vs_optax"] < 1e-9
+
+
+def test_profile_steps_reports_the_step_fusions(tmp_path):
+    report = gpu_check.profile_steps({"seg19": bench.SMALL["seg19"]}, str(tmp_path), calls=2)
+    per_call = report["seg19"]["us_per_call"]
+    assert any("fusion" in name for name in per_call), per_call
+    assert (tmp_path / "hlo-seg19.txt").exists()
+    assert not (tmp_path / "trace-seg19").exists()
