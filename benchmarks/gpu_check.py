@@ -58,13 +58,18 @@ def _check_configs(shape, axis) -> list:
     """The default launch plus, channels-last, both "flat" addressings and a
     two-read loop (``block_c < C``) where the row would fit whole."""
     c = shape[axis]
-    if axis != len(shape) - 1:
-        return [None]
+    top = 1 << (c.bit_length() - 1)
+    split = top + (int(ce.pl.next_power_of_2(c - top)) if c > top else 0)
     bc = int(ce.pl.next_power_of_2(min(c, ce._MAX_BLOCK_C)))
     bp = max(1, 4096 // bc)
+    splits = c <= ce._MAX_BLOCK_C and split < bc  # split tiles (16 + 4 lanes for 19)
+    if axis != len(shape) - 1:
+        return [None] + ([(split, bp, 2, 1, 0)] if splits else [])
     out = [None, (bc, bp, 4, 1, 1), (bc, bp, 4, 1, 2)]
     if 64 < c <= ce._MAX_BLOCK_C:
         out.append((bc // 4, bp, 4, 1, 0))
+    if splits:
+        out += [(split, bp, 4, 1, 1), (split, bp, 4, 1, 0)]
     return out
 
 
@@ -233,6 +238,13 @@ def _candidates(c: int, layout: str, with_grad: bool) -> list[tuple[int, int, in
         ]
         return list(dict.fromkeys(out))
     out = [(bc, bp, w, st, g)]
+    # Split tiles (the row as 16 + 4 lanes for C = 19, 128 + 32 for C = 150):
+    # fewer idle lanes, so more positions for the same registers. Tried
+    # first, before the tuning budget runs out (not yet timed on a device).
+    top = 1 << (c.bit_length() - 1)
+    split = top + (int(ce.pl.next_power_of_2(c - top)) if c > top else 0)
+    if split < bc:
+        out += [(split, bp, w, st, g), (split, 2 * bp, w, st, g), (split, 2 * bp, 2 * w, st, g)]
     for fp, fw in ((2, 2), (1, 2), (0.5, 0.5), (2, 1), (0.5, 1), (4, 4), (1, 0.5), (0.25, 0.25)):
         nw, nbp = int(w * fw), int(bp * fp)
         if 1 <= nw <= 16 and nbp >= 1:

@@ -96,6 +96,12 @@ CONFIGS = [
     ((53, 150), (64, 8, 4, 1, 0)),
     ((5, 1000), (256, 2, 4, 1, 0)),
     ((3, 5), (8, 4, 1, 1, 1)),
+    # Split tiles: block_c from C up as a sum of powers of two (16 + 4, ...).
+    ((37, 19), (20, 16, 4, 1, 1)),
+    ((2, 3, 5, 19), (20, 8, 4, 1, 2)),
+    ((53, 150), (160, 16, 4, 1, 1)),
+    ((53, 150), (152, 8, 4, 1, 0)),
+    ((3, 5), (5, 4, 1, 1, 1)),
 ]
 
 
@@ -157,8 +163,44 @@ def test_tuned_table_is_used(monkeypatch):
     assert ce.launch_config("last", 19, 1000, False) == (32, 128, 2, 1, 1)  # not tuned
 
 
+def test_split_tiles():
+    from jaxloss._kernels.cross_entropy import split_tiles
+
+    assert split_tiles(32) == [(0, 32)]
+    assert split_tiles(20) == [(0, 16), (16, 4)]
+    assert split_tiles(152) == [(0, 128), (128, 16), (144, 8)]
+    assert split_tiles(1) == [(0, 1)]
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_split_tiles_axis1_matches_xla(with_grad):
+    x, t, where, w = _data((2, 19, 7), 1, jnp.float32, seed=5)
+    kw = dict(ignore_index=IGN, eps=0.1, normalize=True, axis=1, with_grad=with_grad)
+    scale = jnp.float32(0.37)
+    lk, gk = cross_entropy_pallas(x, t, where, w, scale, interpret=True, config=(20, 8, 1, 1, 0), **kw)
+    lx, gx = _losses._fused_pass(x, t, where, w, scale, **kw)
+    np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
+    if with_grad:
+        np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
+    stats, _ = cross_entropy_pallas(
+        x, t, where, w, scale, interpret=True, config=(20, 8, 1, 1, 0),
+        **{**kw, "with_grad": False}, per_position=True, stats=True,
+    )
+    np.testing.assert_allclose(scale * jnp.sum(stats[0]), lx, rtol=2e-5, atol=1e-6)
+
+
+def test_two_read_block_must_be_a_power_of_two():
+    x, t, _, w = _data((3, 150), -1, jnp.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        cross_entropy_pallas(x, t, None, w, jnp.float32(1.0), ignore_index=IGN, eps=0.0,
+                             normalize=True, axis=1, with_grad=True, interpret=True,
+                             config=(96, 4, 1, 1, 0))
+
+
 @pytest.mark.parametrize("normalize", [True, False], ids=["ce", "nll"])
-@pytest.mark.parametrize("config", [None, (32, 4, 1, 1, 0), (32, 4, 1, 1, 2), (8, 4, 1, 1, 0)])
+@pytest.mark.parametrize(
+    "config", [None, (32, 4, 1, 1, 0), (32, 4, 1, 1, 2), (8, 4, 1, 1, 0), (20, 4, 1, 1, 1)]
+)
 def test_kernel_bad_label_and_zero_scale(normalize, config):
     x, t, _, w = _data((4, 19), -1, jnp.float32)
     t = t.at[1].set(40).at[2].set(1)

@@ -61,6 +61,14 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def split_tiles(block_c: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the power-of-two tiles that make up ``block_c``
+    lanes, largest first: ``20 -> [(0, 16), (16, 4)]``."""
+    sizes = [1 << i for i in reversed(range(block_c.bit_length())) if block_c >> i & 1]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    return list(zip(offsets, sizes, strict=True))
+
+
 def block_sizes(c: int, n_pos: int, tile: int = _TILE_ELEMENTS) -> tuple[int, int]:
     """``(block_c, block_p)``: powers of two, ``block_c * block_p <= tile``."""
     block_c = min(pl.next_power_of_2(c), _MAX_BLOCK_C)
@@ -162,7 +170,6 @@ def _kernel(
         p0 = pid * block_p
     pos = p0 + jnp.arange(block_p)
     pos_ok = pos < n_pos
-    cls = jnp.arange(block_c)
     if layout == "flat":
         # Class offsets scaled by a runtime 1: Triton then cannot prove the
         # load contiguous along classes, and lays threads out along positions,
@@ -171,13 +178,20 @@ def _kernel(
         one = i_ref[0]
         row = pos * c  # int32: the wrapper keeps "flat" below 2**31 logits
 
-    def tile(c0, store=False):
+    def start(c0):
+        # A split tile's static offset, made opaque: Pallas rejects a static
+        # slice that overhangs the array (16 + 4 lanes past 19 classes) unless
+        # it starts at 0; the mask covers the overhang.
+        return c0 * i_ref[0] if isinstance(c0, int) and c0 > 0 else c0
+
+    def tile(c0, bc, store=False):
+        cls = jnp.arange(bc)
         ci = c0 + cls
         if last:
-            idx = (pl.ds(p0, block_p), pl.ds(c0, block_c))
+            idx = (pl.ds(p0, block_p), pl.ds(start(c0), bc))
             mask = pos_ok[:, None] & (ci < c)[None, :]
         elif layout == "mid":
-            idx = (a, pl.ds(c0, block_c), pl.ds(p0, block_p))
+            idx = (a, pl.ds(start(c0), bc), pl.ds(p0, block_p))
             mask = (ci < c)[:, None] & pos_ok[None, :]
         else:
             cj = ci if (store and gather == 1) else c0 + cls * one
@@ -212,11 +226,11 @@ def _kernel(
     # (no smoothing) and the caller passed it per position.
     load_w = has_weight and not w_t_given
 
-    def load_x(c0):
-        idx, mask, ci = tile(c0)
+    def load_x(c0, bc=block_c):
+        idx, mask, ci = tile(c0, bc)
         x = plgpu.load(x_ref.at[idx], mask=mask, other=-jnp.inf).astype(f32)
         if load_w:
-            w = plgpu.load(w_ref.at[pl.ds(c0, block_c)], mask=ci < c, other=0.0).astype(f32)
+            w = plgpu.load(w_ref.at[pl.ds(start(c0), bc)], mask=ci < c, other=0.0).astype(f32)
         else:
             w = (ci < c).astype(f32)
         is_t = along(ci) == per_class(t)
@@ -233,12 +247,22 @@ def _kernel(
     w_total = zero
     wx = None
     if n_chunks == 1:
-        mask, ci, x, w, is_t = load_x(0)
-        x_t, w_t, m, wx = chunk_stats(x, w, is_t)
+        # The whole row at once, as one tile per binary digit of block_c (one
+        # tile when it is a power of two; 16 + 4 lanes for 19 classes when
+        # block_c is 20, instead of 32).
+        tiles = [(c0, bc, *load_x(c0, bc)) for c0, bc in split_tiles(block_c)]
+        parts = [chunk_stats(x, w, is_t) for *_, x, w, is_t in tiles]
+
+        def combine(k, op=jnp.add):
+            return functools.reduce(op, [p[k] for p in parts])
+
+        x_t, m = combine(0), combine(2, jnp.maximum)
+        w_t = combine(1) if load_w else None
+        wx = combine(3) if eps else None
         m = jnp.where(jnp.isfinite(m), m, zero)
-        e = jnp.exp(x - per_class(m))
-        s = jnp.sum(e, axis=cax)
-        w_total = jnp.sum(w)
+        es = [jnp.exp(x - per_class(m)) for *_, x, _, _ in tiles]
+        s = functools.reduce(jnp.add, [jnp.sum(e, axis=cax) for e in es])
+        w_total = functools.reduce(jnp.add, [jnp.sum(w) for *_, w, _ in tiles])
     else:
         # Pass 1: online log-sum-exp over class chunks.
         zeros = jnp.zeros((block_p,), f32)
@@ -303,15 +327,16 @@ def _kernel(
         return jnp.where(per_class(valid), per_class(coef) * g, zero)
 
     if n_chunks == 1:
-        idx = tile(0, store=True)[0]
-        plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t, e).astype(g_ref.dtype), mask=mask)
+        for (c0, bc, mask, _, x, w, is_t), e in zip(tiles, es, strict=True):
+            idx = tile(c0, bc, store=True)[0]
+            plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t, e).astype(g_ref.dtype), mask=mask)
     else:
         # Pass 2: re-read the chunks, last first (the most recently read are
         # the likeliest still in L2), and write the gradient.
         def write(k, carry):
             c0 = (n_chunks - 1 - k) * block_c
             mask, _, x, w, is_t = load_x(c0)
-            idx = tile(c0, store=True)[0]
+            idx = tile(c0, block_c, store=True)[0]
             plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t).astype(g_ref.dtype), mask=mask)
             return carry
 
@@ -342,8 +367,11 @@ def cross_entropy_pallas(
     ``scale`` applied to the gradient only). ``config`` overrides
     :func:`launch_config`: ``(block_c, block_p, num_warps, num_stages,
     gather)``, each block a power of two (``block_c`` below ``C`` selects the
-    two-read loop); ``gather`` (channels-last only) 1 or 2 picks the "flat"
-    addressing of :func:`_kernel`.
+    two-read loop) except a ``block_c`` from ``C`` up, which may be any sum
+    of powers of two: the row is then held as one tile per binary digit
+    (:func:`split_tiles`; 20 lanes as 16 + 4 for C = 19 rather than 32);
+    ``gather`` (channels-last only) 1 or 2 picks the "flat" addressing of
+    :func:`_kernel`.
 
     ``stats`` (cross-entropy with ``per_position`` and without ``with_grad``)
     returns ``((l, m, log_s), None)`` instead: the row statistics of
@@ -367,6 +395,11 @@ def cross_entropy_pallas(
     if config is None:
         config = launch_config("last" if last else "mid", c, n_pos, with_grad)
     block_c, block_p, num_warps, num_stages, gather = config
+    if block_c < c and block_c & (block_c - 1):
+        raise ValueError(
+            f"config block_c={block_c} is below C={c} (the two-read loop) and must then be "
+            "a power of two; from C up it may be a sum of powers of two (split tiles)."
+        )
     layout = _layout(last, gather, a * b * c)
     n_blocks = -(-n_pos // block_p)
     if layout == "mid":
