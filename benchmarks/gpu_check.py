@@ -369,7 +369,7 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument(
         "--none-cases",
-        default="seg19,seg150,lm",
+        default="seg19,lm",
         help="cases of the reduction='none' benchmark run after the main one ('' skips it)",
     )
     args = p.parse_args()
