@@ -246,3 +246,27 @@ def test_infinite_logits_match_the_xla_path(kernel_everywhere, reduction):
     for g, v in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(v))
         np.testing.assert_allclose(g, v, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((7, 19), -1), ((2, 19, 3, 5), 1), ((2, 5000), -1)], ids=["flat", "mid", "loop"]
+)
+def test_float32_logits_under_x64_through_the_kernel(kernel_everywhere, shape, axis):
+    """Under x64 the kernel keeps int32 offsets (int64 targets, float32 logits)."""
+    with jax.enable_x64(True):
+        x, t, w = _case(shape, axis, jnp.float32, 7)
+        t = t.astype(jnp.int64)
+        for reduction in ("mean", "none"):
+
+            def f(v, reduction=reduction):
+                loss = jaxloss.cross_entropy(
+                    v, t, weight=w, ignore_index=IGN, axis=axis, reduction=reduction
+                )
+                return jnp.sum(loss)
+
+            got = jax.value_and_grad(f)(x)
+            with jaxloss.disable_pallas():
+                want = jax.value_and_grad(f)(x)
+            assert got[1].dtype == jnp.float32
+            assert_close(got[0], want[0], (2e-5, 2e-6))
+            assert_close(got[1], want[1], (2e-5, 5e-7))

@@ -26,7 +26,7 @@ def _data(shape, axis, dtype, seed=0):
     t = jax.random.randint(k2, pos, 0, c)
     t = jnp.where(jax.random.uniform(k3, pos) < 0.15, IGN, t)
     where = jax.random.uniform(k4, pos) < 0.9
-    return x, t, where, jnp.linspace(0.5, 2.0, c)
+    return x, t, where, jnp.linspace(0.5, 2.0, c, dtype=jnp.float32)
 
 
 def _both(x, t, where, w, scale, **kw):

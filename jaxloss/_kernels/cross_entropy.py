@@ -168,7 +168,9 @@ def _kernel(
     else:
         pid = pl.program_id(0)
         p0 = pid * block_p
-    pos = p0 + jnp.arange(block_p)
+    # int32 offsets throughout, also under x64 (program ids are int32).
+    i32 = jnp.int32
+    pos = p0 + jnp.arange(block_p, dtype=i32)
     pos_ok = pos < n_pos
     if layout == "flat":
         # Class offsets scaled by a runtime 1: Triton then cannot prove the
@@ -182,10 +184,12 @@ def _kernel(
         # A split tile's static offset, made opaque: Pallas rejects a static
         # slice that overhangs the array (16 + 4 lanes past 19 classes) unless
         # it starts at 0; the mask covers the overhang.
-        return c0 * i_ref[0] if isinstance(c0, int) and c0 > 0 else c0
+        if isinstance(c0, int):
+            return c0 * i_ref[0] if c0 > 0 else i32(0)
+        return c0
 
     def tile(c0, bc, store=False):
-        cls = jnp.arange(bc)
+        cls = jnp.arange(bc, dtype=i32)
         ci = c0 + cls
         if last:
             idx = (pl.ds(p0, block_p), pl.ds(start(c0), bc))
@@ -281,7 +285,7 @@ def _kernel(
             return m_new, s, x_t + cx_t, w_t, wx, wsum + jnp.sum(w)
 
         init = (jnp.full((block_p,), -jnp.inf, f32), zeros, zeros, zeros, zeros, zero)
-        m, s, x_t, w_t, wx, w_total = jax.lax.fori_loop(0, n_chunks, body, init)
+        m, s, x_t, w_t, wx, w_total = jax.lax.fori_loop(i32(0), i32(n_chunks), body, init)
         m = jnp.where(jnp.isfinite(m), m, zero)
     if not has_weight:
         w_t = jnp.ones((block_p,), f32)
@@ -340,7 +344,7 @@ def _kernel(
             plgpu.store(g_ref.at[idx], grad_tile(x, w, is_t).astype(g_ref.dtype), mask=mask)
             return carry
 
-        jax.lax.fori_loop(0, n_chunks, write, 0)
+        jax.lax.fori_loop(i32(0), i32(n_chunks), write, 0)
 
 
 def cross_entropy_pallas(
