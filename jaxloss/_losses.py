@@ -222,9 +222,10 @@ def _index_loss_jvp(
 
     def xla(x, t, valid, w):
         share = normalize and _shares_exp(x)
-        # 16-bit: the gradient's exponential reads its own float32 view of x
-        # (a shared conversion would be a full-size float32 temporary).
-        grad_x = _upcast_apart(x) if normalize and x.dtype.itemsize == 2 else None
+        # 16-bit on XLA:CPU: the gradient's exponential reads its own float32
+        # view of x (a shared conversion is a full-size float32 temporary).
+        on_cpu = jax.default_backend() == "cpu"
+        grad_x = _upcast_apart(x) if normalize and on_cpu and x.dtype.itemsize == 2 else None
         return _index_loss_and_grad(
             x, t, valid, w, eps, normalize, axis, with_grad=True, share_exp=share, grad_x=grad_x
         )
