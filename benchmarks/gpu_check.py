@@ -125,7 +125,7 @@ def check(interpret: bool, defaults_only: bool = False) -> list[dict]:
 
 def _stats_error(x, t, where, w, kw, interpret) -> float:
     """Largest difference of the kernel's per-position (loss, m, log s) from XLA's."""
-    valid = (t != IGN) if where is None else (t != IGN) & where
+    valid = _losses._valid_mask(t, where, IGN)
     eps, axis = kw["eps"], kw["axis"]
 
     def kernel(x, t, valid, w):

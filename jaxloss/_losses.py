@@ -172,19 +172,25 @@ def _index_loss_and_grad(
     return loss, grad
 
 
-def _kernel_stats(pallas: bool, normalize: bool, x: Array) -> bool:
-    """Whether ``reduction="none"`` takes its row statistics from the kernel."""
-    # NLL needs none (its loss is a gather); the kernel's maths is float32.
-    return pallas and normalize and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
+def _kernel_applies(pallas: bool, x: Array) -> bool:
+    """Whether the kernel may take ``x``: enabled, float32 maths (no float64),
+    and not empty (an empty input keeps torch_compat's NaN mean via XLA)."""
+    return pallas and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
 
 
-def _shares_exp(x: Array) -> bool:
-    """Whether ``reduction="none"`` forms ``exp(x - m)`` once for the row sum
-    and the gradient: on XLA:CPU for 32-bit logits. There the gradient pass
-    with its own exponential and every per-position factor broadcast along
-    the classes cost 2x the whole step of ``"mean"`` (4.4 of 6.5 ms at
-    8x128x128x19); accelerators fuse it without the full-size temporary."""
-    return jax.default_backend() == "cpu" and x.dtype.itemsize >= 4
+def _cpu_exp_plan(x: Array) -> tuple[bool, Array | None]:
+    """``(share_exp, grad_x)`` of :func:`_index_loss_and_grad` for XLA:CPU.
+
+    32-bit and wider: one ``exp(x - m)`` shared by the row sum and the
+    gradient. Unshared, the gradient pass recomputes it with every
+    per-position factor broadcast along the classes (reduction="none":
+    4.4 of the step's 6.5 ms at 8x128x128x19). 16-bit: the gradient reads
+    its own float32 view of ``x``; a conversion shared with the row
+    reductions is materialised as a full-size float32 temporary.
+    """
+    if x.dtype.itemsize >= 4:
+        return True, None
+    return False, _upcast_apart(x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
@@ -205,7 +211,8 @@ def _index_loss(
     def kernel(x, t, valid, w):
         return _kernel_stats_pass(x, t, valid, w, eps, axis)[0]
 
-    use_kernel = _kernel_stats(pallas, normalize, x)
+    # NLL's per-position loss is a gather: no kernel for it.
+    use_kernel = normalize and _kernel_applies(pallas, x)
     return _kernels.dispatch(use_kernel, kernel, xla, x, t, valid, w)
 
 
@@ -221,11 +228,8 @@ def _index_loss_jvp(
     x_dot = tangents[0]
 
     def xla(x, t, valid, w):
-        share = normalize and _shares_exp(x)
-        # 16-bit on XLA:CPU: the gradient's exponential reads its own float32
-        # view of x (a shared conversion is a full-size float32 temporary).
-        on_cpu = jax.default_backend() == "cpu"
-        grad_x = _upcast_apart(x) if normalize and on_cpu and x.dtype.itemsize == 2 else None
+        on_cpu = normalize and jax.default_backend() == "cpu"
+        share, grad_x = _cpu_exp_plan(x) if on_cpu else (False, None)
         return _index_loss_and_grad(
             x, t, valid, w, eps, normalize, axis, with_grad=True, share_exp=share, grad_x=grad_x
         )
@@ -242,7 +246,7 @@ def _index_loss_jvp(
         )
         return loss, grad
 
-    use_kernel = _kernel_stats(pallas, normalize, x)
+    use_kernel = normalize and _kernel_applies(pallas, x)
     loss, grad = _kernels.dispatch(use_kernel, kernel, xla, x, t, valid, w)
     assert grad is not None
     loss_dot = jnp.sum(grad * x_dot.astype(grad.dtype), axis=axis)
@@ -562,7 +566,7 @@ def _pass(
         return cross_entropy_pallas(x, t, where, w, scale, with_grad=with_grad, **config)
 
     # The kernel computes in float32: float64 inputs (x64) keep the XLA path.
-    use_kernel = pallas and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
+    use_kernel = _kernel_applies(pallas, x)
     return _kernels.dispatch(use_kernel, kernel, xla, x, t, where, w, scale)
 
 
@@ -651,10 +655,7 @@ def _plain_total_and_grad(
     """``_fused_pass``'s result by whole-array ops: ``(total, grad)``, grad in
     the compute dtype, left as an expression for XLA to fuse into its consumer."""
     valid = _valid_mask(t, where, ignore_index)
-    # 16-bit: recompute exp in the gradient's pass (a shared float32
-    # exponential would be a full-size temporary); 32-bit: share it.
-    share = barrier and x.dtype.itemsize >= 4
-    grad_x = _exact_upcast(x) if barrier and not share else None
+    share, grad_x = _cpu_exp_plan(x) if barrier else (False, None)
     loss, grad = _index_loss_and_grad(
         x, t, valid, w, eps, normalize, axis, with_grad=True, grad_x=grad_x, share_exp=share
     )

@@ -17,23 +17,41 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxloss import _kernels  # noqa: E402
+from jaxloss._kernels import cross_entropy as _ce  # noqa: E402
+
+
+@pytest.fixture
+def kernel_everywhere(monkeypatch):
+    """Route the public API through the Pallas kernel in interpret mode, as on
+    a GPU (``platform_dependent`` picks it on CUDA only); yields the keyword
+    arguments of every kernel call."""
+    calls = []
+    interpreted = functools.partial(_ce.cross_entropy_pallas, interpret=True)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return interpreted(*args, **kwargs)
+
+    def dispatch(use_pallas, kernel, xla, *args):
+        return (kernel if use_pallas else xla)(*args)
+
+    monkeypatch.setattr(_ce, "cross_entropy_pallas", counting)
+    monkeypatch.setattr(_kernels, "dispatch", dispatch)
+    jax.clear_caches()  # traces made without the kernel must not be reused
+    yield calls
+    jax.clear_caches()
+
+
 if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
-    # Every test through the Pallas kernel in interpret mode, as on a GPU:
+    # Every test through the kernel:
     #   JAXLOSS_TEST_THROUGH_KERNEL=1 python -m pytest tests/test_functional.py
-    import functools
-
-    import pytest
-
-    from jaxloss import _kernels
-    from jaxloss._kernels import cross_entropy as _ce
 
     @pytest.fixture(autouse=True)
-    def _through_kernel(monkeypatch):
-        interpreted = functools.partial(_ce.cross_entropy_pallas, interpret=True)
-        monkeypatch.setattr(_ce, "cross_entropy_pallas", interpreted)
-        monkeypatch.setattr(
-            _kernels, "dispatch", lambda use, kernel, xla, *args: (kernel if use else xla)(*args)
-        )
-        jax.clear_caches()
+    def _through_kernel(kernel_everywhere):
         yield
-        jax.clear_caches()

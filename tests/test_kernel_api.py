@@ -1,14 +1,13 @@
 """The public API routed through the Pallas kernel (interpret mode, on CPU).
 
 ``jax.lax.platform_dependent`` picks the kernel on CUDA only, so on this CPU
-the fixture below makes :func:`jaxloss._kernels.dispatch` take the kernel
-branch and runs the kernel in interpret mode. Every reduction then goes
+the ``kernel_everywhere`` fixture (``conftest.py``) makes
+:func:`jaxloss._kernels.dispatch` take the kernel branch and runs the kernel
+in interpret mode. Every reduction then goes
 through the kernel as it would on a GPU, and is checked against PyTorch, the
 NumPy reference and the XLA path: losses, gradients for a random cotangent,
 forward mode, second order and ``vmap``.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +17,8 @@ import reference
 from oracles import GRAD_TOL, LOSS_TOL, assert_close, rng_for, to_torch_layout, torch_loss_and_grad
 
 import jaxloss
-from jaxloss import _kernels
-from jaxloss._kernels import cross_entropy as ce
 
 IGN = 255
-
-
-@pytest.fixture
-def kernel_everywhere(monkeypatch):
-    calls = []
-    interpreted = functools.partial(ce.cross_entropy_pallas, interpret=True)
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs)
-        return interpreted(*args, **kwargs)
-
-    def dispatch(use_pallas, kernel, xla, *args):
-        return (kernel if use_pallas else xla)(*args)
-
-    monkeypatch.setattr(ce, "cross_entropy_pallas", counting)
-    monkeypatch.setattr(_kernels, "dispatch", dispatch)
-    jax.clear_caches()  # traces made without the kernel must not be reused
-    yield calls
-    jax.clear_caches()
 
 
 def _case(shape, axis, dtype, seed):
