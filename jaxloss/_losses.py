@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxloss import _checks, _kernels
+from jaxloss._kernels import partition
 
 Array = jax.Array
 
@@ -273,11 +274,16 @@ def _kernel_stats_pass(
     # Inside shard_map: every operand varying over the same mesh axes.
     refs = (x, t, valid, w)
     x, t, valid, w = (None if a is None else _varying_like(a, *refs) for a in refs)
-    one = _varying_like(jnp.ones((), jnp.float32), x)
     config = dict(ignore_index=None, eps=eps, normalize=True, axis=axis)
-    out, _ = cross_entropy_pallas(
-        x, t, valid, w, one, with_grad=False, per_position=True, stats=True, **config
-    )
+
+    def run(x: Array, t: Array, valid: Array, w: Array | None) -> tuple[Array, ...]:
+        one = _varying_like(jnp.ones((), jnp.float32), x)
+        out, _ = cross_entropy_pallas(
+            x, t, valid, w, one, with_grad=False, per_position=True, stats=True, **config
+        )
+        return out
+
+    out = _partitioned(run, (x, t, valid, w), ("x", "pos", "pos", "rep"), ("pos",) * 3, axis)
     return tuple(v.astype(_compute_dtype(x.dtype)) for v in out)
 
 
@@ -387,6 +393,17 @@ def _varying_like(value: Array, *refs: Array | None) -> Array:
     have = _varying_axes(value)
     axes = tuple(a for a in _varying_axes(*refs) if a not in have)
     return jax.lax.pcast(value, axes, to="varying") if axes else value
+
+
+def _partitioned(
+    run: Any, args: tuple, in_kinds: tuple, out_kinds: tuple, axis: int
+) -> tuple[Array, ...]:
+    """``run(*args)`` (a kernel call) partitioned over positions under GSPMD
+    ``jit`` (:mod:`jaxloss._kernels.partition`); inside ``shard_map`` the call
+    already sees one shard and runs as is."""
+    if _varying_axes(*args):
+        return tuple(run(*args))
+    return partition.by_position(run, args, in_kinds, out_kinds, axis)
 
 
 def _empty(shape: tuple[int, ...], dtype: Any) -> Array:
@@ -563,7 +580,19 @@ def _pass(
         # the kernel's outputs can be typed by the logits' axes.
         refs = (x, t, where, w, scale)
         x, t, where, w, scale = (None if a is None else _varying_like(a, *refs) for a in refs)
-        return cross_entropy_pallas(x, t, where, w, scale, with_grad=with_grad, **config)
+
+        def run(*args: Array | None) -> tuple[Array, ...]:
+            total, grad = cross_entropy_pallas(*args, with_grad=with_grad, **config)
+            return (total, grad) if with_grad else (total,)
+
+        out = _partitioned(
+            run,
+            (x, t, where, w, scale),
+            ("x", "pos", "pos", "rep", "rep"),
+            ("sum", "x") if with_grad else ("sum",),
+            axis,
+        )
+        return out[0], (out[1] if with_grad else None)
 
     # The kernel computes in float32: float64 inputs (x64) keep the XLA path.
     use_kernel = _kernel_applies(pallas, x)

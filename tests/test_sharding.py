@@ -153,6 +153,7 @@ def test_shard_map_body_lowers_with_the_kernel_for_cuda(data, reduction):
     runs and equals the one-device loss (the tests above)."""
     proj, feats, labels = data[1], data[0], data[2]
     mesh = _mesh()
+
     def loss(proj, feats, labels):
         if reduction == "none":  # per-position losses: the kernel's row statistics
             return jax.lax.psum(jnp.sum(_loss(proj, feats, labels, reduction="none")), "data")
@@ -170,3 +171,143 @@ def test_shard_map_body_lowers_with_the_kernel_for_cuda(data, reduction):
     with jaxloss.disable_pallas():
         step = jax.jit(functools.partial(_value_and_grads, _shard_mapped(loss)))
         assert "triton" not in step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---------------------------------------------------------------------------
+# GSPMD jit through the kernel: each device runs it on its own positions
+# ---------------------------------------------------------------------------
+
+
+def _logits(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(np.float32) * 2.0
+    return jnp.asarray(x)
+
+
+def _labels(shape, num_classes, seed=1):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, num_classes, size=shape)
+    t[rng.random(shape) < 0.2] = IGNORE
+    return jnp.asarray(t.astype(np.int32))
+
+
+def _step(reduction, axis, weight, smoothing=0.0):
+    def loss(x, t):
+        out = jaxloss.cross_entropy(
+            x,
+            t,
+            weight=weight,
+            ignore_index=IGNORE,
+            reduction=reduction,
+            axis=axis,
+            label_smoothing=smoothing,
+        )
+        # "none": a nonlinear use of the per-position losses, so their
+        # cotangent differs per position.
+        return jnp.sum(out * out) if reduction == "none" else out
+
+    return jax.value_and_grad(loss)
+
+
+def _assert_step_close(got, want):
+    (lg, gg), (lw, gw) = got, want
+    np.testing.assert_allclose(float(lg), float(lw), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gg), np.asarray(gw), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "layout,spec", [("last", P("data")), ("last", P(None, "data")), ("first", P("data"))]
+)
+def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, reduction, layout, spec):
+    """Under ``jit`` with sharded logits the kernel (a custom call XLA would
+    otherwise run on the all-gathered batch) sees one device's positions, and
+    the loss and gradient equal the one-device XLA path's."""
+    c = 6
+    x = _logits((8, 8, 4, c))
+    t = _labels((8, 8, 4), c)
+    axis = -1
+    if layout == "first":
+        x, axis = jnp.moveaxis(x, -1, 1), 1
+    weight = jnp.linspace(0.5, 2.0, c)
+    smoothing = 0.1 if reduction == "sum" else 0.0
+    with jaxloss.disable_pallas():  # (a function of its own: jit caches traces)
+        want = jax.jit(_step(reduction, axis, weight, smoothing))(x, t)
+    assert not kernel_everywhere
+    step = _step(reduction, axis, weight, smoothing)
+
+    mesh = _mesh()
+    x_spec = spec if layout == "last" or spec == P("data") else None
+    t_spec = P(*spec)
+    got = jax.jit(step, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec)))(
+        x, t
+    )
+    _assert_step_close(got, want)
+    local = list(x.shape)
+    local[list(spec).index("data")] //= N_DEV
+    shapes = {k["logits_shape"] for k in kernel_everywhere}
+    assert tuple(local) in shapes, shapes
+
+
+def test_gspmd_class_axis_sharded_is_gathered_first(kernel_everywhere):
+    """Logits sharded along the classes: the kernel needs whole rows, so
+    their classes are gathered (the positions stay sharded)."""
+    c = 8
+    x, t = _logits((8, 4, c)), _labels((8, 4), c)
+    with jaxloss.disable_pallas():
+        want = jax.jit(_step("mean", -1, jnp.linspace(0.5, 2.0, c)))(x, t)
+    step = _step("mean", -1, jnp.linspace(0.5, 2.0, c))
+    mesh = Mesh(np.array(jax.devices()[:N_DEV]).reshape(2, 2), ("data", "model"))
+    got = jax.jit(
+        step,
+        in_shardings=(
+            NamedSharding(mesh, P("data", None, "model")),
+            NamedSharding(mesh, P("data")),
+        ),
+    )(x, t)
+    _assert_step_close(got, want)
+    assert (4, 4, c) in {k["logits_shape"] for k in kernel_everywhere}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gspmd_vmap_and_hessian_through_the_kernel(kernel_everywhere, reduction):
+    """``vmap`` (the kernel's own batching, unpartitioned) and a
+    hessian-vector product (the XLA formulation) under sharded ``jit``."""
+    c = 5
+    x, t = _logits((8, 4, 4, c)), _labels((8, 4, 4), c)
+
+    def functions():
+        step = jax.vmap(_step(reduction, -1, WEIGHT))
+        hvp_of = jax.grad(lambda x, t: _step(reduction, -1, WEIGHT)(x, t)[0])
+        return step, lambda x, t: jax.jvp(lambda x: hvp_of(x, t), (x,), (x,))[1]
+
+    with jaxloss.disable_pallas():
+        want, want_hvp = (jax.jit(f)(x, t) for f in functions())
+    step, hvp = functions()
+    batch = NamedSharding(_mesh(), P("data"))
+    got = jax.jit(step, in_shardings=(batch, batch))(x, t)
+    got_hvp = jax.jit(hvp, in_shardings=(batch, batch))(x, t)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_hvp), np.asarray(want_hvp), rtol=1e-4, atol=1e-6)
+    assert kernel_everywhere
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gspmd_jit_lowers_a_partitioned_kernel_for_cuda(reduction):
+    """For CUDA, sharded ``jit`` lowers the kernel call as a custom
+    partitioning (the partitioner calls back per shard at compile time); on
+    one device the Triton call is lowered in place."""
+    c = 5
+    x, t = _logits((8, 4, 4, c)), _labels((8, 4, 4), c)
+    batch = NamedSharding(_mesh(), P("data"))
+
+    def lowered(**kw):
+        step = _step(reduction, -1, WEIGHT)  # a fresh function: jit caches traces
+        return jax.jit(step, **kw).trace(x, t).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "CustomSPMDPartitioning" in lowered(in_shardings=(batch, batch))
+    single = lowered()
+    assert "triton" in single and "CustomSPMDPartitioning" not in single
+    with jaxloss.disable_pallas():
+        assert "CustomSPMDPartitioning" not in lowered(in_shardings=(batch, batch))
