@@ -78,6 +78,12 @@ CASES = [
     ((2, 150, 9), 1),
     ((5, 1), -1),
     ((4, 1000), -1),
+    # leading dimensions that the 4 test devices divide: the loops keep
+    # gcd(leading, 4) groups whole in every chunk (with 64-element chunks the
+    # first two shift their last chunk back)
+    ((8, 7, 3), -1),
+    ((12, 2, 11), 1),
+    ((8, 5, 3, 19), -1),
 ]
 
 
