@@ -250,24 +250,39 @@ def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, reduction, l
     assert tuple(local) in shapes, shapes
 
 
-def test_gspmd_class_axis_sharded_is_gathered_first(kernel_everywhere):
-    """Logits sharded along the classes: the kernel needs whole rows, so
-    their classes are gathered (the positions stay sharded)."""
-    c = 8
-    x, t = _logits((8, 4, c)), _labels((8, 4), c)
+@pytest.mark.parametrize(
+    "shape,x_spec,t_spec,local",
+    [
+        # vocabulary-parallel rows: the classes' mesh axis moves to the rows
+        ((8, 4, 8), P("data", None, "model"), P("data"), (2, 4, 8)),
+        ((8, 16), P(None, "model"), P(), (4, 16)),
+        # 6 rows and 2x2 devices: the second position dimension takes it
+        ((6, 4, 8), P(None, None, ("data", "model")), P(), (6, 1, 8)),
+        # no position dimension divides: the classes are gathered
+        ((3, 8), P(None, "model"), P(), (3, 8)),
+    ],
+    ids=["rows+classes", "classes", "second-dim", "gathered"],
+)
+def test_gspmd_class_axis_sharded(kernel_everywhere, shape, x_spec, t_spec, local):
+    """Logits sharded along the classes (a vocabulary-parallel LM head): the
+    kernel needs whole rows, so each device gets whole rows of a share of the
+    positions (an all-to-all) rather than every class of its positions (an
+    all-gather); where no position dimension divides, the classes are
+    gathered. Values and gradients equal the one-device XLA path's."""
+    c = shape[-1]
+    x, t = _logits(shape), _labels(shape[:-1], c)
     with jaxloss.disable_pallas():
         want = jax.jit(_step("mean", -1, jnp.linspace(0.5, 2.0, c)))(x, t)
     step = _step("mean", -1, jnp.linspace(0.5, 2.0, c))
     mesh = Mesh(np.array(jax.devices()[:N_DEV]).reshape(2, 2), ("data", "model"))
-    got = jax.jit(
-        step,
-        in_shardings=(
-            NamedSharding(mesh, P("data", None, "model")),
-            NamedSharding(mesh, P("data")),
-        ),
-    )(x, t)
+    step = jax.jit(step, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec)))
+    got = step(x, t)
     _assert_step_close(got, want)
-    assert (4, 4, c) in {k["logits_shape"] for k in kernel_everywhere}
+    assert local in {k["logits_shape"] for k in kernel_everywhere}
+    if local != shape:  # no all-gather whose result holds whole rows of logits
+        text = step.lower(x, t).compile().as_text()
+        results = [ln.split("all-gather(")[0] for ln in text.splitlines() if "all-gather(" in ln]
+        assert not [r for r in results if "f32[" in r and f",{c}]" in r], results
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -5,8 +5,9 @@ replicates its operands: under ``jax.jit`` with batch-sharded logits every
 device would all-gather the whole batch and compute the whole loss. The
 kernel's work is independent per position, so :func:`by_position` wraps it
 in ``custom_partitioning``: each device runs the kernel on its own positions
-(the class axis gathered if it was sharded) and a summed output is reduced
-across the position axes with ``psum``.
+and a summed output is reduced across the position axes with ``psum``.
+Logits sharded along the classes are resharded to whole rows of fewer
+positions per device (see :func:`_plan`).
 
 Where there is nothing to partition (one device, or inside a ``shard_map``
 that made every mesh axis manual) JAX inlines the call unchanged. Under
@@ -16,6 +17,7 @@ that made every mesh axis manual) JAX inlines the call unchanged. Under
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -51,17 +53,39 @@ def _replicated(sharding: Any) -> Any:
     return GSPMDSharding.get_replicated(sharding._device_assignment)
 
 
-def _plan(sharding: Any, ndim: int, axis: int) -> tuple[P, P, tuple[Any, ...]] | None:
-    """``(x spec, position spec, mesh axes of the positions)`` for the
-    logits' sharding ``sharding``, the class axis replicated; None when the
-    sharding names no mesh axes (a ``GSPMDSharding``: then replicate)."""
+def _plan(sharding: Any, shape: tuple[int, ...], axis: int) -> tuple[P, P, tuple[Any, ...]] | None:
+    """``(x spec, position spec, mesh axes of the positions)`` for logits of
+    ``shape`` sharded by ``sharding``, the class axis replicated; None when the
+    sharding names no mesh axes (a ``GSPMDSharding``: then replicate).
+
+    The kernel needs whole rows. Logits sharded along the classes (a
+    vocabulary-parallel LM head) are not gathered whole onto every device:
+    the class axis's mesh axes move to the first position dimension whose
+    size their product divides, so each device gets whole rows of a share of
+    the positions (an all-to-all; memory and work stay split). If none
+    divides, the classes are gathered.
+    """
     if not isinstance(sharding, NamedSharding):
         return None
-    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
-    spec[axis] = None
+    ndim = len(shape)
+    spec = [_axis_names(e) for e in sharding.spec] + [()] * (ndim - len(sharding.spec))
+    moved, spec[axis] = spec[axis], ()
+    if moved:
+        sizes = dict(sharding.mesh.shape)
+        for d in range(ndim):
+            if d == axis:
+                continue
+            ways = math.prod(sizes[n] for n in spec[d] + moved)
+            if shape[d] % ways == 0:
+                spec[d] = spec[d] + moved
+                break
     pos = spec[:axis] + spec[axis + 1 :]
-    names = tuple(n for e in pos for n in _axis_names(e))
-    return P(*spec), P(*pos), names
+    names = tuple(n for e in pos for n in e)
+
+    def entry(e: tuple[Any, ...]) -> Any:
+        return None if not e else (e[0] if len(e) == 1 else e)
+
+    return P(*map(entry, spec)), P(*map(entry, pos)), names
 
 
 def _rule(ranks: Sequence[int], in_kinds: Sequence[Kind], out_kinds: Sequence[Kind], axis: int):
@@ -105,7 +129,7 @@ def by_position(
     arrays = [args[i] for i in present]
     in_kinds = tuple(in_kinds[i] for i in present)
     out_kinds = tuple(out_kinds)
-    ndim = arrays[0].ndim
+    shape = tuple(arrays[0].shape)
 
     def run(*a: Array) -> tuple[Array, ...]:
         full: list[Array | None] = [None] * len(args)
@@ -114,7 +138,7 @@ def by_position(
         return tuple(fn(*full))
 
     def shardings(mesh: Any, x_sharding: Any) -> tuple[list[Any], list[Any], tuple[Any, ...]]:
-        plan = _plan(x_sharding, ndim, axis)
+        plan = _plan(x_sharding, shape, axis)
         if plan is None:  # no mesh to name axes by: replicate, XLA's default
             rep = _replicated(x_sharding)
             return [rep] * len(in_kinds), [rep] * len(out_kinds), ()
