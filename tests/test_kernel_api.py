@@ -157,6 +157,42 @@ def test_forward_mode_second_order_and_vmap_through_the_kernel(kernel_everywhere
     assert_close(jax.vmap(f)(jnp.stack([x, 2 * x])), want_v, tol, "vmap")
 
 
+@pytest.mark.parametrize("through", ["xla", "kernel"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_remat_scan_pmap_and_vjp(request, through, reduction):
+    """The gradient under ``jax.checkpoint`` (two policies), inside a
+    ``lax.scan`` that accumulates over micro-batches, under ``pmap`` and
+    ``lax.map``, and from ``jax.vjp`` with a cotangent of 3, on either path,
+    equals the XLA path's plain ``jax.grad``."""
+    calls = request.getfixturevalue("kernel_everywhere") if through == "kernel" else None
+    x, t, w = _case((4, 6, 5), -1, jnp.float32, 5)
+
+    def f(v):
+        out = jaxloss.cross_entropy(
+            v, t, weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1
+        )
+        return jnp.sum(out * out) if reduction == "none" else out
+
+    with jaxloss.disable_pallas():
+        want = jax.jit(jax.grad(lambda v: f(v) + 0.0))(x)  # a trace of its own
+
+    def accumulated(v):  # two identical micro-batches, averaged
+        return jax.lax.scan(lambda c, vi: (c + f(vi), None), 0.0, jnp.stack([v, v]))[0] / 2
+
+    nothing = jax.checkpoint_policies.nothing_saveable
+    got = {
+        "checkpoint": jax.jit(jax.grad(jax.checkpoint(f)))(x),
+        "checkpoint nothing_saveable": jax.jit(jax.grad(jax.checkpoint(f, policy=nothing)))(x),
+        "scan": jax.jit(jax.grad(accumulated))(x),
+        "pmap": jax.pmap(jax.grad(f))(jnp.stack([x, x]))[1],
+        "lax.map": jax.jit(lambda v: jax.lax.map(jax.grad(f), v))(jnp.stack([x, x]))[1],
+        "vjp": jax.vjp(f, x)[1](jnp.float32(3.0))[0] / 3,
+    }
+    for name, g in got.items():
+        assert_close(g, want, (2e-5, 2e-6), name)
+    assert calls is None or calls, "the kernel was not reached"
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_shard_map_through_the_kernel(kernel_everywhere, reduction):
     """The kernel inside ``shard_map`` equals one device. (Interpret mode cannot
