@@ -337,16 +337,16 @@ def _chunk_elements(n: int) -> int:
     return min(max(1 << 20, n // 32), 1 << 24)
 
 
-def _groups(leading: int) -> int:
-    """How many groups the chunked loops keep whole along the leading
-    dimension: gcd(leading, device count), so that a batch sharded over the
+def _groups(size: int) -> int:
+    """How many groups the chunked loops keep whole along a dimension of
+    ``size``: gcd(size, device count), so that a dimension sharded over the
     devices (GSPMD ``jit``) is sliced by each device locally."""
-    return math.gcd(leading, jax.device_count())
+    return math.gcd(size, jax.device_count())
 
 
 def _chunks(a: int, c: int, b: int, g: int = 1) -> tuple[int, int]:
-    """Chunk extents ``(ra, rb)`` over the ``(G, A, C, B)`` view of the logits
-    (each chunk spans all ``G``)."""
+    """Chunk extents ``(ra, rb)`` along the position parts ``A`` and ``B`` of
+    the logits' view (``c`` classes a position; each chunk spans ``g`` groups)."""
     target = max(1, _chunk_elements(g * a * c * b) // g)
     if c * b <= target:
         return max(1, min(a, target // (c * b))), b
@@ -451,23 +451,36 @@ def _fused_pass(
         # scale * 0: 0 for "sum" and jaxloss's mean, NaN for PyTorch's 0/0 mean.
         return scale * zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
 
-    # Channels-last is the view (G, A/G, C); otherwise (G, A/G, C, B). Both
-    # are reshapes of contiguous dimensions, i.e. free. Every chunk spans the
-    # leading G = gcd(leading dimension, device count) groups whole and is
-    # sliced along the other dimensions only: under GSPMD jit with logits
-    # sharded along their leading (batch) dimension that dimension maps onto
-    # G, so each device slices its own rows. (A slice along a sharded
-    # dimension would make XLA gather the whole logits onto every device.)
-    three = b > 1
-    groups = _groups(shape[0]) if axis > 0 else 1
-    a //= groups
-    ra, rb = _chunks(a, c, b, groups)
-    nb = -(-b // rb)
-    steps = -(-a // ra) * nb
-    cshape = (groups, ra, c, rb) if three else (groups, ra, c)
-    pshape = (groups, ra, rb) if three else (groups, ra)
-    xs = x.reshape((groups, a, c, b) if three else (groups, a, c))
-    ts = t.reshape((groups, a, b) if three else (groups, a))
+    # The positions are two parts, A and B: channels-last (N, d1.., C) is the
+    # view (G0, A, G1, B, C) with A from N and B from d1..; otherwise
+    # (G0, A, C, G1, B) with A before the class axis and B after it. All are
+    # reshapes of contiguous dimensions, i.e. free. G0 and G1 are the gcd of
+    # the device count and the first dimension of each part; every chunk
+    # spans them whole and is sliced along A and B only. Under GSPMD jit with
+    # the logits sharded along that dimension (batch; sequence or height)
+    # the sharding maps onto G0 or G1, so each device slices its own
+    # positions. (A slice along a sharded dimension would make XLA gather the
+    # whole logits onto every device.)
+    lead, trail = shape[:axis], shape[axis + 1 :]
+    if trail:
+        pa, pb = a, b
+        g0 = _groups(lead[0]) if lead else 1
+        g1 = _groups(trail[0])
+    else:
+        pa = lead[0] if lead else 1
+        pb = a // pa
+        g0 = _groups(pa) if lead else 1
+        g1 = _groups(lead[1]) if len(lead) > 1 else 1
+    pa, pb = pa // g0, pb // g1
+    ra, rb = _chunks(pa, c, pb, g0 * g1)
+    nb = -(-pb // rb)
+    steps = -(-pa // ra) * nb
+    cax = 2 if trail else 4
+    vshape = (g0, pa, c, g1, pb) if trail else (g0, pa, g1, pb, c)
+    cshape = (g0, ra, c, g1, rb) if trail else (g0, ra, g1, rb, c)
+    pshape = (g0, ra, g1, rb)
+    xs = x.reshape(vshape)
+    ts = t.reshape((g0, pa, g1, pb))
     ms = None if where is None else where.reshape(ts.shape)
     # An infinite scale (torch_compat's mean over nothing, where every
     # position is ignored) must leave their zero gradient zero, as in PyTorch.
@@ -476,25 +489,25 @@ def _fused_pass(
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
         ia, ib = i // nb, i % nb
-        # The last chunk along each dimension is shifted back to fit; the
+        # The last chunk along each part is shifted back to fit; the
         # positions it shares with the previous chunk are not summed twice
         # (``fresh``) and their gradient is rewritten with the same values.
-        a0 = jnp.minimum(ia * ra, a - ra)
-        b0 = jnp.minimum(ib * rb, b - rb)
+        a0 = jnp.minimum(ia * ra, pa - ra)
+        b0 = jnp.minimum(ib * rb, pb - rb)
         i0 = jnp.zeros((), a0.dtype)
-        start = (i0, a0, b0) if three else (i0, a0)
-        xstart = (i0, a0, i0, b0) if three else (i0, a0, i0)
+        start = (i0, a0, i0, b0)
+        xstart = (i0, a0, i0, i0, b0) if trail else (i0, a0, i0, b0, i0)
         xb = jax.lax.dynamic_slice(xs, xstart, cshape)
         tb = jax.lax.dynamic_slice(ts, start, pshape)
         valid = jnp.ones(pshape, bool) if ignore_index is None else tb != ignore_index
         if ms is not None:
             valid = valid & jax.lax.dynamic_slice(ms, start, pshape)
-        fresh = jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + a0 >= ia * ra
-        if three:
-            fresh = fresh & (jax.lax.broadcasted_iota(jnp.int32, pshape, 2) + b0 >= ib * rb)
+        fresh = (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + a0 >= ia * ra) & (
+            jax.lax.broadcasted_iota(jnp.int32, pshape, 3) + b0 >= ib * rb
+        )
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(
-            xb, tb, valid, w, eps, normalize, 2, with_grad, share_exp=normalize
+            xb, tb, valid, w, eps, normalize, cax, with_grad, share_exp=normalize
         )
         total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:
@@ -542,23 +555,35 @@ def _weight_count(
         # One fused reduction: a GPU loop pays a launch and a host round trip
         # per step (measured on an H200: ~0.2 ms for 8M targets).
         return count(t, _valid_mask(t, where, ignore_index))
-    # Chunks span the leading groups whole, as in _fused_pass (sharding).
-    groups = _groups(t.shape[0]) if t.ndim else 1
-    n //= groups
-    r = min(n, max(1, _chunk_elements(n * groups) // groups))
-    ts = t.reshape(groups, n)
-    ms = None if where is None else where.reshape(groups, n)
+    # Chunks span the groups of the first two dimensions whole, as in
+    # _fused_pass (sharding), and are sliced along the rest.
+    pa = t.shape[0] if t.ndim else 1
+    pb = n // pa
+    g0 = _groups(pa) if t.ndim else 1
+    g1 = _groups(t.shape[1]) if t.ndim > 1 else 1
+    pa, pb = pa // g0, pb // g1
+    ra, rb = _chunks(pa, 1, pb, g0 * g1)
+    nb = -(-pb // rb)
+    pshape = (g0, ra, g1, rb)
+    ts = t.reshape((g0, pa, g1, pb))
+    ms = None if where is None else where.reshape(ts.shape)
 
     def body(i: Array, total: Array) -> Array:
-        i0 = jnp.minimum(i * r, n - r)
-        start = (jnp.zeros((), i0.dtype), i0)
-        tb = jax.lax.dynamic_slice(ts, start, (groups, r))
-        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, (groups, r))
+        ia, ib = i // nb, i % nb
+        a0 = jnp.minimum(ia * ra, pa - ra)
+        b0 = jnp.minimum(ib * rb, pb - rb)
+        i0 = jnp.zeros((), a0.dtype)
+        start = (i0, a0, i0, b0)
+        tb = jax.lax.dynamic_slice(ts, start, pshape)
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, pshape)
         # The last chunk is shifted back to fit: skip what the one before counted.
-        fresh = jax.lax.broadcasted_iota(jnp.int32, (groups, r), 1) + i0 >= i * r
+        fresh = (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + a0 >= ia * ra) & (
+            jax.lax.broadcasted_iota(jnp.int32, pshape, 3) + b0 >= ib * rb
+        )
         return total + count(tb, _valid_mask(tb, mb, ignore_index) & fresh)
 
-    return jax.lax.fori_loop(0, -(-n // r), body, _varying_like(zero, ts, ms, w))
+    steps = -(-pa // ra) * nb
+    return jax.lax.fori_loop(0, steps, body, _varying_like(zero, ts, ms, w))
 
 
 def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Array:

@@ -80,10 +80,13 @@ CASES = [
     ((4, 1000), -1),
     # leading dimensions that the 4 test devices divide: the loops keep
     # gcd(leading, 4) groups whole in every chunk (with 64-element chunks the
-    # first two shift their last chunk back)
+    # first two shift their last chunk back, as do the last two below)
     ((8, 7, 3), -1),
     ((12, 2, 11), 1),
     ((8, 5, 3, 19), -1),
+    # ... and the first dimension of the second part (gcd(8, 4) groups)
+    ((3, 8, 7, 3), -1),
+    ((3, 2, 8, 7), 1),
 ]
 
 

@@ -330,16 +330,25 @@ def test_gspmd_jit_lowers_a_partitioned_kernel_for_cuda(reduction):
 
 
 @pytest.mark.parametrize(
-    "shape,axis,dtype",
-    [((8, 8, 4, 6), -1, jnp.float32), ((8, 6, 8, 4), 1, jnp.float32), ((64, 40), -1, jnp.bfloat16)],
-    ids=["last", "first", "rows-bf16"],
+    "shape,axis,dtype,spec",
+    [
+        ((8, 8, 4, 6), -1, jnp.float32, P("data")),
+        ((8, 6, 8, 4), 1, jnp.float32, P("data")),
+        ((64, 40), -1, jnp.bfloat16, P("data")),
+        ((2, 8, 4, 6), -1, jnp.float32, P(None, "data")),  # height
+        ((2, 6, 8, 4), 1, jnp.float32, P(None, None, "data")),  # height, axis=1
+        ((2, 16, 40), -1, jnp.bfloat16, P(None, "data")),  # sequence
+    ],
+    ids=["last", "first", "rows-bf16", "last-height", "first-height", "lm-sequence"],
 )
-def test_gspmd_xla_loop_slices_each_shard_locally(monkeypatch, shape, axis, dtype):
+def test_gspmd_xla_loop_slices_each_shard_locally(monkeypatch, shape, axis, dtype, spec):
     """The XLA formulation's chunked loop (accelerators without the kernel,
     e.g. TPUs; XLA:CPU for large inputs; forced here) under ``jit`` with the
-    batch sharded: every chunk spans the leading groups whole, so no device
-    gathers another's logits or labels (a slice along the sharded dimension
-    would), and value and gradient equal the one-device whole-array path's."""
+    logits sharded along the batch, or along the first dimension of the
+    positions' second part (height, sequence): every chunk spans the groups
+    of those dimensions whole, so no device gathers another's logits or
+    labels (a slice along a sharded dimension would), and value and gradient
+    equal the one-device whole-array path's."""
     c = shape[axis]
     x = _logits(shape).astype(dtype)
     pos = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
@@ -351,8 +360,9 @@ def test_gspmd_xla_loop_slices_each_shard_locally(monkeypatch, shape, axis, dtyp
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
         monkeypatch.setattr(_losses, "_loop_writes_grad", lambda x: True)
         _losses._index_impl.clear_cache()  # the core's jit cache misses these
-        batch = NamedSharding(_mesh(), P("data"))
-        step = jax.jit(_step("mean", axis, weight, 0.1), in_shardings=(batch, batch))
+        x_s = NamedSharding(_mesh(), spec)
+        t_s = NamedSharding(_mesh(), P(*[e for i, e in enumerate(spec) if i != axis % len(shape)]))
+        step = jax.jit(_step("mean", axis, weight, 0.1), in_shardings=(x_s, t_s))
         text = step.lower(x, t).compile().as_text()
         got = step(x, t)
     _losses._index_impl.clear_cache()
