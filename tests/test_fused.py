@@ -83,7 +83,6 @@ CASES = [
     # first two shift their last chunk back, as do the last two below)
     ((8, 7, 3), -1),
     ((12, 2, 11), 1),
-    ((8, 5, 3, 19), -1),
     # ... and the first dimension of the second part (gcd(8, 4) groups)
     ((3, 8, 7, 3), -1),
     ((3, 2, 8, 7), 1),
