@@ -375,3 +375,27 @@ def test_gspmd_xla_loop_slices_each_shard_locally(monkeypatch, shape, axis, dtyp
         rtol=1e-2 if dtype == jnp.bfloat16 else 1e-4,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gspmd_uneven_shards_are_not_fed_to_the_kernel(kernel_everywhere, reduction):
+    """6 rows over 4 devices (a sharding constraint inside ``jit``): XLA pads
+    the last shard, and padding must not reach the kernel as positions (it
+    would add to the sum). That dimension is gathered instead; the values
+    equal the one-device XLA path's."""
+    c = 5
+    x, t = _logits((6, 4, c)), _labels((6, 4), c)
+    rows = NamedSharding(_mesh(), P("data"))
+
+    def constrained(x, t):
+        return jax.lax.with_sharding_constraint(x, rows), t
+
+    def step():
+        inner = _step(reduction, -1, WEIGHT)
+        return jax.jit(lambda x, t: inner(*constrained(x, t)))
+
+    with jaxloss.disable_pallas():
+        want = step()(x, t)
+    _assert_step_close(step()(x, t), want)
+    assert kernel_everywhere
+    assert all(k["logits_shape"][0] == 6 for k in kernel_everywhere), kernel_everywhere

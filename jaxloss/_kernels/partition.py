@@ -63,15 +63,21 @@ def _plan(sharding: Any, shape: tuple[int, ...], axis: int) -> tuple[P, P, tuple
     the class axis's mesh axes move to the first position dimension whose
     size their product divides, so each device gets whole rows of a share of
     the positions (an all-to-all; memory and work stay split). If none
-    divides, the classes are gathered.
+    divides, the classes are gathered. A dimension its mesh axes do not
+    divide evenly is gathered too (XLA pads uneven shards).
     """
     if not isinstance(sharding, NamedSharding):
         return None
     ndim = len(shape)
+    sizes = dict(sharding.mesh.shape)
     spec = [_axis_names(e) for e in sharding.spec] + [()] * (ndim - len(sharding.spec))
+    for d in range(ndim):
+        # An uneven split (XLA pads the last shard) would feed the padding to
+        # the kernel as positions: such a dimension is gathered instead.
+        if shape[d] % math.prod(sizes[n] for n in spec[d]):
+            spec[d] = ()
     moved, spec[axis] = spec[axis], ()
     if moved:
-        sizes = dict(sharding.mesh.shape)
         for d in range(ndim):
             if d == axis:
                 continue
