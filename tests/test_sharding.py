@@ -399,3 +399,30 @@ def test_gspmd_uneven_shards_are_not_fed_to_the_kernel(kernel_everywhere, reduct
     _assert_step_close(step()(x, t), want)
     assert kernel_everywhere
     assert all(k["logits_shape"][0] == 6 for k in kernel_everywhere), kernel_everywhere
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gspmd_where_and_nll_through_the_kernel(kernel_everywhere, reduction):
+    """A ``where`` mask sharded with the positions, and NLL, through the
+    partitioned kernel: equal to the one-device XLA path."""
+    c = 5
+    x, t = _logits((8, 4, c)), _labels((8, 4), c)
+    mask = jnp.asarray(np.random.default_rng(3).random((8, 4)) < 0.7)
+
+    def step():
+        def loss(x, t, m):
+            ce = jaxloss.cross_entropy(
+                x, t, weight=WEIGHT, where=m, reduction=reduction, label_smoothing=0.1
+            )
+            lp = jaxloss.log_softmax(x)
+            return ce + jaxloss.nll_loss(lp, t, weight=WEIGHT, where=m, reduction=reduction)
+
+        return jax.value_and_grad(loss)
+
+    with jaxloss.disable_pallas():
+        want = jax.jit(step())(x, t, mask)
+    rows = NamedSharding(_mesh(), P("data"))
+    got = jax.jit(step(), in_shardings=(rows,) * 3)(x, t, mask)
+    _assert_step_close(got, want)
+    assert (2, 4, c) in {k["logits_shape"] for k in kernel_everywhere}
+    assert any(not k["normalize"] for k in kernel_everywhere)  # NLL reached it too
