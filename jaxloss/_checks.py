@@ -121,8 +121,11 @@ def as_index_targets(targets: Any) -> jax.Array:
             f"targets must hold integer class indices (any integer dtype, uint8 masks "
             f"included); got dtype {arr.dtype}."
         )
-    # Work in a signed type wide enough for ignore_index=-100 and uint8's 255.
-    wide = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    # Work in a signed type wide enough for ignore_index=-100 and uint8's 255:
+    # int32, or int64 for 64-bit and uint32 labels under x64 (int32 labels
+    # are not widened there: that would be a full-size int64 copy).
+    narrow = arr.dtype.itemsize < 4 or arr.dtype == jnp.int32
+    wide = jnp.int64 if jax.config.jax_enable_x64 and not narrow else jnp.int32
     if arr.dtype != wide:
         arr = arr.astype(wide)
     return arr

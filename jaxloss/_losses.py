@@ -344,6 +344,25 @@ def _groups(size: int) -> int:
     return math.gcd(size, jax.device_count())
 
 
+def _view_dims(order: list[str], sizes: dict[str, int]) -> list[str]:
+    """The chunked loops' view dimensions in ``order`` ("c", the classes,
+    always; the others only when larger than 1)."""
+    return [d for d in order if d == "c" or sizes[d] > 1]
+
+
+def _fresh(
+    pshape: tuple[int, ...], pdims: list[str], a: tuple[Array, Array], b: tuple[Array, Array]
+) -> Array:
+    """Positions of a chunk not already seen by the chunk before it along
+    part A or B: ``index + start >= nominal start`` along both."""
+    fresh = jnp.ones(pshape, bool)
+    for name, (start, nominal) in (("a", a), ("b", b)):
+        if name in pdims:
+            index = jax.lax.broadcasted_iota(jnp.int32, pshape, pdims.index(name))
+            fresh = fresh & (index + start >= nominal)
+    return fresh
+
+
 def _chunks(a: int, c: int, b: int, g: int = 1) -> tuple[int, int]:
     """Chunk extents ``(ra, rb)`` along the position parts ``A`` and ``B`` of
     the logits' view (``c`` classes a position; each chunk spans ``g`` groups)."""
@@ -475,12 +494,21 @@ def _fused_pass(
     ra, rb = _chunks(pa, c, pb, g0 * g1)
     nb = -(-pb // rb)
     steps = -(-pa // ra) * nb
-    cax = 2 if trail else 4
-    vshape = (g0, pa, c, g1, pb) if trail else (g0, pa, g1, pb, c)
-    cshape = (g0, ra, c, g1, rb) if trail else (g0, ra, g1, rb, c)
-    pshape = (g0, ra, g1, rb)
-    xs = x.reshape(vshape)
-    ts = t.reshape((g0, pa, g1, pb))
+    # Dimensions of size 1 are left out of the view: with them XLA:CPU laid
+    # the reshaped logits out differently from the loop's carry and copied
+    # them whole (one full-size temporary) on one device.
+    dims = _view_dims(
+        ["g0", "a", "c", "g1", "b"] if trail else ["g0", "a", "g1", "b", "c"],
+        {"g0": g0, "a": pa, "g1": g1, "b": pb},
+    )
+    pdims = [d for d in dims if d != "c"]
+    full = {"g0": g0, "a": pa, "g1": g1, "b": pb, "c": c}
+    part = {"g0": g0, "a": ra, "g1": g1, "b": rb, "c": c}
+    cax = dims.index("c")
+    cshape = tuple(part[d] for d in dims)
+    pshape = tuple(part[d] for d in pdims)
+    xs = x.reshape(tuple(full[d] for d in dims))
+    ts = t.reshape(tuple(full[d] for d in pdims))
     ms = None if where is None else where.reshape(ts.shape)
     # An infinite scale (torch_compat's mean over nothing, where every
     # position is ignored) must leave their zero gradient zero, as in PyTorch.
@@ -494,17 +522,16 @@ def _fused_pass(
         # (``fresh``) and their gradient is rewritten with the same values.
         a0 = jnp.minimum(ia * ra, pa - ra)
         b0 = jnp.minimum(ib * rb, pb - rb)
+        at = {"a": a0, "b": b0}
         i0 = jnp.zeros((), a0.dtype)
-        start = (i0, a0, i0, b0)
-        xstart = (i0, a0, i0, i0, b0) if trail else (i0, a0, i0, b0, i0)
+        xstart = tuple(at.get(d, i0) for d in dims)
+        start = tuple(at.get(d, i0) for d in pdims)
         xb = jax.lax.dynamic_slice(xs, xstart, cshape)
         tb = jax.lax.dynamic_slice(ts, start, pshape)
         valid = jnp.ones(pshape, bool) if ignore_index is None else tb != ignore_index
         if ms is not None:
             valid = valid & jax.lax.dynamic_slice(ms, start, pshape)
-        fresh = (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + a0 >= ia * ra) & (
-            jax.lax.broadcasted_iota(jnp.int32, pshape, 3) + b0 >= ib * rb
-        )
+        fresh = _fresh(pshape, pdims, (a0, ia * ra), (b0, ib * rb))
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(
             xb, tb, valid, w, eps, normalize, cax, with_grad, share_exp=normalize
@@ -517,8 +544,8 @@ def _fused_pass(
         g = jax.lax.dynamic_update_slice(g, grad.astype(x.dtype), xstart)
         return total, g
 
-    g0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
-    carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, g0))
+    grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
+    carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, grad0))
     total, g = jax.lax.fori_loop(0, steps, body, carry)
     # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
     total = jnp.where(scale != 0, scale * total, zero)
@@ -564,22 +591,22 @@ def _weight_count(
     pa, pb = pa // g0, pb // g1
     ra, rb = _chunks(pa, 1, pb, g0 * g1)
     nb = -(-pb // rb)
-    pshape = (g0, ra, g1, rb)
-    ts = t.reshape((g0, pa, g1, pb))
+    pdims = _view_dims(["g0", "a", "g1", "b"], {"g0": g0, "a": pa, "g1": g1, "b": pb})
+    part = {"g0": g0, "a": ra, "g1": g1, "b": rb}
+    pshape = tuple(part[d] for d in pdims)
+    ts = t.reshape(tuple({"g0": g0, "a": pa, "g1": g1, "b": pb}[d] for d in pdims))
     ms = None if where is None else where.reshape(ts.shape)
 
     def body(i: Array, total: Array) -> Array:
         ia, ib = i // nb, i % nb
         a0 = jnp.minimum(ia * ra, pa - ra)
         b0 = jnp.minimum(ib * rb, pb - rb)
-        i0 = jnp.zeros((), a0.dtype)
-        start = (i0, a0, i0, b0)
+        at = {"a": a0, "b": b0}
+        start = tuple(at.get(d, jnp.zeros((), a0.dtype)) for d in pdims)
         tb = jax.lax.dynamic_slice(ts, start, pshape)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, pshape)
         # The last chunk is shifted back to fit: skip what the one before counted.
-        fresh = (jax.lax.broadcasted_iota(jnp.int32, pshape, 1) + a0 >= ia * ra) & (
-            jax.lax.broadcasted_iota(jnp.int32, pshape, 3) + b0 >= ib * rb
-        )
+        fresh = _fresh(pshape, pdims, (a0, ia * ra), (b0, ib * rb))
         return total + count(tb, _valid_mask(tb, mb, ignore_index) & fresh)
 
     steps = -(-pa // ra) * nb
