@@ -136,6 +136,7 @@ def by_position(
     in_kinds = tuple(in_kinds[i] for i in present)
     out_kinds = tuple(out_kinds)
     shape = tuple(arrays[0].shape)
+    axis = axis % len(shape)
 
     def run(*a: Array) -> tuple[Array, ...]:
         full: list[Array | None] = [None] * len(args)
