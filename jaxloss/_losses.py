@@ -55,6 +55,15 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     return m, log_s
 
 
+def _wide_labels(t: Array) -> Array:
+    """Labels as int32 for arithmetic and comparisons. The core carries 8- and
+    16-bit labels as they came (a converted copy made up front would be a
+    full-size int32 temporary, 5% of float32 logits at 19 classes); each use
+    converts them where XLA fuses the conversion (and the kernel after its
+    load). Comparing a uint8 array with 300 would wrap the 300."""
+    return t.astype(jnp.int32) if t.dtype.itemsize < 4 else t
+
+
 def _class_iota(shape: tuple[int, ...], axis: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -105,6 +114,7 @@ def _index_loss_and_grad(
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
     num_classes = x.shape[axis]
+    t = _wide_labels(t)
     in_range = (t >= 0) & (t < num_classes)
     t_safe = jnp.where(in_range, t, 0)
     t_keep = jnp.expand_dims(t_safe, axis)
@@ -575,7 +585,7 @@ def _weight_count(
     def count(tb: Array, valid: Array) -> Array:
         if w is None:
             return jnp.sum(valid, dtype=dtype)
-        w_t = w.astype(dtype)[jnp.clip(tb, 0, num_classes - 1)]
+        w_t = w.astype(dtype)[jnp.clip(_wide_labels(tb), 0, num_classes - 1)]
         return jnp.sum(jnp.where(valid, w_t, zero))
 
     if jax.default_backend() != "cpu":
@@ -614,6 +624,7 @@ def _weight_count(
 
 
 def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Array:
+    t = _wide_labels(t)
     valid = jnp.ones(t.shape, bool) if ignore_index is None else t != ignore_index
     return valid if where is None else valid & where
 
@@ -989,12 +1000,14 @@ def _loss(
             nan_if_empty=nan_if_empty,
         )
 
+    raw = t
     t = _checks.as_index_targets(t)
     _checks.check_index_targets(t, x.shape, axis, input_name)
     _checks.check_target_values(t, num_classes, ignore_index, mask)
     return _index_impl(
         x,
-        t,
+        # 8- and 16-bit labels travel as they are (see _wide_labels).
+        raw if jnp.issubdtype(raw.dtype, jnp.integer) and raw.dtype.itemsize < 4 else t,
         w,
         mask,
         ignore_index=ignore_index,

@@ -30,13 +30,13 @@ from jaxloss._kernels import cross_entropy as _ce  # noqa: E402
 def kernel_everywhere(monkeypatch):
     """Route the public API through the Pallas kernel in interpret mode, as on
     a GPU (``platform_dependent`` picks it on CUDA only); yields the keyword
-    arguments of every kernel call, with the shape of its logits added as
-    ``logits_shape``."""
+    arguments of every kernel call, with the shape of its logits and the
+    dtype of its labels added as ``logits_shape`` and ``label_dtype``."""
     calls = []
     interpreted = functools.partial(_ce.cross_entropy_pallas, interpret=True)
 
     def counting(*args, **kwargs):
-        calls.append(dict(kwargs, logits_shape=tuple(args[0].shape)))
+        calls.append(dict(kwargs, logits_shape=tuple(args[0].shape), label_dtype=args[1].dtype))
         return interpreted(*args, **kwargs)
 
     def dispatch(use_pallas, kernel, xla, *args):

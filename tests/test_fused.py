@@ -208,8 +208,30 @@ def test_cpu_temporaries_are_small(monkeypatch, devices):
                 x, t, weight=w, ignore_index=IGN, axis=axis
             )
         ))
-        compiled = step.lower(s(shape, dtype), s(pos, jnp.int32), s((c,), jnp.float32)).compile()
-        temp = compiled.memory_analysis().temp_size_in_bytes
-        nbytes = np.prod(shape) * jnp.dtype(dtype).itemsize
-        assert temp <= 0.01 * nbytes, (shape, dtype, temp, nbytes)
+        for labels in (jnp.int32, jnp.uint8):  # uint8: segmentation masks as stored
+            compiled = step.lower(s(shape, dtype), s(pos, labels), s((c,), jnp.float32)).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            nbytes = np.prod(shape) * jnp.dtype(dtype).itemsize
+            assert temp <= 0.01 * nbytes, (shape, dtype, labels, temp, nbytes)
     _losses._index_impl.clear_cache()
+
+
+@pytest.mark.parametrize("dtype,ignore", [(jnp.uint8, 255), (jnp.int8, -100), (jnp.int16, 255)])
+@pytest.mark.parametrize("shape,axis", [((3, 8, 7, 19), -1), ((12, 19, 11), 1)])
+def test_fused_narrow_labels_equal_int32_labels(chunk, dtype, ignore, shape, axis):
+    """8- and 16-bit labels (sliced chunk by chunk as they are, widened at
+    each use) give the int32 labels' loss and gradient, "mean" and "none"."""
+    x, t, w = _data(shape, axis)
+    t = jnp.where(t == IGN, ignore, t)
+    for reduction in ("mean", "none"):
+
+        def f(x, labels, reduction=reduction):
+            out = jaxloss.cross_entropy(
+                x, labels, weight=w, ignore_index=ignore, reduction=reduction, axis=axis
+            )
+            return jnp.sum(out * out) if reduction == "none" else out
+
+        want = jax.value_and_grad(f)(x, t.astype(jnp.int32))
+        got = jax.value_and_grad(f)(x, t.astype(dtype))
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)

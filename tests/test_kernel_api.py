@@ -158,6 +158,58 @@ def test_forward_mode_second_order_and_vmap_through_the_kernel(kernel_everywhere
 
 
 @pytest.mark.parametrize("through", ["xla", "kernel"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "dtype,c,ignore",
+    [(np.uint8, 19, 255), (np.uint8, 300, 255), (np.int8, 19, -100), (np.int16, 300, -100)],
+    ids=["uint8", "uint8-C300", "int8", "int16-C300"],
+)
+def test_narrow_labels_match_pytorch(request, through, reduction, dtype, c, ignore):
+    """8- and 16-bit labels travel through the core as they are (no int32
+    copy) and are widened at each use: losses and gradients equal PyTorch's,
+    with 300 classes too (a uint8 comparison with 300 would wrap) and with
+    ignore_index 255 (uint8) or -100 (signed); a label out of range gives a
+    NaN row."""
+    calls = request.getfixturevalue("kernel_everywhere") if through == "kernel" else None
+    rng = rng_for("narrow", dtype.__name__, c, reduction)
+    x = (2.0 * rng.standard_normal((3, 7, c))).astype(np.float32)
+    t = rng.integers(0, min(c, np.iinfo(dtype).max + 1), (3, 7)).astype(dtype)
+    t[0, 0] = ignore
+    w = np.linspace(0.5, 2.0, c).astype(np.float32)
+    ct = rng.standard_normal((3, 7)) if reduction == "none" else 1.0
+
+    def f(v):
+        out = jaxloss.cross_entropy(
+            v, jnp.asarray(t), weight=jnp.asarray(w), ignore_index=ignore, reduction=reduction
+        )
+        return jnp.sum(out * ct)
+
+    got_v, got_g = jax.value_and_grad(f)(jnp.asarray(x))
+    want_l, want_g = torch_loss_and_grad(
+        to_torch_layout(x, -1),
+        t,
+        ct,
+        nll=False,
+        weight=w,
+        ignore_index=ignore,
+        reduction=reduction,
+    )
+    assert_close(got_v, np.sum(want_l * ct), LOSS_TOL["float32"], "loss")
+    assert_close(got_g, np.moveaxis(want_g, 1, -1), GRAD_TOL["float32"], "grad")
+    assert calls is None or calls, "the kernel was not reached"
+    if calls:
+        assert jnp.dtype(dtype) in {k.get("label_dtype") for k in calls}
+    if np.iinfo(dtype).max >= c:  # a label out of range: NaN, never clamped
+        bad = t.copy()
+        bad[1, 2] = c
+        per = jax.jit(
+            lambda v, b: jaxloss.cross_entropy(v, b, ignore_index=ignore, reduction="none")
+        )
+        loss = np.asarray(per(jnp.asarray(x), jnp.asarray(bad)))
+        assert np.isnan(loss[1, 2]) and np.isfinite(np.delete(loss.reshape(-1), 7 + 2)).all()
+
+
+@pytest.mark.parametrize("through", ["xla", "kernel"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_remat_scan_pmap_and_vjp(request, through, reduction):
     """The gradient under ``jax.checkpoint`` (two policies), inside a
@@ -284,3 +336,25 @@ def test_float32_logits_under_x64_through_the_kernel(kernel_everywhere, shape, a
             assert got[1].dtype == jnp.float32
             assert_close(got[0], want[0], (2e-5, 2e-6))
             assert_close(got[1], want[1], (2e-5, 5e-7))
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((64, 64, 19), -1), ((4, 19, 32, 32), 1), ((64, 32003), -1)], ids=str
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_narrow_labels_lower_for_cuda(shape, axis, reduction):
+    """The Triton kernel loads uint8 labels as they are (widened after the
+    load): the CUDA lowering accepts it in every layout and the two-read loop,
+    and the labels reach the custom call as uint8 (no int32 copy first)."""
+    s = jax.ShapeDtypeStruct
+    pos = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
+
+    def f(x, t):
+        return jnp.sum(
+            jaxloss.cross_entropy(x, t, ignore_index=255, axis=axis, reduction=reduction)
+        )
+
+    lowered = jax.jit(jax.grad(f)).trace(s(shape, jnp.float32), s(pos, jnp.uint8))
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert calls and all("ui8>" in line for line in calls), calls

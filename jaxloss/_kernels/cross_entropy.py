@@ -216,7 +216,7 @@ def _kernel(
         return v[:, None] if not last else v[None, :]
 
     pidx = (a, pl.ds(p0, block_p)) if layout == "mid" else pl.ds(p0, block_p)
-    t = plgpu.load(t_ref.at[pidx], mask=pos_ok, other=0)
+    t = plgpu.load(t_ref.at[pidx], mask=pos_ok, other=0).astype(jnp.int32)
     valid = pos_ok
     if ignore_index is not None:
         valid = valid & (t != ignore_index)
@@ -415,7 +415,8 @@ def cross_entropy_pallas(
         tv = t.reshape(a)
         grid = (n_blocks,)
         partial_shape = (n_blocks,)
-    tv = tv.astype(jnp.int32)
+    # 8- and 16-bit labels are read as they are and widened after the load.
+    tv = tv if tv.dtype.itemsize < 4 else tv.astype(jnp.int32)
     # A boolean mask travels as int8 (1 byte a position); none is a dummy.
     mv = jnp.zeros((1,), jnp.int8) if where is None else where.reshape(tv.shape).astype(jnp.int8)
     wv = jnp.zeros((1,), f32) if w is None else w.astype(f32)
@@ -423,7 +424,7 @@ def cross_entropy_pallas(
     # (a gather of P values) instead of a chunk of C weights every step.
     w_t_given = w is not None and block_c < c and eps == 0.0
     if w_t_given:
-        wtv = wv[jnp.clip(tv, 0, c - 1)]
+        wtv = wv[jnp.clip(tv.astype(jnp.int32), 0, c - 1)]
     else:
         wtv = jnp.zeros((1,), f32)
     iv = jnp.ones((1,), jnp.int32)
