@@ -426,3 +426,27 @@ def test_gspmd_where_and_nll_through_the_kernel(kernel_everywhere, reduction):
     _assert_step_close(got, want)
     assert (2, 4, c) in {k["logits_shape"] for k in kernel_everywhere}
     assert any(not k["normalize"] for k in kernel_everywhere)  # NLL reached it too
+
+
+def test_partitioning_api_mismatch_warns_and_falls_back(kernel_everywhere, monkeypatch):
+    """Should a JAX release change ``custom_partitioning``'s API, the kernel
+    still runs (unpartitioned, as before partitioning existed), with a warning."""
+    from jaxloss._kernels import partition
+
+    class Moved:
+        def __init__(self, fun):
+            self.fun = fun
+
+        def def_partition(self, **kwargs):
+            raise TypeError("def_partition() got an unexpected keyword argument")
+
+    monkeypatch.setattr(partition, "custom_partitioning", Moved)
+    c = 5
+    x, t = _logits((8, 4, c)), _labels((8, 4), c)
+    with jaxloss.disable_pallas():
+        want = jax.jit(_step("mean", -1, WEIGHT))(x, t)
+    rows = NamedSharding(_mesh(), P("data"))
+    with pytest.warns(RuntimeWarning, match="cannot partition the GPU kernel"):
+        got = jax.jit(_step("mean", -1, WEIGHT), in_shardings=(rows, rows))(x, t)
+    _assert_step_close(got, want)
+    assert {k["logits_shape"] for k in kernel_everywhere} == {(8, 4, c)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import string
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -178,13 +179,23 @@ def by_position(
     def call(*a: Array) -> tuple[Array, ...]:
         return run(*a)
 
-    call.def_partition(
-        partition=partition,
-        infer_sharding_from_operands=infer,
-        propagate_user_sharding=None,
-        sharding_rule=rule,
-        **rule_kw,
-    )
+    try:
+        call.def_partition(
+            partition=partition,
+            infer_sharding_from_operands=infer,
+            propagate_user_sharding=None,
+            sharding_rule=rule,
+            **rule_kw,
+        )
+    except (TypeError, ValueError) as err:  # a JAX whose API moved
+        # The kernel still runs, as XLA partitions any custom call (replicated).
+        warnings.warn(
+            f"jaxloss: cannot partition the GPU kernel with this JAX ({err}); under a "
+            "sharded jit it runs on gathered inputs. shard_map with axis_name= avoids that.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return tuple(run(*arrays))
 
     @custom_vmap
     def unbatched(*a: Array) -> tuple[Array, ...]:
