@@ -538,9 +538,8 @@ def _fused_pass(
         start = tuple(at.get(d, i0) for d in pdims)
         xb = jax.lax.dynamic_slice(xs, xstart, cshape)
         tb = jax.lax.dynamic_slice(ts, start, pshape)
-        valid = jnp.ones(pshape, bool) if ignore_index is None else tb != ignore_index
-        if ms is not None:
-            valid = valid & jax.lax.dynamic_slice(ms, start, pshape)
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, pshape)
+        valid = _valid_mask(tb, mb, ignore_index)
         fresh = _fresh(pshape, pdims, (a0, ia * ra), (b0, ib * rb))
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(

@@ -235,3 +235,13 @@ def test_fused_narrow_labels_equal_int32_labels(chunk, dtype, ignore, shape, axi
         got = jax.value_and_grad(f)(x, t.astype(dtype))
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
+
+
+def test_fused_int8_label_is_not_taken_for_ignore_index_255(chunk):
+    """An int8 label -1 with ignore_index=255 is a bad label (NaN), as with
+    int32 labels: compared as int8, the 255 would wrap to -1 and ignore it."""
+    x, t, _ = _data((4, 6, 5), -1)
+    t = jnp.where(t == IGN, 0, t).at[0, 0].set(-1)
+    f = jax.jit(lambda x, t: jaxloss.cross_entropy(x, t, ignore_index=255, reduction="sum"))
+    assert np.isnan(float(f(x, t.astype(jnp.int32))))
+    assert np.isnan(float(f(x, t.astype(jnp.int8))))
