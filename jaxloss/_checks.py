@@ -121,14 +121,13 @@ def as_index_targets(targets: Any) -> jax.Array:
             f"targets must hold integer class indices (any integer dtype, uint8 masks "
             f"included); got dtype {arr.dtype}."
         )
-    # Work in a signed type wide enough for ignore_index=-100 and uint8's 255:
-    # int32, or int64 for 64-bit and uint32 labels under x64 (int32 labels
-    # are not widened there: that would be a full-size int64 copy).
-    narrow = arr.dtype.itemsize < 4 or arr.dtype == jnp.int32
-    wide = jnp.int64 if jax.config.jax_enable_x64 and not narrow else jnp.int32
-    if arr.dtype != wide:
-        arr = arr.astype(wide)
-    return arr
+    # 8- and 16-bit labels stay as they are: the core widens them where they
+    # are used (jaxloss._losses._wide_labels), since a converted copy made
+    # here would be a full-size int32 temporary. Wider ones become int32, or
+    # int64 for 64-bit and uint32 labels under x64 (int32 labels stay int32).
+    if arr.dtype.itemsize < 4 or arr.dtype == jnp.int32:
+        return arr
+    return arr.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
 
 
 def check_weight(weight: Any, num_classes: int, compute_dtype: Any) -> jax.Array | None:
@@ -186,7 +185,7 @@ def check_target_values(
     """
     if isinstance(targets, jax.core.Tracer) or isinstance(where, jax.core.Tracer):
         return
-    t = np.asarray(targets)
+    t = np.asarray(targets).astype(np.int64)  # uint8 compared with 300 must not wrap
     bad = (t < 0) | (t >= num_classes)
     if ignore_index is not None:
         bad &= t != ignore_index

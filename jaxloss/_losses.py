@@ -999,14 +999,12 @@ def _loss(
             nan_if_empty=nan_if_empty,
         )
 
-    raw = t
     t = _checks.as_index_targets(t)
     _checks.check_index_targets(t, x.shape, axis, input_name)
     _checks.check_target_values(t, num_classes, ignore_index, mask)
     return _index_impl(
         x,
-        # 8- and 16-bit labels travel as they are (see _wide_labels).
-        raw if jnp.issubdtype(raw.dtype, jnp.integer) and raw.dtype.itemsize < 4 else t,
+        t,
         w,
         mask,
         ignore_index=ignore_index,
