@@ -354,23 +354,64 @@ def _groups(size: int) -> int:
     return math.gcd(size, jax.device_count())
 
 
-def _view_dims(order: list[str], sizes: dict[str, int]) -> list[str]:
-    """The chunked loops' view dimensions in ``order`` ("c", the classes,
-    always; the others only when larger than 1)."""
-    return [d for d in order if d == "c" or sizes[d] > 1]
+class _Chunking:
+    """How the chunked loops cut the positions: into parts A (``first``
+    dimensions) and B (``second``), each led by gcd(its first dimension,
+    device count) groups that every chunk spans whole, so that a dimension
+    sharded over the devices under GSPMD ``jit`` is sliced by each device
+    locally (a slice along a sharded dimension would make XLA gather the
+    whole array onto every device). Chunks are cut along A and B only.
 
+    ``view``/``chunk`` are the shapes of the array and of one chunk, with the
+    ``c`` classes before B (``classes_between``) or last, or none without
+    ``c``; ``pview``/``pchunk`` the same without the classes. Dimensions of
+    size 1 are left out: with them XLA:CPU laid the reshaped logits out
+    differently from the loop's carry and copied them whole on one device.
+    """
 
-def _fresh(
-    pshape: tuple[int, ...], pdims: list[str], a: tuple[Array, Array], b: tuple[Array, Array]
-) -> Array:
-    """Positions of a chunk not already seen by the chunk before it along
-    part A or B: ``index + start >= nominal start`` along both."""
-    fresh = jnp.ones(pshape, bool)
-    for name, (start, nominal) in (("a", a), ("b", b)):
-        if name in pdims:
-            index = jax.lax.broadcasted_iota(jnp.int32, pshape, pdims.index(name))
-            fresh = fresh & (index + start >= nominal)
-    return fresh
+    def __init__(
+        self,
+        first: tuple[int, ...],
+        second: tuple[int, ...],
+        c: int | None = None,
+        classes_between: bool = False,
+    ) -> None:
+        g0 = _groups(first[0]) if first else 1
+        g1 = _groups(second[0]) if second else 1
+        self.pa, self.pb = math.prod(first) // g0, math.prod(second) // g1
+        self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1)
+        self.nb = -(-self.pb // self.rb)
+        self.steps = -(-self.pa // self.ra) * self.nb
+        order = ["g0", "a", "c", "g1", "b"] if classes_between else ["g0", "a", "g1", "b", "c"]
+        full = {"g0": g0, "a": self.pa, "g1": g1, "b": self.pb, "c": c}
+        part = {"g0": g0, "a": self.ra, "g1": g1, "b": self.rb, "c": c}
+        self.dims = [d for d in order if (d == "c" and c is not None) or (d != "c" and full[d] > 1)]
+        self.pdims = [d for d in self.dims if d != "c"]
+        self.view = tuple(full[d] for d in self.dims)
+        self.chunk = tuple(part[d] for d in self.dims)
+        self.pview = tuple(full[d] for d in self.pdims)
+        self.pchunk = tuple(part[d] for d in self.pdims)
+        self.cax = self.dims.index("c") if c is not None else None
+
+    def at(self, i: Array) -> tuple[tuple[Array, ...], tuple[Array, ...], Array]:
+        """Step ``i``'s chunk: its start in ``view``, its start in ``pview``,
+        and ``fresh``, its positions that the chunk before it did not cover
+        (the last chunk along each part is shifted back to fit)."""
+        ia, ib = i // self.nb, i % self.nb
+        a0 = jnp.minimum(ia * self.ra, self.pa - self.ra)
+        b0 = jnp.minimum(ib * self.rb, self.pb - self.rb)
+        at = {"a": a0, "b": b0}
+        i0 = jnp.zeros((), a0.dtype)
+        fresh = jnp.ones(self.pchunk, bool)
+        for name, start, nominal in (("a", a0, ia * self.ra), ("b", b0, ib * self.rb)):
+            if name in self.pdims:
+                index = jax.lax.broadcasted_iota(jnp.int32, self.pchunk, self.pdims.index(name))
+                fresh = fresh & (index + start >= nominal)
+        return (
+            tuple(at.get(d, i0) for d in self.dims),
+            tuple(at.get(d, i0) for d in self.pdims),
+            fresh,
+        )
 
 
 def _chunks(a: int, c: int, b: int, g: int = 1) -> tuple[int, int]:
@@ -480,45 +521,16 @@ def _fused_pass(
         # scale * 0: 0 for "sum" and jaxloss's mean, NaN for PyTorch's 0/0 mean.
         return scale * zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
 
-    # The positions are two parts, A and B: channels-last (N, d1.., C) is the
-    # view (G0, A, G1, B, C) with A from N and B from d1..; otherwise
-    # (G0, A, C, G1, B) with A before the class axis and B after it. All are
-    # reshapes of contiguous dimensions, i.e. free. G0 and G1 are the gcd of
-    # the device count and the first dimension of each part; every chunk
-    # spans them whole and is sliced along A and B only. Under GSPMD jit with
-    # the logits sharded along that dimension (batch; sequence or height)
-    # the sharding maps onto G0 or G1, so each device slices its own
-    # positions. (A slice along a sharded dimension would make XLA gather the
-    # whole logits onto every device.)
+    # Channels-last (N, d1.., C): part A is N, part B d1..; otherwise the
+    # dimensions before the class axis and those after it (see _Chunking).
+    # All views are reshapes of contiguous dimensions, i.e. free.
     lead, trail = shape[:axis], shape[axis + 1 :]
     if trail:
-        pa, pb = a, b
-        g0 = _groups(lead[0]) if lead else 1
-        g1 = _groups(trail[0])
+        cut = _Chunking(lead, trail, c, classes_between=True)
     else:
-        pa = lead[0] if lead else 1
-        pb = a // pa
-        g0 = _groups(pa) if lead else 1
-        g1 = _groups(lead[1]) if len(lead) > 1 else 1
-    pa, pb = pa // g0, pb // g1
-    ra, rb = _chunks(pa, c, pb, g0 * g1)
-    nb = -(-pb // rb)
-    steps = -(-pa // ra) * nb
-    # Dimensions of size 1 are left out of the view: with them XLA:CPU laid
-    # the reshaped logits out differently from the loop's carry and copied
-    # them whole (one full-size temporary) on one device.
-    dims = _view_dims(
-        ["g0", "a", "c", "g1", "b"] if trail else ["g0", "a", "g1", "b", "c"],
-        {"g0": g0, "a": pa, "g1": g1, "b": pb},
-    )
-    pdims = [d for d in dims if d != "c"]
-    full = {"g0": g0, "a": pa, "g1": g1, "b": pb, "c": c}
-    part = {"g0": g0, "a": ra, "g1": g1, "b": rb, "c": c}
-    cax = dims.index("c")
-    cshape = tuple(part[d] for d in dims)
-    pshape = tuple(part[d] for d in pdims)
-    xs = x.reshape(tuple(full[d] for d in dims))
-    ts = t.reshape(tuple(full[d] for d in pdims))
+        cut = _Chunking(lead[:1], lead[1:], c)
+    xs = x.reshape(cut.view)
+    ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)
     # An infinite scale (torch_compat's mean over nothing, where every
     # position is ignored) must leave their zero gradient zero, as in PyTorch.
@@ -526,24 +538,16 @@ def _fused_pass(
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
-        ia, ib = i // nb, i % nb
-        # The last chunk along each part is shifted back to fit; the
-        # positions it shares with the previous chunk are not summed twice
-        # (``fresh``) and their gradient is rewritten with the same values.
-        a0 = jnp.minimum(ia * ra, pa - ra)
-        b0 = jnp.minimum(ib * rb, pb - rb)
-        at = {"a": a0, "b": b0}
-        i0 = jnp.zeros((), a0.dtype)
-        xstart = tuple(at.get(d, i0) for d in dims)
-        start = tuple(at.get(d, i0) for d in pdims)
-        xb = jax.lax.dynamic_slice(xs, xstart, cshape)
-        tb = jax.lax.dynamic_slice(ts, start, pshape)
-        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, pshape)
+        # The positions a shifted last chunk shares with the one before are
+        # not summed twice (``fresh``); their gradient is rewritten alike.
+        xstart, start, fresh = cut.at(i)
+        xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk)
+        tb = jax.lax.dynamic_slice(ts, start, cut.pchunk)
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk)
         valid = _valid_mask(tb, mb, ignore_index)
-        fresh = _fresh(pshape, pdims, (a0, ia * ra), (b0, ib * rb))
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(
-            xb, tb, valid, w, eps, normalize, cax, with_grad, share_exp=normalize
+            xb, tb, valid, w, eps, normalize, cut.cax, with_grad, share_exp=normalize
         )
         total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:
@@ -555,7 +559,7 @@ def _fused_pass(
 
     grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
     carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, grad0))
-    total, g = jax.lax.fori_loop(0, steps, body, carry)
+    total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
     # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
     total = jnp.where(scale != 0, scale * total, zero)
     if not with_grad:
@@ -591,35 +595,19 @@ def _weight_count(
         # One fused reduction: a GPU loop pays a launch and a host round trip
         # per step (measured on an H200: ~0.2 ms for 8M targets).
         return count(t, _valid_mask(t, where, ignore_index))
-    # Chunks span the groups of the first two dimensions whole, as in
-    # _fused_pass (sharding), and are sliced along the rest.
-    pa = t.shape[0] if t.ndim else 1
-    pb = n // pa
-    g0 = _groups(pa) if t.ndim else 1
-    g1 = _groups(t.shape[1]) if t.ndim > 1 else 1
-    pa, pb = pa // g0, pb // g1
-    ra, rb = _chunks(pa, 1, pb, g0 * g1)
-    nb = -(-pb // rb)
-    pdims = _view_dims(["g0", "a", "g1", "b"], {"g0": g0, "a": pa, "g1": g1, "b": pb})
-    part = {"g0": g0, "a": ra, "g1": g1, "b": rb}
-    pshape = tuple(part[d] for d in pdims)
-    ts = t.reshape(tuple({"g0": g0, "a": pa, "g1": g1, "b": pb}[d] for d in pdims))
+    # Chunks cut like _fused_pass's (sharding): part A the first dimension.
+    cut = _Chunking(t.shape[:1], t.shape[1:])
+    ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)
 
     def body(i: Array, total: Array) -> Array:
-        ia, ib = i // nb, i % nb
-        a0 = jnp.minimum(ia * ra, pa - ra)
-        b0 = jnp.minimum(ib * rb, pb - rb)
-        at = {"a": a0, "b": b0}
-        start = tuple(at.get(d, jnp.zeros((), a0.dtype)) for d in pdims)
-        tb = jax.lax.dynamic_slice(ts, start, pshape)
-        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, pshape)
-        # The last chunk is shifted back to fit: skip what the one before counted.
-        fresh = _fresh(pshape, pdims, (a0, ia * ra), (b0, ib * rb))
+        _, start, fresh = cut.at(i)
+        tb = jax.lax.dynamic_slice(ts, start, cut.pchunk)
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk)
+        # A shifted last chunk skips what the one before counted (``fresh``).
         return total + count(tb, _valid_mask(tb, mb, ignore_index) & fresh)
 
-    steps = -(-pa // ra) * nb
-    return jax.lax.fori_loop(0, steps, body, _varying_like(zero, ts, ms, w))
+    return jax.lax.fori_loop(0, cut.steps, body, _varying_like(zero, ts, ms, w))
 
 
 def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Array:
