@@ -62,10 +62,11 @@ def _value_and_grads(fn, proj, feats, labels):
 
 
 def _assert_close(got, want):
-    (lg, (gp, gf)), (lw, (wp, wf)) = got, want
+    """``(loss, gradients)`` pairs: the loss and every gradient leaf."""
+    (lg, gg), (lw, gw) = got, want
     np.testing.assert_allclose(float(lg), float(lw), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gp), np.asarray(wp), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(gf), np.asarray(wf), rtol=1e-4, atol=1e-6)
+    for g, w in zip(jax.tree.leaves(gg), jax.tree.leaves(gw), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +211,6 @@ def _step(reduction, axis, weight, smoothing=0.0):
     return jax.value_and_grad(loss)
 
 
-def _assert_step_close(got, want):
-    (lg, gg), (lw, gw) = got, want
-    np.testing.assert_allclose(float(lg), float(lw), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gg), np.asarray(gw), rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "layout,spec", [("last", P("data")), ("last", P(None, "data")), ("first", P("data"))]
@@ -243,7 +238,7 @@ def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, reduction, l
     got = jax.jit(step, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec)))(
         x, t
     )
-    _assert_step_close(got, want)
+    _assert_close(got, want)
     local = list(x.shape)
     local[list(spec).index("data")] //= N_DEV
     shapes = {k["logits_shape"] for k in kernel_everywhere}
@@ -277,7 +272,7 @@ def test_gspmd_class_axis_sharded(kernel_everywhere, shape, x_spec, t_spec, loca
     mesh = Mesh(np.array(jax.devices()[:N_DEV]).reshape(2, 2), ("data", "model"))
     step = jax.jit(step, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec)))
     got = step(x, t)
-    _assert_step_close(got, want)
+    _assert_close(got, want)
     assert local in {k["logits_shape"] for k in kernel_everywhere}
     if local != shape:  # no all-gather whose result holds whole rows of logits
         text = step.lower(x, t).compile().as_text()
@@ -396,7 +391,7 @@ def test_gspmd_uneven_shards_are_not_fed_to_the_kernel(kernel_everywhere, reduct
 
     with jaxloss.disable_pallas():
         want = step()(x, t)
-    _assert_step_close(step()(x, t), want)
+    _assert_close(step()(x, t), want)
     assert kernel_everywhere
     assert all(k["logits_shape"][0] == 6 for k in kernel_everywhere), kernel_everywhere
 
@@ -423,7 +418,7 @@ def test_gspmd_where_and_nll_through_the_kernel(kernel_everywhere, reduction):
         want = jax.jit(step())(x, t, mask)
     rows = NamedSharding(_mesh(), P("data"))
     got = jax.jit(step(), in_shardings=(rows,) * 3)(x, t, mask)
-    _assert_step_close(got, want)
+    _assert_close(got, want)
     assert (2, 4, c) in {k["logits_shape"] for k in kernel_everywhere}
     assert any(not k["normalize"] for k in kernel_everywhere)  # NLL reached it too
 
@@ -448,5 +443,5 @@ def test_partitioning_api_mismatch_warns_and_falls_back(kernel_everywhere, monke
     rows = NamedSharding(_mesh(), P("data"))
     with pytest.warns(RuntimeWarning, match="cannot partition the GPU kernel"):
         got = jax.jit(_step("mean", -1, WEIGHT), in_shardings=(rows, rows))(x, t)
-    _assert_step_close(got, want)
+    _assert_close(got, want)
     assert {k["logits_shape"] for k in kernel_everywhere} == {(8, 4, c)}
