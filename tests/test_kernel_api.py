@@ -314,6 +314,52 @@ def test_infinite_logits_match_the_xla_path(kernel_everywhere, reduction):
         np.testing.assert_allclose(g, v, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("through_kernel", [False, True], ids=["xla", "kernel"])
+@pytest.mark.parametrize("c", [19, 5000], ids=["one-read", "two-read"])
+def test_extreme_logits_match_pytorch(request, through_kernel, c):
+    """Rows with -inf (masked classes, a whole row of them), +inf, and logits
+    far below exp's range (-1e9, or -200 everywhere; in the two-read loop the
+    first chunk all -1e9): PyTorch's losses and gradients, NaNs included.
+    Ignored rows keep a zero gradient (PyTorch's is NaN for a row of -inf)."""
+    calls = request.getfixturevalue("kernel_everywhere") if through_kernel else None
+    x, t, w = _case((8, c), -1, jnp.float32, 9)
+    x = np.array(x)
+    t = np.array(t)
+    x[0, 1::2] = -np.inf  # masked classes
+    t[0] = 2
+    x[1] = -np.inf  # a whole row of -inf, valid: NaN
+    t[1] = 0
+    x[2] = -np.inf  # the same, ignored
+    t[2] = IGN
+    x[3, 3] = np.inf  # +inf: NaN, as in PyTorch
+    t[3] = 4
+    x[4, : c // 2] = -1e9  # the first half far below exp's range
+    t[4] = c - 1
+    x[5] -= 200.0  # every logit below -88
+    t[5] = 1
+    x[6, 5:] = -1e9
+    t[6] = 5
+    t[7] = 0
+    for reduction in ("none", "sum"):
+        loss, vjp = jax.vjp(
+            lambda v, r=reduction: jaxloss.cross_entropy(
+                v, jnp.asarray(t), weight=w, ignore_index=IGN, reduction=r
+            ),
+            jnp.asarray(x),
+        )
+        ct = np.ones(loss.shape, np.float32)
+        (g,) = vjp(jnp.asarray(ct))
+        tl, tg = torch_loss_and_grad(
+            x, t, ct, nll=False, weight=np.asarray(w), ignore_index=IGN, reduction=reduction
+        )
+        tg[t == IGN] = 0.0
+        np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl), err_msg=reduction)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(tg), err_msg=reduction)
+        np.testing.assert_allclose(loss, tl, rtol=2e-5, atol=2e-6, err_msg=reduction)
+        np.testing.assert_allclose(g, tg, rtol=2e-5, atol=2e-6, err_msg=reduction)
+    assert calls is None or calls
+
+
 @pytest.mark.parametrize(
     "shape,axis", [((7, 19), -1), ((2, 19, 3, 5), 1), ((2, 5000), -1)], ids=["flat", "mid", "loop"]
 )

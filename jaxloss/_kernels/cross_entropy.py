@@ -57,6 +57,11 @@ Config = tuple[int, int, int, int, int]
 FLAT_MAX_ELEMENTS = 2**31
 
 
+def _finite_shift(m: jax.Array) -> jax.Array:
+    """The row max as the exponentials' shift, 0 for a row of -inf."""
+    return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -263,7 +268,9 @@ def _kernel(
         x_t, m = combine(0), combine(2, jnp.maximum)
         w_t = combine(1) if load_w else None
         wx = combine(3) if eps else None
-        m = jnp.where(jnp.isfinite(m), m, zero)
+        # A row of -inf (padding, fully masked logits) would give -inf - -inf
+        # = nan: shift it by 0 instead. A +inf logit gives NaN, as in PyTorch.
+        m = _finite_shift(m)
         es = [jnp.exp(x - per_class(m)) for *_, x, _, _ in tiles]
         s = functools.reduce(jnp.add, [jnp.sum(e, axis=cax) for e in es])
         w_total = functools.reduce(jnp.add, [jnp.sum(w) for *_, w, _ in tiles])
@@ -276,17 +283,17 @@ def _kernel(
             _, _, x, w, is_t = load_x(k * block_c)
             cx_t, cw_t, cm, cwx = chunk_stats(x, w, is_t)
             m_new = jnp.maximum(m, cm)
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, zero)
-            s = s * jnp.exp(jnp.where(jnp.isfinite(m), m, zero) - m_safe) + jnp.sum(
-                jnp.exp(x - per_class(m_safe)), axis=cax
-            )
+            m_safe = _finite_shift(m_new)
+            # exp(-inf - m_safe) = 0 rescales the empty sum of a row's first
+            # chunks (a shift of 0 there would overflow for logits below -88).
+            s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(x - per_class(m_safe)), axis=cax)
             w_t = w_t + cw_t if load_w else w_t
             wx = wx + cwx if eps else wx
             return m_new, s, x_t + cx_t, w_t, wx, wsum + jnp.sum(w)
 
         init = (jnp.full((block_p,), -jnp.inf, f32), zeros, zeros, zeros, zeros, zero)
         m, s, x_t, w_t, wx, w_total = jax.lax.fori_loop(i32(0), i32(n_chunks), body, init)
-        m = jnp.where(jnp.isfinite(m), m, zero)
+        m = _finite_shift(m)
     if not has_weight:
         w_t = jnp.ones((block_p,), f32)
         w_total = jnp.asarray(float(c), f32)
