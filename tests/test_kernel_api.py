@@ -319,7 +319,8 @@ def test_infinite_logits_match_the_xla_path(kernel_everywhere, reduction):
 def test_extreme_logits_match_pytorch(request, through_kernel, c):
     """Rows with -inf (masked classes, a whole row of them), +inf, and logits
     far below exp's range (-1e9, or -200 everywhere; in the two-read loop the
-    first chunk all -1e9): PyTorch's losses and gradients, NaNs included.
+    first chunk all -1e9): PyTorch's losses and gradients, NaNs included,
+    with and without label smoothing (masked classes make its loss inf).
     Ignored rows keep a zero gradient (PyTorch's is NaN for a row of -inf)."""
     calls = request.getfixturevalue("kernel_everywhere") if through_kernel else None
     x, t, w = _case((8, c), -1, jnp.float32, 9)
@@ -340,18 +341,15 @@ def test_extreme_logits_match_pytorch(request, through_kernel, c):
     x[6, 5:] = -1e9
     t[6] = 5
     t[7] = 0
-    for reduction in ("none", "sum"):
+    for reduction, eps in (("none", 0.0), ("sum", 0.0), ("none", 0.1)):
+        kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=eps)
         loss, vjp = jax.vjp(
-            lambda v, r=reduction: jaxloss.cross_entropy(
-                v, jnp.asarray(t), weight=w, ignore_index=IGN, reduction=r
-            ),
-            jnp.asarray(x),
+            lambda v, kw=kw: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x)
         )
         ct = np.ones(loss.shape, np.float32)
         (g,) = vjp(jnp.asarray(ct))
-        tl, tg = torch_loss_and_grad(
-            x, t, ct, nll=False, weight=np.asarray(w), ignore_index=IGN, reduction=reduction
-        )
+        kw["weight"] = np.asarray(w)
+        tl, tg = torch_loss_and_grad(x, t, ct, nll=False, **kw)
         tg[t == IGN] = 0.0
         np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl), err_msg=reduction)
         np.testing.assert_array_equal(np.isnan(g), np.isnan(tg), err_msg=reduction)
