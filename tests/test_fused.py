@@ -85,7 +85,7 @@ CASES = [
     ((12, 2, 11), 1),
     # ... and the first dimension of the second part (gcd(8, 4) groups)
     ((3, 8, 7, 3), -1),
-    ((3, 2, 8, 7), 1),
+    ((3, 2, 8, 11), 1),
 ]
 
 
@@ -112,6 +112,51 @@ def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
         label_smoothing=eps, where=where,
     )
     np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n,want,stride",
+    [(65536, 13797, 76), (65536, 13797, 4), (16384, 1747, 600), (1001, 300, 76), (37, 3, 76),
+     (14, 7, 4), (13, 7, 4), (5, 9, 4), (1, 1, 4)],
+)
+def test_balanced_chunks(n, want, stride):
+    """Chunk extents: within [1, n], no more chunks than ``want`` asks for,
+    every chunk start on a 64-byte boundary once the chunk is large, and a
+    shifted last chunk overlapping the one before by less than one alignment
+    step per chunk."""
+    size = _losses._balanced(n, want, stride)
+    assert 1 <= size <= n
+    count = -(-n // size)
+    assert count <= -(-n // min(n, want))
+    align = 64 // np.gcd(stride, 64)
+    if size >= 8 * align:
+        assert (size * stride) % 64 == 0
+    assert count * size - n < count * align
+
+
+@pytest.mark.parametrize("shape,axis", [((1, 1001, 19), -1), ((1, 19, 1001), 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_aligned_chunks_match_per_position(monkeypatch, shape, axis, reduction):
+    """Chunks rounded to 64-byte starts (256 of 1001 positions, the last
+    shifted back) give the per-position path's loss and gradient."""
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * 300)
+    monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    _losses._index_impl.clear_cache()
+    axis_ = axis % len(shape)
+    cut = _losses._Chunking(
+        shape[:axis_], shape[axis_ + 1 :], 19, classes_between=True
+    ) if shape[axis_ + 1 :] else _losses._Chunking(shape[:1], shape[1:-1], 19)
+    assert (cut.rb, cut.steps) == (256, 4)
+    x, t, w = _data(shape, axis)
+    got_v, got_g = jax.value_and_grad(
+        lambda x: jaxloss.cross_entropy(
+            x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis, label_smoothing=0.1
+        )
+    )(x)
+    _losses._index_impl.clear_cache()
+    ref_v, ref_g = _reference(x, t, w, reduction=reduction, axis=axis, eps=0.1)
+    np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape,axis", CASES[:3], ids=[f"{s}-ax{a}" for s, a in CASES[:3]])
