@@ -465,10 +465,10 @@ def _loop_writes_grad(x: Array) -> bool:
     input and turns each chunk's write into a rewrite of the whole buffer.
     There, 16-bit inputs take :func:`_plain_total_and_grad` instead (row
     statistics by fused reductions, the gradient one elementwise pass).
-    For float32 the loop's per-step cost makes it 1.7-3.7x slower than the
-    whole-array formulation at a few MiB (``benchmarks/bench.py --small``);
-    the loop is kept for large inputs, where its temporaries (a few chunks
-    instead of several per-position arrays) are what matters.
+    For float32 the loop is 1.6-2.1x slower than the whole-array
+    formulation at a few MiB (``bench.py --small`` shapes, aligned chunks;
+    1.7-3.7x before them) and as fast from 80 MB up, where its temporaries
+    (a few chunks instead of several per-position arrays) are what matters.
     """
     if jax.default_backend() != "cpu":
         return True
