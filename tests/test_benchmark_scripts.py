@@ -26,7 +26,7 @@ def test_api_checks_pass_on_cpu():
 
 def test_every_tuning_candidate_lowers_for_cuda():
     s = jax.ShapeDtypeStruct
-    for shape, dtype, axis in bench.FULL.values():
+    for shape, dtype, axis in [*bench.FULL.values(), *gpu_check.TUNE_ONLY.values()]:
         ax = axis % len(shape)
         c = shape[ax]
         pos = shape[:ax] + shape[ax + 1 :]
