@@ -332,10 +332,14 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 # one read of the logits, one write of the gradient, temporaries of a few
 # chunks.
 
-# Logit elements per chunk. A step of the loop costs XLA:CPU ~0.1 ms of
-# dispatch, so steps are at least 2**18 elements (1 MiB of float32); beyond
-# that 1/1024 of the input keeps the chunk's few float32 temporaries well
-# under 1% of the logits. Accelerators need bigger steps still: on an H200 a
+# Logit elements per chunk. On XLA:CPU steps are at least 2**18 elements
+# (1 MiB of float32), twice that for channels-last rows; beyond that 1/1024
+# of the input keeps the chunk's few float32 temporaries well under 1% of the
+# logits. Measured on the 2-core dev machine (same process, interleaved):
+# channels-last fwd+bwd with 2**19 against 2**18 was 1.09-1.17x faster at
+# 16x512x1024x19, 16x256x256x19 and 8x128x128x150 and 1.04x at 2048x32000
+# (temporaries 0.4% of the logits at seg19), while NCHW (16x19x256x256) fell
+# off a cliff from 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18). Accelerators need bigger steps still: on an H200 a
 # step cost ~20 us whatever its size (160-256 steps of n/256: 3-7 ms, 0.15-0.24
 # of the copy floor, benchmarks/results/bench-full-NVIDIA_H200-*.json, rows
 # jaxloss_xla), and the temporaries measured 0.15% of the logits at seg19's
@@ -344,9 +348,11 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 _CPU_CHUNK_ELEMENTS = 1 << 18
 
 
-def _chunk_elements(n: int) -> int:
+def _chunk_elements(n: int, rows: bool = False) -> int:
+    """Logit elements per chunk of ``n``; ``rows``: each position's classes
+    are contiguous (channels-last)."""
     if jax.default_backend() == "cpu":
-        return max(_CPU_CHUNK_ELEMENTS, n // 1024)
+        return max(_CPU_CHUNK_ELEMENTS * (2 if rows else 1), n // 1024)
     return min(max(1 << 20, n // 32), 1 << 24)
 
 
@@ -427,7 +433,8 @@ def _chunks(
     the logits' view (``c`` classes a position of ``itemsize`` bytes each;
     each chunk spans ``g`` groups; ``stride`` bytes from one position of part
     B to the next)."""
-    target = max(1, _chunk_elements(g * a * c * b) // g)
+    rows = c > 1 and stride == itemsize * c  # channels-last: whole rows
+    target = max(1, _chunk_elements(g * a * c * b, rows) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
     return 1, _balanced(b, target // c, stride)

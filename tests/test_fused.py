@@ -79,12 +79,13 @@ CASES = [
     ((5, 1), -1),
     ((4, 1000), -1),
     # leading dimensions that the 4 test devices divide: the loops keep
-    # gcd(leading, 4) groups whole in every chunk (with 64-element chunks the
-    # first two shift their last chunk back, as do the last two below)
-    ((8, 7, 3), -1),
+    # gcd(leading, 4) groups whole in every chunk (with the tiny chunks the
+    # first two shift their last chunk back, as do the last two below:
+    # test_tiny_chunks_shift_the_last_chunk)
+    ((8, 11, 3), -1),
     ((12, 2, 11), 1),
     # ... and the first dimension of the second part (gcd(8, 4) groups)
-    ((3, 8, 7, 3), -1),
+    ((3, 8, 11, 3), -1),
     ((3, 2, 8, 11), 1),
 ]
 
@@ -114,6 +115,21 @@ def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
     np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,axis", CASES[6:], ids=[f"{s}-ax{a}" for s, a in CASES[6:]])
+def test_tiny_chunks_shift_the_last_chunk(monkeypatch, shape, axis):
+    """The grouped cases above do exercise a shifted last chunk along part B
+    (on the 4 test devices, with the "loop-tiny-chunks" setting)."""
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
+    axis = axis % len(shape)
+    c, lead, trail = shape[axis], shape[:axis], shape[axis + 1 :]
+    if trail:
+        cut = _losses._Chunking(lead, trail, c, classes_between=True)
+    else:
+        cut = _losses._Chunking(lead[:1], lead[1:], c)
+    assert jax.device_count() == 4
+    assert -(-cut.pb // cut.rb) * cut.rb > cut.pb
+
+
 @pytest.mark.parametrize(
     "n,want,stride",
     [(65536, 13797, 76), (65536, 13797, 4), (16384, 1747, 600), (1001, 300, 76), (37, 3, 76),
@@ -139,7 +155,9 @@ def test_balanced_chunks(n, want, stride):
 def test_fused_aligned_chunks_match_per_position(monkeypatch, shape, axis, reduction):
     """Chunks rounded to 64-byte starts (256 of 1001 positions, the last
     shifted back) give the per-position path's loss and gradient."""
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * 300)
+    # Channels-last rows take chunks twice this size (see _chunk_elements).
+    rows = shape[-1] == 19
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * (150 if rows else 300))
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     _losses._index_impl.clear_cache()
     axis_ = axis % len(shape)
