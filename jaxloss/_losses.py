@@ -339,12 +339,14 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 # channels-last fwd+bwd with 2**19 against 2**18 was 1.09-1.17x faster at
 # 16x512x1024x19, 16x256x256x19 and 8x128x128x150 and 1.04x at 2048x32000
 # (temporaries 0.4% of the logits at seg19), while NCHW (16x19x256x256) fell
-# off a cliff from 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18). Accelerators need bigger steps still: on an H200 a
-# step cost ~20 us whatever its size (160-256 steps of n/256: 3-7 ms, 0.15-0.24
-# of the copy floor, benchmarks/results/bench-full-NVIDIA_H200-*.json, rows
-# jaxloss_xla), and the temporaries measured 0.15% of the logits at seg19's
-# n/160 steps. So 32 steps: temporaries ~0.75%, launch cost ~0.6 ms
-# (predicted from those figures, not yet measured).
+# off a cliff from 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18).
+#
+# Accelerators need bigger steps still: on an H200 a step cost ~20 us
+# whatever its size (160-256 steps of n/256: 3-7 ms, 0.15-0.24 of the copy
+# floor, benchmarks/results/bench-full-NVIDIA_H200-*.json, rows jaxloss_xla),
+# and the temporaries measured 0.15% of the logits at seg19's n/160 steps.
+# So 32 steps: temporaries ~0.75%, launch cost ~0.6 ms (predicted from those
+# figures, not yet measured).
 _CPU_CHUNK_ELEMENTS = 1 << 18
 
 
@@ -389,9 +391,8 @@ class _Chunking:
         g0 = _groups(first[0]) if first else 1
         g1 = _groups(second[0]) if second else 1
         self.pa, self.pb = math.prod(first) // g0, math.prod(second) // g1
-        # Bytes between consecutive positions of part B in the array.
-        stride = itemsize * (1 if classes_between else (c or 1))
-        self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1, itemsize, stride)
+        rows = c is not None and not classes_between
+        self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1, itemsize, rows)
         self.nb = -(-self.pb // self.rb)
         self.steps = -(-self.pa // self.ra) * self.nb
         order = ["g0", "a", "c", "g1", "b"] if classes_between else ["g0", "a", "g1", "b", "c"]
@@ -427,17 +428,16 @@ class _Chunking:
 
 
 def _chunks(
-    a: int, c: int, b: int, g: int = 1, itemsize: int = 4, stride: int = 4
+    a: int, c: int, b: int, g: int = 1, itemsize: int = 4, rows: bool = False
 ) -> tuple[int, int]:
     """Chunk extents ``(ra, rb)`` along the position parts ``A`` and ``B`` of
     the logits' view (``c`` classes a position of ``itemsize`` bytes each;
-    each chunk spans ``g`` groups; ``stride`` bytes from one position of part
-    B to the next)."""
-    rows = c > 1 and stride == itemsize * c  # channels-last: whole rows
+    each chunk spans ``g`` groups; ``rows``: a position's classes are
+    contiguous, channels-last, else part B's positions are)."""
     target = max(1, _chunk_elements(g * a * c * b, rows) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
-    return 1, _balanced(b, target // c, stride)
+    return 1, _balanced(b, target // c, itemsize * (c if rows else 1))
 
 
 def _balanced(n: int, want: int, stride: int) -> int:
