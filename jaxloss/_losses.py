@@ -406,6 +406,16 @@ class _Chunking:
         self.pchunk = tuple(part[d] for d in self.pdims)
         self.cax = self.dims.index("c") if c is not None else None
 
+    @classmethod
+    def of_logits(cls, shape: tuple[int, ...], axis: int, itemsize: int) -> _Chunking:
+        """The cut of logits of ``shape`` (class axis ``axis >= 0``).
+        Channels-last (N, d1.., C): part A is N, part B d1..; otherwise the
+        dimensions before the class axis and those after it."""
+        lead, trail = shape[:axis], shape[axis + 1 :]
+        if trail:
+            return cls(lead, trail, shape[axis], classes_between=True, itemsize=itemsize)
+        return cls(lead[:1], lead[1:], shape[axis], itemsize=itemsize)
+
     def at(self, i: Array) -> tuple[tuple[Array, ...], tuple[Array, ...], Array]:
         """Step ``i``'s chunk: its start in ``view``, its start in ``pview``,
         and ``fresh``, its positions that the chunk before it did not cover
@@ -549,23 +559,14 @@ def _fused_pass(
     """
     cdt = _compute_dtype(x.dtype)
     shape = x.shape
-    c = shape[axis]
-    a = math.prod(shape[:axis])
-    b = math.prod(shape[axis + 1 :])
     scale = scale.astype(cdt)
     zero = jnp.zeros((), cdt)
-    if a * b == 0:
+    if math.prod(shape[:axis] + shape[axis + 1 :]) == 0:
         # scale * 0: 0 for "sum" and jaxloss's mean, NaN for PyTorch's 0/0 mean.
         return scale * zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
 
-    # Channels-last (N, d1.., C): part A is N, part B d1..; otherwise the
-    # dimensions before the class axis and those after it (see _Chunking).
     # All views are reshapes of contiguous dimensions, i.e. free.
-    lead, trail = shape[:axis], shape[axis + 1 :]
-    if trail:
-        cut = _Chunking(lead, trail, c, classes_between=True, itemsize=x.dtype.itemsize)
-    else:
-        cut = _Chunking(lead[:1], lead[1:], c, itemsize=x.dtype.itemsize)
+    cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
     xs = x.reshape(cut.view)
     ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)

@@ -120,12 +120,7 @@ def test_tiny_chunks_shift_the_last_chunk(monkeypatch, shape, axis):
     """The grouped cases above do exercise a shifted last chunk along part B
     (on the 4 test devices, with the "loop-tiny-chunks" setting)."""
     monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
-    axis = axis % len(shape)
-    c, lead, trail = shape[axis], shape[:axis], shape[axis + 1 :]
-    if trail:
-        cut = _losses._Chunking(lead, trail, c, classes_between=True)
-    else:
-        cut = _losses._Chunking(lead[:1], lead[1:], c)
+    cut = _losses._Chunking.of_logits(shape, axis % len(shape), 4)
     assert jax.device_count() == 4
     assert -(-cut.pb // cut.rb) * cut.rb > cut.pb
 
@@ -160,10 +155,7 @@ def test_fused_aligned_chunks_match_per_position(monkeypatch, shape, axis, reduc
     monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * (150 if rows else 300))
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     _losses._index_impl.clear_cache()
-    axis_ = axis % len(shape)
-    cut = _losses._Chunking(
-        shape[:axis_], shape[axis_ + 1 :], 19, classes_between=True
-    ) if shape[axis_ + 1 :] else _losses._Chunking(shape[:1], shape[1:-1], 19)
+    cut = _losses._Chunking.of_logits(shape, axis % len(shape), 4)
     assert (cut.rb, cut.steps) == (256, 4)
     x, t, w = _data(shape, axis)
     got_v, got_g = jax.value_and_grad(
