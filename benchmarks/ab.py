@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -116,12 +116,8 @@ def run(args) -> list[dict]:
                     for k, f in fns.items():  # traced (and compiled) here
                         with modules(mods[k]):
                             jax.block_until_ready(f(x, y, w))
-                    times: dict[str, list[float]] = {k: [] for k in fns}
-                    for _ in range(args.reps):
-                        for k, f in fns.items():
-                            t0 = time.perf_counter()
-                            jax.block_until_ready(f(x, y, w))
-                            times[k].append(time.perf_counter() - t0)
+                    calls = {k: functools.partial(f, x, y, w) for k, f in fns.items()}
+                    times = bench.interleaved(calls, args.reps, jax.block_until_ready)
                     p50 = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
                     row = {"case": name, "mode": mode, **{f"{k}_ms": v for k, v in p50.items()}}
                     row["optax/base"] = p50["optax"] / p50["base"]

@@ -145,6 +145,18 @@ def pct(ts):
     }
 
 
+def interleaved(fns: dict, reps: int, sync) -> dict:
+    """``{key: [seconds, ...]}``: ``reps`` rounds, each calling every function
+    once in turn (round-robin), so drift on a shared machine hits all alike."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            sync(fn())
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
 def run(args, on_case=None) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -203,12 +215,8 @@ def run(args, on_case=None) -> list[dict]:
             fn()
             fn()
             tsync()
-        times = {k: [] for k in [*steps, *tsteps]}
-        for _ in range(reps):
-            for key, (fn, _) in steps.items():
-                t0 = time.perf_counter()
-                sync(fn())
-                times[key].append(time.perf_counter() - t0)
+        times = interleaved({k: fn for k, (fn, _) in steps.items()}, reps, sync)
+        times.update({k: [] for k in tsteps})
         # PyTorch in its own phase: on CPU its OpenMP workers keep spinning
         # after each call and would steal the cores from the XLA runs that
         # follow (measured: jaxloss/optax ratios moved by up to 2x).
