@@ -1,0 +1,154 @@
+"""XLA:CPU's grouped exponentials (``_losses._shared_exp``).
+
+Channels-last float32 logits with 9-47 classes: the fwd+bwd step takes one
+shift per group of consecutive positions (their largest max) so that the
+exponentials run over rows of a multiple of 16 floats, with the rounding of
+``x - shift`` put back (``_exp_diff``). These tests check that the path is
+taken where it should be, that it is as accurate as the per-row shift
+(PyTorch in float64 and the NumPy reference as oracles, at tolerances the
+uncorrected formulation fails), that a batch it cannot take falls back, and
+that transformations keep working through its ``lax.cond``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import rng_for, to_torch_layout, torch_loss_and_grad
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+# Tighter than the suite's float32 tolerance: the grouped path measured loss
+# 5.2e-7 and gradient 9.5e-8 off float64 here (the per-row shift 5.2e-7 and
+# 1.4e-7), and without the rounding correction 1.5e-6 and 4.9e-7.
+LOSS_ATOL, GRAD_ATOL, RTOL = 1e-6, 2.5e-7, 1e-6
+
+
+def _case(shape, seed, spread=60.0):
+    """Logits whose position maxima lie up to ``spread`` apart, so that a
+    group's shift sits far above most of its rows; 20% ignored labels."""
+    rng = rng_for("grouped", shape, seed)
+    c = shape[-1]
+    x = 3.0 * rng.standard_normal(shape) - rng.uniform(0.0, spread, shape[:-1] + (1,))
+    t = rng.integers(0, c, shape[:-1])
+    t[rng.random(shape[:-1]) < 0.2] = IGN
+    w = np.linspace(0.5, 2.0, c)
+    return x.astype(np.float32), t, w.astype(np.float32)
+
+
+def _row_maxima_of_e(x):
+    """Each row's max of ``_shared_exp``'s exponentials: 1 under the per-row
+    shift, ``exp(m - group max)`` under a group's."""
+    xc = jnp.asarray(x).reshape(-1, x.shape[-1])
+    m = jnp.max(xc, axis=-1, keepdims=True)
+    e, _, _ = jax.jit(lambda v, m: _losses._shared_exp(v, m, 1, True))(xc, m)
+    return np.asarray(jnp.max(e, axis=-1))
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dtype,k",
+    [
+        ((2, 4, 8, 19), -1, jnp.float32, 16),
+        ((64, 10), -1, jnp.float32, 8),
+        ((4, 2, 40), -1, jnp.float32, 2),
+        ((3, 5, 19), -1, jnp.float32, 1),  # 15 positions: no whole group
+        ((2, 8, 16), -1, jnp.float32, 1),  # rows of 16 already vectorize
+        ((2, 8, 50), -1, jnp.float32, 1),  # 50 classes ran fast per row
+        ((2, 8, 8), -1, jnp.float32, 1),  # so did 8
+        ((2, 19, 16), 1, jnp.float32, 1),  # classes not last
+        ((2, 16, 19), -1, jnp.bfloat16, 1),  # 16-bit: its own plan
+    ],
+)
+def test_which_shapes_group(shape, axis, dtype, k):
+    assert _losses._row_group(shape, axis % len(shape), dtype) == k
+
+
+@pytest.mark.parametrize("c", [10, 19, 40])
+def test_the_grouped_path_runs(c):
+    """Rows below their group's max get exponentials below 1: the grouped
+    branch ran. A row beyond ``_GROUP_SPAN`` sends the batch to the per-row
+    shift, where every row's max exponential is 1."""
+    x, _, _ = _case((2, 16, c), 0, spread=30.0)
+    tops = _row_maxima_of_e(x)
+    assert np.any(tops < 0.5) and np.all(tops <= 1.0)
+    x[1, 3] -= 100.0
+    np.testing.assert_array_equal(_row_maxima_of_e(x), 1.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 19), (64, 10), (4, 2, 40)])
+def test_grouped_rows_match_float64_oracles(shape, reduction, smoothing):
+    x, t, w = _case(shape, 1)
+    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+    loss, vjp = jax.vjp(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x))
+    ct = rng_for("grouped-ct", shape).standard_normal(loss.shape)
+    (g,) = vjp(jnp.asarray(ct, jnp.float32))
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, ct, nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1) if x.ndim > 2 else tg
+    tg[t == IGN] = 0.0
+    np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+    np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL)
+    rl, rg = reference.loss_and_grad(x, t, cotangent=ct, **kw)
+    np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
+    np.testing.assert_allclose(g, rg, rtol=RTOL, atol=GRAD_ATOL)
+
+
+def test_fallback_and_non_finite_rows_match_pytorch():
+    """Rows the group shift cannot serve -- one 100 below its group's max, a
+    row of -inf (valid: NaN; ignored: zero), a +inf logit -- give PyTorch's
+    values, NaNs included, through the per-row branch."""
+    x, t, w = _case((2, 8, 19), 2, spread=5.0)
+    x[0, 1] -= 100.0
+    x[0, 2] = -np.inf
+    t[0, 2] = 3
+    x[1, 4] = -np.inf
+    t[1, 4] = IGN
+    x[1, 6, 2] = np.inf
+    t[1, 6] = 2
+    kw = dict(weight=w, ignore_index=IGN, reduction="none")
+    loss, vjp = jax.vjp(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x))
+    (g,) = vjp(jnp.ones(loss.shape, jnp.float32))
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, np.ones(t.shape), nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1)
+    tg[t == IGN] = 0.0
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
+    np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+    np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL)
+
+
+def test_vmap_and_second_order_through_the_cond():
+    """Under ``vmap`` the cond's predicate is batched (both branches run and
+    each example keeps its own); the gradient's own derivative (reduction
+    "none", whose rule the grouped path is part of) equals the per-row
+    formulation's."""
+    x, t, w = _case((3, 16, 19), 3, spread=20.0)
+    x[1, 5] -= 100.0  # example 1 falls back, 0 and 2 group
+    tj = jnp.asarray(t)
+
+    def per_example(v, tv):
+        return jnp.sum(jaxloss.cross_entropy(v, tv, weight=w, ignore_index=IGN, reduction="none"))
+
+    got = jax.vmap(jax.value_and_grad(per_example))(jnp.asarray(x), tj)
+    for i in range(3):
+        want = jax.value_and_grad(per_example)(jnp.asarray(x[i]), tj[i])
+        np.testing.assert_allclose(got[0][i], want[0], rtol=RTOL)
+        np.testing.assert_allclose(got[1][i], want[1], rtol=RTOL, atol=GRAD_ATOL)
+
+    def hvp(v, d):
+        return jax.jvp(jax.grad(lambda u: per_example(u, tj[0])), (v,), (d,))[1]
+
+    v = jnp.asarray(x[0])
+    d = jnp.asarray(rng_for("grouped-dir").standard_normal(v.shape), jnp.float32)
+    got_hvp = jax.jit(hvp)(v, d)
+    ungrouped = range(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_losses, "_GROUPED_CLASSES", ungrouped)
+        jax.clear_caches()
+        want_hvp = jax.jit(hvp)(v, d)
+    jax.clear_caches()
+    np.testing.assert_allclose(got_hvp, want_hvp, rtol=1e-5, atol=1e-6)
