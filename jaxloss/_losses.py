@@ -68,22 +68,6 @@ def _wide_labels(t: Array) -> Array:
     return t.astype(jnp.int32) if t.dtype.itemsize < 4 else t
 
 
-def _take_class(x: Array, t: Array, axis: int, rows: bool = False) -> Array:
-    """``x`` at class ``t`` (in range) of every position: shaped like ``t``.
-
-    ``rows``: channels-last logits are gathered from their (positions, C)
-    view. The N-d gather came with index clamping and layout copies inside
-    XLA:CPU's per-position fusion of the fwd+bwd step (8x128x128x19: 1.05-1.1x
-    faster from the view, interleaved runs). Not taken for the forward pass
-    alone (as fast or slower) nor in the chunked loop (the view merges the
-    position dimensions, which a sharded loop must keep apart).
-    """
-    if rows and axis == x.ndim - 1 and x.ndim > 2:
-        rows = x.reshape(-1, x.shape[axis])
-        return jnp.take_along_axis(rows, t.reshape(-1, 1), axis=1).reshape(t.shape)
-    return jnp.squeeze(jnp.take_along_axis(x, jnp.expand_dims(t, axis), axis=axis), axis)
-
-
 def _class_iota(shape: tuple[int, ...], axis: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -105,7 +89,7 @@ def _index_loss_and_grad(
     grad_x: Array | None = None,
     share_exp: bool = False,
     stats: tuple[Array, Array] | None = None,
-    rows: bool = False,
+    grouped: bool = False,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -130,11 +114,10 @@ def _index_loss_and_grad(
     gradient (XLA then materialises it: fastest on XLA:CPU for small float32
     inputs, where one exponential per element dominates). ``stats``, if
     given, is ``(m, log s)`` of :func:`_row_stats` computed elsewhere (by the
-    kernel), without the class axis. ``rows`` (XLA:CPU's whole-array
-    fwd+bwd, with ``share_exp``): channels-last logits are worked on in the
-    views of :func:`_take_class` and :func:`_shared_exp`.
+    kernel), without the class axis. ``grouped`` (XLA:CPU, with
+    ``share_exp``): the gradient's exponentials may take
+    :func:`_shared_exp`'s group shift.
     """
-    rows = rows and with_grad
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
     num_classes = x.shape[axis]
@@ -146,10 +129,11 @@ def _index_loss_and_grad(
     # logits are gathered as raw bits: XLA:CPU would convert the whole input
     # to float32 to gather from it.
     if x.dtype.itemsize == 2:
-        bits = _take_class(jax.lax.bitcast_convert_type(x, jnp.uint16), t_safe, axis, rows)
-        x_t = jax.lax.bitcast_convert_type(bits, x.dtype).astype(cdt)
+        bits = jnp.take_along_axis(jax.lax.bitcast_convert_type(x, jnp.uint16), t_keep, axis=axis)
+        x_t = jax.lax.bitcast_convert_type(bits, x.dtype)
     else:
-        x_t = _take_class(x, t_safe, axis, rows).astype(cdt)
+        x_t = jnp.take_along_axis(x, t_keep, axis=axis)
+    x_t = jnp.squeeze(x_t, axis).astype(cdt)
     w_t = jnp.ones((), cdt) if w is None else w[t_safe]
 
     if normalize and stats is not None:
@@ -157,7 +141,7 @@ def _index_loss_and_grad(
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
     elif normalize and share_exp:
         m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
-        e, s, log_s = _shared_exp(xc, m, axis, rows)
+        e, s, log_s = _shared_exp(xc, m, axis, grouped and with_grad)
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
     elif normalize:
         m, log_s = _row_stats(x, axis)
@@ -179,28 +163,31 @@ def _index_loss_and_grad(
     if not with_grad:
         return loss, None
 
+    def along(v: Array) -> Array:  # a per-position value, to broadcast over classes
+        return jnp.expand_dims(v, axis) if jnp.ndim(v) else v
+
     is_t = _class_iota(x.shape, axis) == t_keep
-    scale_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else jnp.expand_dims(w_t, axis))
+    b_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else w_t)
     if normalize:
+        # dl/dx_c = a p_c - b [c == t] - eps / C * w_c with per-position a
+        # and b: few per-position operands for the elementwise pass (on
+        # XLA:CPU each one broadcast along a short class row costs time).
+        eps_c = eps / num_classes
+        a_t = b_t + eps_c * (num_classes if w is None else jnp.sum(w))
+        # NaN for a bad label; not where ignored (0 * NaN in derivatives).
+        a_t = jnp.where(in_range | ~valid, a_t, nan)
         if share_exp:
-            p = e * (1.0 / s)
+            q, a_t = e, a_t / jnp.squeeze(s, axis)  # p = e / s
         elif grad_x is None:
-            p = jnp.exp(xc - m - log_s)
+            q = jnp.exp(xc - m - log_s)
         else:  # shares no subexpression with the row reductions
-            p = jnp.exp(grad_x - (m + log_s))
-        grad = scale_t * (p - is_t.astype(cdt))
+            q = jnp.exp(grad_x - (m + log_s))
+        grad = q * along(a_t) - jnp.where(is_t, along(b_t), zero)
         if eps > 0.0:
-            eps_c = eps / num_classes
-            if w is None:
-                grad = grad + eps_c * (num_classes * p - 1.0)
-            else:
-                grad = grad + eps_c * (jnp.sum(w) * p - wb)
+            grad = grad - eps_c * (1.0 if w is None else wb)
     else:
-        grad = jnp.where(is_t, -scale_t, zero)
-    valid_e = jnp.expand_dims(valid, axis)
-    in_range_e = jnp.expand_dims(in_range, axis)
-    grad = jnp.where(valid_e, jnp.where(in_range_e, grad, nan), zero)
-    return loss, grad
+        grad = jnp.where(along(in_range), jnp.where(is_t, -along(b_t), zero), nan)
+    return loss, jnp.where(along(valid), grad, zero)
 
 
 # Class counts whose rows XLA:CPU's elementwise code runs slowly: it vectorizes
@@ -216,19 +203,20 @@ _GROUP_SPAN = 64.0
 
 
 def _row_group(shape: tuple[int, ...], axis: int, dtype: Any) -> int:
-    """How many consecutive positions :func:`_shared_exp` shifts together: the
-    fewest whose classes fill a multiple of 16 float32, or 1 (no grouping)
-    where grouping does not pay (off XLA:CPU, classes not last, float64, ...)."""
+    """How many consecutive positions :func:`_shared_exp` shifts together
+    (along the last position dimension, which they must divide): the fewest
+    whose classes fill a multiple of 16 float32, or 1 (no grouping) where
+    grouping does not pay (off XLA:CPU, classes not last, float64, ...)."""
     c = shape[axis]
     k = 16 // math.gcd(c, 16)
-    rows = math.prod(shape) // max(c, 1)
     if (
         jax.default_backend() != "cpu"
+        or len(shape) < 2
         or axis != len(shape) - 1
         or jnp.dtype(dtype) != jnp.float32
         or c not in _GROUPED_CLASSES
         or k == 1
-        or rows % k
+        or shape[-2] % k
     ):
         return 1
     return k
@@ -265,32 +253,34 @@ def _shared_exp(xc: Array, m: Array, axis: int, grouped: bool) -> tuple[Array, A
         e = jnp.exp(xc - m)
         s = jnp.sum(e, axis=axis, keepdims=True)
         return e, s, jnp.log(s)
-    c = xc.shape[axis]
-    rows = xc.size // c
-    g = jnp.max(m.reshape(rows // k, k), axis=1)
-    m_flat = m.reshape(rows)
-    shift = jnp.repeat(g, k)
-    ok = jnp.all((m_flat >= shift - _GROUP_SPAN) & (shift < jnp.inf))
+    # Grouped along the last position dimension only: the others (a sharded
+    # batch, a chunk's groups) are left as they are. Per-position maths on
+    # the positions' shape, not (positions, 1): XLA:CPU ran the log below 4x
+    # slower over the latter.
+    *lead, b, c = xc.shape
+    m_pos = jnp.squeeze(m, axis)
+    g = jnp.max(m_pos.reshape(*lead, b // k, k), axis=-1)
+    shift = jnp.repeat(g, k, axis=-1)
+    ok = jnp.all((m_pos >= shift - _GROUP_SPAN) & (shift < jnp.inf))
     # Both branches give the exponentials as rows of k * c: a fusion whose
-    # result is reshaped to (positions, c) loops over that shape.
-    view = (rows // k, k * c)
+    # result is reshaped to (..., positions, c) loops over that shape.
+    view = (*lead, b // k, k * c)
 
     def per_row(xc: Array) -> tuple[Array, Array]:
-        return jnp.exp(xc - m).reshape(view), m_flat
+        return jnp.exp(xc - m).reshape(view), m_pos
 
     def by_group(xc: Array) -> tuple[Array, Array]:
-        return _exp_diff(xc.reshape(view), g[:, None]), shift
+        return _exp_diff(xc.reshape(view), g[..., None]), shift
 
     e, shift = jax.lax.cond(ok, by_group, per_row, xc)
+    e = e.reshape(xc.shape)
     # Row sums of so few classes: a matrix-vector product ran 1.6-1.8x
     # faster on XLA:CPU than the reduction (19 and 40 classes).
-    ones = jnp.ones((c,), e.dtype)
-    s = jnp.dot(e.reshape(rows, c), ones, precision=jax.lax.Precision.HIGHEST)
+    s = jnp.dot(e, jnp.ones((c,), e.dtype), precision=jax.lax.Precision.HIGHEST)
     # log sum exp(xc - m) = log(s * exp(shift - m)), the factor at most e**64
-    # (exactly 1 for the per-row shift). Per-position maths on (positions,),
-    # not (positions, 1): XLA:CPU ran this 4x slower over the latter.
-    log_s = jnp.log(s * _exp_diff(shift, m_flat))
-    return e.reshape(xc.shape), s.reshape(m.shape), log_s.reshape(m.shape)
+    # (exactly 1 for the per-row shift).
+    log_s = jnp.log(s * _exp_diff(shift, m_pos))
+    return e, s[..., None], log_s[..., None]
 
 
 def _kernel_applies(pallas: bool, x: Array) -> bool:
@@ -352,7 +342,17 @@ def _index_loss_jvp(
         on_cpu = normalize and jax.default_backend() == "cpu"
         share, grad_x = _cpu_exp_plan(x) if on_cpu else (False, None)
         return _index_loss_and_grad(
-            x, t, valid, w, eps, normalize, axis, True, grad_x, share_exp=share, rows=share
+            x,
+            t,
+            valid,
+            w,
+            eps,
+            normalize,
+            axis,
+            True,
+            grad_x,
+            share_exp=share,
+            grouped=share,
         )
 
     def kernel(x, t, valid, w):
@@ -551,7 +551,11 @@ def _chunks(
     the logits' view (``c`` classes a position of ``itemsize`` bytes each;
     each chunk spans ``g`` groups; ``rows``: a position's classes are
     contiguous, channels-last, else part B's positions are)."""
-    target = max(1, _chunk_elements(g * a * c * b, rows) // g)
+    # Grouped rows (_shared_exp) hold the chunk's logits and exponentials
+    # besides its gradient: half-size chunks keep the temporaries at 0.5% of
+    # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way).
+    grouped = itemsize == 4 and c in _GROUPED_CLASSES
+    target = max(1, _chunk_elements(g * a * c * b, rows and not grouped) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
     return 1, _balanced(b, target // c, itemsize * (c if rows else 1))
@@ -692,7 +696,7 @@ def _fused_pass(
         valid = _valid_mask(tb, mb, ignore_index)
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(
-            xb, tb, valid, w, eps, normalize, cut.cax, with_grad, share_exp=normalize
+            xb, tb, valid, w, eps, normalize, cut.cax, with_grad, share_exp=normalize, grouped=True
         )
         total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:
@@ -902,7 +906,17 @@ def _plain_total_and_grad(
     valid = _valid_mask(t, where, ignore_index)
     share, grad_x = _cpu_exp_plan(x) if barrier else (False, None)
     loss, grad = _index_loss_and_grad(
-        x, t, valid, w, eps, normalize, axis, True, grad_x, share_exp=share, rows=share
+        x,
+        t,
+        valid,
+        w,
+        eps,
+        normalize,
+        axis,
+        True,
+        grad_x,
+        share_exp=share,
+        grouped=share,
     )
     assert grad is not None
     s = scale.astype(loss.dtype)

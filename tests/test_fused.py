@@ -150,9 +150,9 @@ def test_balanced_chunks(n, want, stride):
 def test_fused_aligned_chunks_match_per_position(monkeypatch, shape, axis, reduction):
     """Chunks rounded to 64-byte starts (256 of 1001 positions, the last
     shifted back) give the per-position path's loss and gradient."""
-    # Channels-last rows take chunks twice this size (see _chunk_elements).
-    rows = shape[-1] == 19
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * (150 if rows else 300))
+    # Channels-last rows of 19 classes (grouped, see _chunks) take chunks of
+    # this size too; other channels-last rows take twice this size.
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 19 * 300)
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     _losses._index_impl.clear_cache()
     cut = _losses._Chunking.of_logits(shape, axis % len(shape), 4)

@@ -51,10 +51,11 @@ def _row_maxima_of_e(x):
 @pytest.mark.parametrize(
     "shape,axis,dtype,k",
     [
-        ((2, 4, 8, 19), -1, jnp.float32, 16),
+        ((2, 2, 16, 19), -1, jnp.float32, 16),
         ((64, 10), -1, jnp.float32, 8),
         ((4, 2, 40), -1, jnp.float32, 2),
-        ((3, 5, 19), -1, jnp.float32, 1),  # 15 positions: no whole group
+        ((3, 5, 19), -1, jnp.float32, 1),  # 5 positions a row: no whole group
+        ((2, 16, 8, 19), -1, jnp.float32, 1),  # groups stay within the last dimension
         ((2, 8, 16), -1, jnp.float32, 1),  # rows of 16 already vectorize
         ((2, 8, 50), -1, jnp.float32, 1),  # 50 classes ran fast per row
         ((2, 8, 8), -1, jnp.float32, 1),  # so did 8
@@ -80,7 +81,7 @@ def test_the_grouped_path_runs(c):
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("shape", [(2, 4, 8, 19), (64, 10), (4, 2, 40)])
+@pytest.mark.parametrize("shape", [(2, 2, 16, 19), (64, 10), (4, 2, 40)])
 def test_grouped_rows_match_float64_oracles(shape, reduction, smoothing):
     x, t, w = _case(shape, 1)
     kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
@@ -152,3 +153,43 @@ def test_vmap_and_second_order_through_the_cond():
         want_hvp = jax.jit(hvp)(v, d)
     jax.clear_caches()
     np.testing.assert_allclose(got_hvp, want_hvp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["batch", "height"])
+def test_grouped_loop_under_gspmd(monkeypatch, spec):
+    """The chunked loop (XLA:CPU from 64 MiB; forced here) groups each chunk's
+    rows along its last position dimension only, so under GSPMD ``jit`` with
+    the logits sharded along the batch or the height no device gathers
+    another's logits, and value and gradient equal the one-device
+    whole-array path's."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, t, w = _case((8, 4, 32, 19), 4, spread=30.0)
+    x, t = jnp.asarray(x), jnp.asarray(t)
+
+    def step(x, t):
+        return jax.value_and_grad(
+            lambda v: jaxloss.cross_entropy(v, t, weight=w, ignore_index=IGN, label_smoothing=0.1)
+        )(x)
+
+    with jaxloss.disable_pallas():
+        want = jax.jit(step)(x, t)
+        monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 16 * 16 * 19)
+        monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+        monkeypatch.setattr(_losses, "_loop_writes_grad", lambda x: True)
+        _losses._index_impl.clear_cache()  # the core's jit cache misses these
+        cut = _losses._Chunking.of_logits(x.shape, 3, 4)
+        assert cut.steps > 1 and _losses._row_group(cut.chunk, cut.cax, jnp.float32) == 16
+        mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+        xs = P("data") if spec == "batch" else P(None, "data")
+        sharded = jax.jit(
+            step, in_shardings=(NamedSharding(mesh, xs), NamedSharding(mesh, P(*xs)))
+        )
+        text = sharded.lower(x, t).compile().as_text()
+        got = sharded(x, t)
+    _losses._index_impl.clear_cache()
+    assert "while" in text and "conditional" in text
+    assert "all-gather" not in text
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=GRAD_ATOL)
