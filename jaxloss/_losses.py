@@ -289,19 +289,21 @@ def _kernel_applies(pallas: bool, x: Array) -> bool:
     return pallas and jnp.dtype(x.dtype).itemsize <= 4 and x.size > 0
 
 
-def _cpu_exp_plan(x: Array) -> tuple[bool, Array | None]:
-    """``(share_exp, grad_x)`` of :func:`_index_loss_and_grad` for XLA:CPU.
+def _cpu_exp_plan(x: Array) -> dict[str, Any]:
+    """Keyword arguments of :func:`_index_loss_and_grad` for XLA:CPU's
+    whole-array fwd+bwd (``share_exp``, ``grouped``, ``grad_x``).
 
     32-bit and wider: one ``exp(x - m)`` shared by the row sum and the
-    gradient. Unshared, the gradient pass recomputes it with every
-    per-position factor broadcast along the classes (reduction="none":
-    4.4 of the step's 6.5 ms at 8x128x128x19). 16-bit: the gradient reads
-    its own float32 view of ``x``; a conversion shared with the row
-    reductions is materialised as a full-size float32 temporary.
+    gradient (grouped where :func:`_row_group` says). Unshared, the gradient
+    pass recomputes it with every per-position factor broadcast along the
+    classes (reduction="none": 4.4 of the step's 6.5 ms at 8x128x128x19).
+    16-bit: the gradient reads its own float32 view of ``x``; a conversion
+    shared with the row reductions is materialised as a full-size float32
+    temporary.
     """
     if x.dtype.itemsize >= 4:
-        return True, None
-    return False, _upcast_apart(x)
+        return dict(share_exp=True, grouped=True)
+    return dict(grad_x=_upcast_apart(x))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
@@ -340,20 +342,8 @@ def _index_loss_jvp(
 
     def xla(x, t, valid, w):
         on_cpu = normalize and jax.default_backend() == "cpu"
-        share, grad_x = _cpu_exp_plan(x) if on_cpu else (False, None)
-        return _index_loss_and_grad(
-            x,
-            t,
-            valid,
-            w,
-            eps,
-            normalize,
-            axis,
-            True,
-            grad_x,
-            share_exp=share,
-            grouped=share,
-        )
+        plan = _cpu_exp_plan(x) if on_cpu else {}
+        return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, True, **plan)
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
@@ -904,20 +894,8 @@ def _plain_total_and_grad(
     """``_fused_pass``'s result by whole-array ops: ``(total, grad)``, grad in
     the compute dtype, left as an expression for XLA to fuse into its consumer."""
     valid = _valid_mask(t, where, ignore_index)
-    share, grad_x = _cpu_exp_plan(x) if barrier else (False, None)
-    loss, grad = _index_loss_and_grad(
-        x,
-        t,
-        valid,
-        w,
-        eps,
-        normalize,
-        axis,
-        True,
-        grad_x,
-        share_exp=share,
-        grouped=share,
-    )
+    plan = _cpu_exp_plan(x) if barrier else {}
+    loss, grad = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, True, **plan)
     assert grad is not None
     s = scale.astype(loss.dtype)
     total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
