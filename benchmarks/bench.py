@@ -147,10 +147,15 @@ def pct(ts):
 
 def interleaved(fns: dict, reps: int, sync) -> dict:
     """``{key: [seconds, ...]}``: ``reps`` rounds, each calling every function
-    once in turn (round-robin), so drift on a shared machine hits all alike."""
+    once in turn (round-robin), so drift on a shared machine hits all alike.
+    Every other round runs in reverse order: with a fixed order, two
+    identical functions measured 2-7% apart on the 2-core dev machine (the
+    later one slower; median of 11 processes of ``ab.py``)."""
     times = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for r in range(reps):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            fn = fns[key]
             t0 = time.perf_counter()
             sync(fn())
             times[key].append(time.perf_counter() - t0)
