@@ -433,12 +433,13 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 # chunks.
 
 # Logit elements per chunk. On XLA:CPU steps are at least 2**18 elements
-# (1 MiB of float32), twice that for channels-last rows; beyond that 1/1024
+# (1 MiB of float32), twice that for channels-last rows (not grouped ones,
+# see _chunks); beyond that 1/1024
 # of the input keeps the chunk's few float32 temporaries well under 1% of the
 # logits. Measured on the 2-core dev machine (same process, interleaved):
 # channels-last fwd+bwd with 2**19 against 2**18 was 1.09-1.17x faster at
 # 16x512x1024x19, 16x256x256x19 and 8x128x128x150 and 1.04x at 2048x32000
-# (temporaries 0.4% of the logits at seg19), while NCHW (16x19x256x256) fell
+# (temporaries 0.4% of the logits at seg19, before grouping), while NCHW (16x19x256x256) fell
 # off a cliff from 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18).
 #
 # Accelerators need bigger steps still: on an H200 a step cost ~20 us
