@@ -234,7 +234,9 @@ def _exp_diff(a: Array, b: Array) -> Array:
     back = d - a
     err = (a - (d - back)) + (-b - back)
     ed = jnp.exp(d)
-    return ed + ed * err
+    # Where exp gives 0 (a masked class at -inf, a difference that overflows
+    # to -inf) the two-sum is NaN: keep the 0.
+    return jnp.where(ed == 0, ed, ed + ed * err)
 
 
 def _shared_exp(xc: Array, m: Array, axis: int, grouped: bool) -> tuple[Array, Array, Array]:

@@ -122,6 +122,41 @@ def test_fallback_and_non_finite_rows_match_pytorch():
     np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL)
 
 
+def test_masked_and_extreme_logits_in_grouped_rows_match_pytorch():
+    """Rows the grouped branch serves may hold masked classes (-inf) and
+    logits whose difference to the shift overflows (-3e38 beside 1e38): their
+    exponentials are 0, as in PyTorch, not the NaN of a two-sum of infinite
+    differences. Targets on a masked class give PyTorch's inf loss."""
+    x, t, w = _case((2, 2, 16, 19), 5, spread=5.0)
+    x[0, 0, 3, 5:9] = -np.inf
+    t[0, 0, 3] = 2
+    x[0, 1, 7, ::2] = -np.inf
+    t[0, 1, 7] = 4  # a masked target: loss inf
+    x[1, 0] = 1e38  # a whole group of 16 positions, so that the batch still groups
+    x[1, 0, :, 3] = -3e38
+    x[1, 0, :, 7] = 0.0
+    t[1, 0] = 7
+    assert np.any(_row_maxima_of_e(x) < 0.5)  # the grouped branch runs
+    for reduction, eps in (("none", 0.0), ("none", 0.1), ("sum", 0.0)):
+        kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=eps)
+        t = t.copy()
+        if eps:  # smoothing sums 1e38 - -3e38 (inf in float32, not in the float64 oracle)
+            t[1, 0] = IGN
+        loss, vjp = jax.vjp(
+            lambda v, kw=kw, t=t: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x)
+        )
+        (g,) = vjp(jnp.ones(loss.shape, jnp.float32))
+        tl, tg = torch_loss_and_grad(
+            to_torch_layout(x, -1), t, np.ones(loss.shape), nll=False, **kw
+        )
+        tg = np.moveaxis(tg, 1, -1)
+        tg[t == IGN] = 0.0
+        np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl), err_msg=reduction)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(tg), err_msg=reduction)
+        np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL, err_msg=reduction)
+        np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL, err_msg=reduction)
+
+
 def test_vmap_and_second_order_through_the_cond():
     """Under ``vmap`` the cond's predicate is batched (both branches run and
     each example keeps its own); the gradient's own derivative (reduction
@@ -183,9 +218,7 @@ def test_grouped_loop_under_gspmd(monkeypatch, spec):
         assert cut.steps > 1 and _losses._row_group(cut.chunk, cut.cax, jnp.float32) == 16
         mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
         xs = P("data") if spec == "batch" else P(None, "data")
-        sharded = jax.jit(
-            step, in_shardings=(NamedSharding(mesh, xs), NamedSharding(mesh, P(*xs)))
-        )
+        sharded = jax.jit(step, in_shardings=(NamedSharding(mesh, xs), NamedSharding(mesh, P(*xs))))
         text = sharded.lower(x, t).compile().as_text()
         got = sharded(x, t)
     _losses._index_impl.clear_cache()
