@@ -205,6 +205,12 @@ _GROUPED_CLASSES = range(9, 42)
 _GROUP_SPAN = 64.0
 
 
+def _grouped_classes(c: int, itemsize: int) -> bool:
+    """Whether rows of ``c`` classes of ``itemsize``-byte floats (channels-last,
+    XLA:CPU) take :func:`_shared_exp`'s grouped exponentials."""
+    return itemsize == 4 and c in _GROUPED_CLASSES and c % 16 != 0
+
+
 def _row_group(shape: tuple[int, ...], axis: int, dtype: Any) -> int:
     """How many consecutive positions :func:`_shared_exp` shifts together
     (along the last position dimension, which they must divide): the fewest
@@ -217,8 +223,7 @@ def _row_group(shape: tuple[int, ...], axis: int, dtype: Any) -> int:
         or len(shape) < 2
         or axis != len(shape) - 1
         or jnp.dtype(dtype) != jnp.float32
-        or c not in _GROUPED_CLASSES
-        or k == 1
+        or not _grouped_classes(c, 4)
         or shape[-2] % k
     ):
         return 1
@@ -436,13 +441,13 @@ def _broadcast_weight(w: Array, ndim: int, axis: int) -> Array:
 
 # Logit elements per chunk. On XLA:CPU steps are at least 2**18 elements
 # (1 MiB of float32), twice that for channels-last rows (not grouped ones,
-# see _chunks); beyond that 1/1024
-# of the input keeps the chunk's few float32 temporaries well under 1% of the
-# logits. Measured on the 2-core dev machine (same process, interleaved):
-# channels-last fwd+bwd with 2**19 against 2**18 was 1.09-1.17x faster at
-# 16x512x1024x19, 16x256x256x19 and 8x128x128x150 and 1.04x at 2048x32000
-# (temporaries 0.4% of the logits at seg19, before grouping), while NCHW (16x19x256x256) fell
-# off a cliff from 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18).
+# see _chunks); beyond that 1/1024 of the input keeps the chunk's few
+# float32 temporaries well under 1% of the logits. Measured on the 2-core
+# dev machine (same process, interleaved): channels-last fwd+bwd with 2**19
+# against 2**18 was 1.09-1.17x faster at 16x512x1024x19, 16x256x256x19 and
+# 8x128x128x150 and 1.04x at 2048x32000 (temporaries 0.4% of the logits at
+# seg19, before grouping), while NCHW (16x19x256x256) fell off a cliff from
+# 2**19 up (108 against 56-60 ms from 2**17 to 1.5 * 2**18).
 #
 # Accelerators need bigger steps still: on an H200 a step cost ~20 us
 # whatever its size (160-256 steps of n/256: 3-7 ms, 0.15-0.24 of the copy
@@ -548,9 +553,9 @@ def _chunks(
     each chunk spans ``g`` groups; ``rows``: a position's classes are
     contiguous, channels-last, else part B's positions are)."""
     # Grouped rows (_shared_exp) hold the chunk's logits and exponentials
-    # besides its gradient: half-size chunks keep the temporaries at 0.5% of
+    # besides its gradient: half-size chunks keep the temporaries at 0.36% of
     # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way).
-    grouped = itemsize == 4 and c in _GROUPED_CLASSES
+    grouped = rows and _grouped_classes(c, itemsize)
     target = max(1, _chunk_elements(g * a * c * b, rows and not grouped) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
