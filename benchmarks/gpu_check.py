@@ -54,18 +54,11 @@ CASES = [
 ]
 
 
-def _split_block(c: int) -> int:
-    """The split-tile ``block_c`` for ``c`` classes: the largest power of two
-    below ``c`` plus the power of two covering the rest (19 -> 16 + 4)."""
-    top = 1 << (c.bit_length() - 1)
-    return top + (int(ce.pl.next_power_of_2(c - top)) if c > top else 0)
-
-
 def _check_configs(shape, axis) -> list:
     """The default launch plus, channels-last, both "flat" addressings and a
     two-read loop (``block_c < C``) where the row would fit whole."""
     c = shape[axis]
-    split = _split_block(c)
+    split = ce.split_block(c)
     bc = int(ce.pl.next_power_of_2(min(c, ce._MAX_BLOCK_C)))
     bp = max(1, 4096 // bc)
     splits = c <= ce._MAX_BLOCK_C and split < bc  # split tiles (16 + 4 lanes for 19)
@@ -254,7 +247,7 @@ def _candidates(c: int, layout: str, with_grad: bool) -> list[tuple[int, int, in
     # Split tiles (the row as 16 + 4 lanes for C = 19, 128 + 32 for C = 150):
     # fewer idle lanes, so more positions for the same registers. Tried
     # first, before the tuning budget runs out (not yet timed on a device).
-    split = _split_block(c)
+    split = ce.split_block(c)
     if split < bc:
         out += [(split, bp, w, st, g), (split, 2 * bp, w, st, g), (split, 2 * bp, 2 * w, st, g)]
     for fp, fw in ((2, 2), (1, 2), (0.5, 0.5), (2, 1), (0.5, 1), (4, 4), (1, 0.5), (0.25, 0.25)):

@@ -132,11 +132,13 @@ def test_default_launch_configs():
 
     # The defaults at the benchmark shapes are the configurations timed on the
     # H200 (README, Performance): a change of the rule must be re-measured.
-    assert ce.launch_config("last", 19, 1 << 23, True) == (32, 256, 4, 1, 1)
-    assert ce.launch_config("last", 19, 1 << 23, False) == (32, 128, 2, 1, 1)
-    assert ce.launch_config("mid", 19, 1 << 19, True) == (32, 64, 1, 1, 0)
-    assert ce.launch_config("last", 150, 1 << 21, True) == (256, 4, 1, 1, 1)
-    assert ce.launch_config("last", 150, 1 << 21, False) == (256, 8, 1, 1, 1)
+    assert ce.launch_config("last", 19, 1 << 23, True) == (32, 128, 4, 1, 1)
+    assert ce.launch_config("last", 19, 1 << 23, False) == (20, 128, 2, 1, 1)
+    assert ce.launch_config("mid", 19, 1 << 19, True) == (20, 64, 1, 1, 0)
+    assert ce.launch_config("mid", 19, 1 << 19, False) == (20, 128, 1, 1, 0)
+    assert ce.launch_config("last", 150, 1 << 21, True) == (160, 4, 1, 1, 1)
+    assert ce.launch_config("last", 150, 1 << 21, False) == (160, 8, 1, 1, 1)
+    assert ce.launch_config("mid", 150, 1 << 18, True) == (160, 32, 4, 1, 0)
     assert ce.launch_config("last", 128256, 8192, True) == (2048, 1, 4, 1, 0)
     assert ce.launch_config("last", 128256, 8192, False) == (2048, 1, 2, 1, 0)
     # Wide rows get warps enough for at most 32 logits a thread.
@@ -160,7 +162,7 @@ def test_tuned_table_is_used(monkeypatch):
     monkeypatch.setitem(ce._TUNED, ("last", 19, True), (32, 8, 2, 1, 1))
     assert ce.launch_config("last", 19, 1000, True) == (32, 8, 2, 1, 1)
     assert ce.launch_config("last", 19, 3, True) == (32, 4, 2, 1, 1)  # clipped to the positions
-    assert ce.launch_config("last", 19, 1000, False) == (32, 128, 2, 1, 1)  # not tuned
+    assert ce.launch_config("last", 19, 1000, False) == (20, 128, 2, 1, 1)  # not tuned
 
 
 def test_split_tiles():
@@ -172,12 +174,24 @@ def test_split_tiles():
     assert split_tiles(1) == [(0, 1)]
 
 
+def test_split_block():
+    from jaxloss._kernels.cross_entropy import split_block, split_tiles
+
+    assert [split_block(c) for c in (1, 2, 3, 19, 32, 33, 150, 1000, 4000)] == [
+        1, 2, 3, 20, 32, 33, 160, 1024, 4096
+    ]
+    for c in range(1, 600):  # at most two tiles, covering c, under 2c lanes
+        assert c <= split_block(c) < 2 * c or c == split_block(c) == 1
+        assert len(split_tiles(split_block(c))) <= 2
+
+
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_split_tiles_axis1_matches_xla(with_grad):
     x, t, where, w = _data((2, 19, 7), 1, jnp.float32, seed=5)
     kw = dict(ignore_index=IGN, eps=0.1, normalize=True, axis=1, with_grad=with_grad)
     scale = jnp.float32(0.37)
-    lk, gk = cross_entropy_pallas(x, t, where, w, scale, interpret=True, config=(20, 8, 1, 1, 0), **kw)
+    cfg = (20, 8, 1, 1, 0)
+    lk, gk = cross_entropy_pallas(x, t, where, w, scale, interpret=True, config=cfg, **kw)
     lx, gx = _losses._fused_pass(x, t, where, w, scale, **kw)
     np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
     if with_grad:
@@ -239,6 +253,10 @@ def _cuda_lowering(fn, *args):
         ((64, 19), -1, jnp.float32),
         ((2, 19, 16, 16), 1, jnp.float32),
         ((8, 32003), -1, jnp.bfloat16),
+        # split tiles by default: 128 + 32 lanes, 32 + 1
+        ((64, 150), -1, jnp.float32),
+        ((2, 150, 8, 8), 1, jnp.float32),
+        ((2, 33, 4, 4), 1, jnp.bfloat16),
     ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
