@@ -6,13 +6,30 @@ at collection, it never skips.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zlib
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def warnings_as_errors() -> Iterator[None]:
+    """Every warning raises, except the one JAX itself gives (jax >= 0.11 on a
+    GPU) each time it lowers the Pallas Triton kernel: not this library's to
+    silence for a caller who asked for errors, nor what these tests check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings(
+            "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
+        )
+        yield
+
 
 # (rtol, atol) keyed by the *input* dtype. Losses are computed in float32 (or
 # float64) whatever the input dtype, so a 16-bit input's loss is as accurate

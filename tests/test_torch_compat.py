@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import GRAD_TOL, LOSS_TOL, assert_close, rng_for, torch_loss_and_grad
+from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
+    rng_for,
+    torch_loss_and_grad,
+    warnings_as_errors,
+)
 
 from jaxloss import torch_compat
 
@@ -150,8 +157,7 @@ def test_legacy_size_average_reduce(fn, size_average, reduce):
     kw = dict(size_average=size_average, reduce=reduce, reduction="sum", ignore_index=1)
     mapped = expected_reduction(size_average, reduce)
     if size_average is None and reduce is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no warning at all
+        with warnings_as_errors():  # no warning at all
             got = ours(x, t, **kw)
     else:
         with pytest.warns(DeprecationWarning, match=r"size_average and reduce args will be "
@@ -175,8 +181,7 @@ def test_legacy_arguments_of_the_classes(cls, size_average, reduce):
         with pytest.warns(DeprecationWarning, match="size_average and reduce args"):
             ours = getattr(torch_compat, cls)(**kw)
     theirs = torch_legacy(getattr(torch.nn, cls), **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # calling warns no more
+    with warnings_as_errors():  # calling warns no more
         got = ours(x, t)
     want = theirs(torch.tensor(x), torch.tensor(t)).numpy()
     assert got.shape == want.shape
