@@ -103,19 +103,25 @@ def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
     """``(block_c, block_p, num_warps, num_stages, gather)`` for one call.
 
     The defaults come from timing candidates at the benchmark shapes on an
-    H200 (``benchmarks/gpu_check.py``; jax 0.11.2):
+    H200 (``benchmarks/gpu_check.py``; jax 0.11.2; the README's Performance
+    section has the runs):
 
     * 32 to 64 logits per thread, 1 to 4 warps; bigger tiles starved the
-      SM of resident programs (C = 19 channels-last: 0.63 ms at 4 warps and
-      256 positions, 1.05 ms at 8 warps and 512; 3.7 ms for the old 2-D
-      tile). Two runs on two machines ranked neighbours within ~15%;
+      SM of resident programs (C = 19 channels-last fwd+bwd: 0.67 ms at 4
+      warps and 128 positions, 1.25 ms at 16 warps and 1024). Runs on
+      different machines ranked neighbours within ~15%;
+    * rows as two power-of-two "split tiles" (:func:`split_block`; 16 + 4
+      lanes for 19 classes): NCHW seg19 fwd+bwd 0.51 against 0.74 ms with
+      one 32-lane tile, seg150 forward 0.60 against 0.77 ms. Only the
+      channels-last gradient of rows up to 32 lanes keeps the padded tile
+      (0.75 against 0.87 ms);
     * channels-last rows that fit use the "flat" addressing with the natural
       store (``gather=1``): threads along positions, row reductions inside a
       thread. Computed store offsets too (``gather=2``) cost 3x;
     * rows that do not fit loop over chunks of 2048 classes, one row per
       program: few rows in flight, so the second read mostly hits L2
-      (0.73 of the copy floor at 8192 x 128256 bf16, above the 0.67 that two
-      reads from HBM would allow).
+      (0.67-0.73 of the copy floor at 8192 x 128256 bf16, about the 0.67
+      that two reads from HBM would allow).
     """
     tuned = _TUNED.get((layout, c, with_grad))
     cap = pl.next_power_of_2(max(n_pos, 1))
