@@ -1,0 +1,150 @@
+"""XLA:CPU's forward without the max pass (``_losses._unshifted_row_stats``).
+
+Forward-only calls on 16-bit logits, or float32 with the classes not along the
+last axis, take each row's ``sum exp(x)`` without a shift and a log-sum-exp
+split as ``round(log s0) + log(s0 * exp(-round(log s0)))``. These tests check
+where it applies, that the fast branch really runs (its ``m`` is an integer,
+the fallback's is the row max), that it is as accurate as the shifted
+formulation against PyTorch in float64 and the NumPy reference (at the range's
+edge too), and that the batches it cannot take fall back, NaNs included.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import rng_for, torch_loss_and_grad
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+# The shifted formulation measured within these of float64 on the same data.
+LOSS_ATOL, RTOL = 1e-6, 1e-6
+
+
+def _case(shape, seed, scale=3.0, offset=0.0):
+    """NCHW-like logits (classes on axis 1), 20% ignored labels, class weights."""
+    rng = rng_for("unshifted", shape, seed)
+    c = shape[1]
+    x = scale * rng.standard_normal(shape) + offset
+    pos = shape[:1] + shape[2:]
+    t = rng.integers(0, c, pos)
+    t[rng.random(pos) < 0.2] = IGN
+    return x.astype(np.float32), t, np.linspace(0.5, 2.0, c).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dtype,applies",
+    [
+        ((2, 19, 8, 8), 1, jnp.float32, True),
+        ((2, 150, 8), 1, jnp.float32, True),
+        ((16, 32000), -1, jnp.bfloat16, True),
+        ((16, 19), -1, jnp.float16, True),
+        ((2, 8, 8, 19), -1, jnp.float32, False),  # XLA:CPU fuses the max there
+        ((2, 8, 8, 19), 3, jnp.float32, False),
+        ((2, 19, 8, 8), 1, jnp.float64, False),
+    ],
+)
+def test_where_it_applies(shape, axis, dtype, applies):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    assert _losses._unshifted_applies(x, axis) == applies
+
+
+def _stats(x, axis):
+    return jax.jit(lambda v: _losses._unshifted_row_stats(v, axis))(jnp.asarray(x))
+
+
+def test_the_fast_branch_runs_and_falls_back():
+    """In range, ``m`` is an integer near the log-sum-exp and ``m + log s``
+    equals it; one logit above the range (or a row far below it) sends the
+    batch to the row max."""
+    x, _, _ = _case((2, 19, 6), 0)
+    m, log_s = _stats(x, 1)
+    lse = np.log(np.sum(np.exp(x.astype(np.float64)), axis=1, keepdims=True))
+    np.testing.assert_array_equal(m, np.round(m))
+    assert np.all(np.abs(m - lse) <= 0.5 + 1e-6)
+    np.testing.assert_allclose(m + log_s, lse, rtol=0, atol=1e-6)
+    for bad in (60.0, -70.0):
+        y = x.copy()
+        if bad > 0:
+            y[1, 4, 2] = bad  # one logit: s0 > 2**80
+        else:
+            y[0, :, 3] = bad + y[0, :, 3] * 0.01  # a whole row: s0 < 2**-80
+        m, log_s = _stats(y, 1)
+        np.testing.assert_array_equal(m, np.max(y, axis=1, keepdims=True))
+        lse = np.log(np.sum(np.exp(y.astype(np.float64)), axis=1, keepdims=True))
+        np.testing.assert_allclose(m + log_s, lse, rtol=1e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("offset", [0.0, 45.0, -45.0])
+def test_forward_matches_float64_oracles(reduction, smoothing, offset):
+    """Logits around 0 and near the range's edges (rows of log-sum-exp ~ +-48,
+    where ``log s0`` alone rounds to 4e-6), NCHW float32."""
+    x, t, w = _case((2, 19, 5, 7), 1, offset=offset)
+    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+    m, _ = _stats(x, 1)
+    np.testing.assert_array_equal(m, np.round(m))  # the unshifted branch
+    loss = jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), axis=1, **kw))(x)
+    tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
+    rl, _ = reference.loss_and_grad(np.moveaxis(x, 1, -1), t, **kw)
+    # Relative: the losses are 5-20 here. The shifted sums measured within
+    # 1.7e-7 of float64; log(s0) taken whole, 5.9e-6 at offsets of 45.
+    tol = dict(rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(loss, tl, **tol)
+    np.testing.assert_allclose(loss, rl, **tol)
+
+
+def test_bfloat16_forward_matches_pytorch():
+    x, t, w = _case((64, 1000), 2, scale=4.0)
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # exactly representable
+    kw = dict(weight=w, ignore_index=IGN, label_smoothing=0.1)
+    for reduction in ("none", "mean"):
+        loss = jax.jit(
+            lambda v, r=reduction: jaxloss.cross_entropy(v, jnp.asarray(t), reduction=r, **kw)
+        )(jnp.asarray(x, jnp.bfloat16))
+        tl, _ = torch_loss_and_grad(
+            x, t, np.ones(np.shape(loss)), nll=False, reduction=reduction, **kw
+        )
+        np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+
+
+def test_non_finite_and_extreme_rows_fall_back_to_pytorchs_values():
+    """A +inf logit (NaN), a valid row of -inf (NaN), an ignored one (0), a
+    logit of 1e30: the fallback gives PyTorch's forward, NaNs included."""
+    x, t, w = _case((2, 19, 8), 3)
+    x[0, 2, 1] = np.inf
+    t[0, 1] = 2
+    x[0, :, 3] = -np.inf
+    t[0, 3] = 4
+    x[1, :, 5] = -np.inf
+    t[1, 5] = IGN
+    x[1, 7, 6] = 1e30
+    t[1, 6] = 0
+    kw = dict(weight=w, ignore_index=IGN, reduction="none")
+    loss = jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), axis=1, **kw))(x)
+    tl, _ = torch_loss_and_grad(x, t, np.ones(t.shape), nll=False, **kw)
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+
+
+def test_forward_and_gradient_agree_under_vmap():
+    """Under ``vmap`` the cond's predicate is batched: one example in range,
+    one beyond it; each keeps its own values, and the forward equals the
+    fwd+bwd step's loss (which takes the shifted sums)."""
+    x, t, w = _case((6, 19, 4), 4)
+    x, t = x.reshape(2, 3, 19, 4), t.reshape(2, 3, 4)
+    x[1, 0, 5, 1] = 80.0
+    kw = dict(weight=w, ignore_index=IGN, axis=1)
+
+    def f(v, tv):
+        return jaxloss.cross_entropy(v, tv, **kw)
+
+    got = jax.jit(jax.vmap(f))(jnp.asarray(x), jnp.asarray(t))
+    with_grad = jax.jit(jax.vmap(jax.value_and_grad(f)))(jnp.asarray(x), jnp.asarray(t))[0]
+    for i in range(2):
+        np.testing.assert_allclose(got[i], f(jnp.asarray(x[i]), jnp.asarray(t[i])), rtol=RTOL)
+    np.testing.assert_allclose(got, with_grad, rtol=2e-6)
