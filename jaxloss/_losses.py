@@ -136,7 +136,6 @@ def _index_loss_and_grad(
     grad_x: Array | None = None,
     share_exp: bool = False,
     stats: tuple[Array, Array] | None = None,
-    grouped: bool = False,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -161,9 +160,8 @@ def _index_loss_and_grad(
     gradient (XLA then materialises it: fastest on XLA:CPU for small float32
     inputs, where one exponential per element dominates). ``stats``, if
     given, is ``(m, log s)`` of :func:`_row_stats` computed elsewhere (by the
-    kernel), without the class axis. ``grouped`` (XLA:CPU, with
-    ``share_exp``): the gradient's exponentials may take
-    :func:`_shared_exp`'s group shift.
+    kernel), without the class axis. With ``share_exp`` and the gradient,
+    XLA:CPU's exponentials may take :func:`_shared_exp`'s group shift.
     """
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
@@ -183,18 +181,16 @@ def _index_loss_and_grad(
     x_t = jnp.squeeze(x_t, axis).astype(cdt)
     w_t = jnp.ones((), cdt) if w is None else w[t_safe]
 
-    if normalize and stats is not None:
-        m, log_s = (jnp.expand_dims(v.astype(cdt), axis) for v in stats)
-        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
-    elif normalize and share_exp:
-        m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
-        e, s, log_s = _shared_exp(xc, m, axis, grouped and with_grad)
-        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
-    elif normalize and not with_grad and _unshifted_applies(x, axis):
-        m, log_s = _unshifted_row_stats(x, axis)
-        neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
-    elif normalize:
-        m, log_s = _row_stats(x, axis)
+    if normalize:
+        if stats is not None:
+            m, log_s = (jnp.expand_dims(v.astype(cdt), axis) for v in stats)
+        elif share_exp:  # grouped exponentials only where the gradient shares them
+            m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
+            e, s, log_s = _shared_exp(xc, m, axis, grouped=with_grad)
+        elif not with_grad and _unshifted_applies(x, axis):
+            m, log_s = _unshifted_row_stats(x, axis)
+        else:
+            m, log_s = _row_stats(x, axis)
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
     else:
         neg_logp_t = -x_t
@@ -351,7 +347,7 @@ def _kernel_applies(pallas: bool, x: Array) -> bool:
 
 def _cpu_exp_plan(x: Array) -> dict[str, Any]:
     """Keyword arguments of :func:`_index_loss_and_grad` for XLA:CPU's
-    whole-array fwd+bwd (``share_exp``, ``grouped``, ``grad_x``).
+    whole-array fwd+bwd (``share_exp`` or ``grad_x``).
 
     32-bit and wider: one ``exp(x - m)`` shared by the row sum and the
     gradient (grouped where :func:`_row_group` says). Unshared, the gradient
@@ -362,7 +358,7 @@ def _cpu_exp_plan(x: Array) -> dict[str, Any]:
     temporary.
     """
     if x.dtype.itemsize >= 4:
-        return dict(share_exp=True, grouped=True)
+        return dict(share_exp=True)
     return dict(grad_x=_upcast_apart(x))
 
 
@@ -756,7 +752,6 @@ def _fused_pass(
             cut.cax,
             with_grad,
             share_exp=normalize and with_grad,
-            grouped=True,
         )
         total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:
