@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jaxloss._kernels import TRITON_DEPRECATION
+
 
 @contextlib.contextmanager
 def warnings_as_errors() -> Iterator[None]:
@@ -25,9 +27,7 @@ def warnings_as_errors() -> Iterator[None]:
     silence for a caller who asked for errors, nor what these tests check."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warnings.filterwarnings(
-            "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
         yield
 
 

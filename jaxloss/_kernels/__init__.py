@@ -30,9 +30,8 @@ _state = threading.local()
 # From jax 0.11 every lowering of the Triton kernel warns that the Pallas
 # Triton backend is deprecated. It is this library's implementation detail
 # (a Mosaic GPU port is the way out), not something its users can act on.
-warnings.filterwarnings(
-    "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
-)
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
 
 
 @functools.cache
