@@ -31,6 +31,15 @@ def warnings_as_errors() -> Iterator[None]:
         yield
 
 
+def data_mesh():
+    """A 1-D ``("data",)`` mesh over 4 devices, or 2 or 1 where there are
+    fewer (one GPU: one shard)."""
+    from jax.sharding import Mesh
+
+    n = max(k for k in (1, 2, 4) if k <= len(jax.devices()))
+    return Mesh(np.array(jax.devices()[:n]), ("data",))
+
+
 # (rtol, atol) keyed by the *input* dtype. Losses are computed in float32 (or
 # float64) whatever the input dtype, so a 16-bit input's loss is as accurate
 # as a float32 one's (the oracles see the same, already rounded, inputs);

@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import GRAD_TOL, LOSS_TOL, assert_close, rng_for, to_torch_layout, torch_loss_and_grad
+from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
+    data_mesh,
+    rng_for,
+    to_torch_layout,
+    torch_loss_and_grad,
+)
 
 import jaxloss
 
@@ -252,16 +260,14 @@ def test_shard_map_through_the_kernel(kernel_everywhere, reduction):
     run under ``check_vma``; the typed CUDA lowering is checked in
     ``test_sharding.py``.) No collective is differentiated: each shard's
     gradient of its own sum is its slice of the global gradient."""
-    from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     shard_map = getattr(jax, "shard_map", None)
     if shard_map is None:  # older jax
         from jax.experimental.shard_map import shard_map
     x, t, w = _case((8, 3, 19), -1, jnp.float32, 5)
-    n_dev = max(n for n in (1, 2, 4) if n <= len(jax.devices()))  # one GPU: one shard
-    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-    step = 8 // n_dev
+    mesh = data_mesh()
+    step = 8 // mesh.size
     kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
 
     def total(x, t):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import rng_for, torch_loss_and_grad
+from oracles import data_mesh, rng_for, torch_loss_and_grad
 
 import jaxloss
 from jaxloss import _losses
@@ -154,16 +154,14 @@ def test_under_shard_map_each_shard_takes_its_own_branch():
     """Under ``shard_map`` the cond's predicate is per device: one shard holds
     a logit beyond the range and falls back, the others do not; together they
     give the one-device values (which fall back as a whole)."""
-    from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
     shard_map = getattr(jax, "shard_map", None)
     if shard_map is None:  # older jax
         from jax.experimental.shard_map import shard_map
-    n = max(k for k in (1, 2, 4) if k <= len(jax.devices()))
     x, t, w = _case((8, 19, 6, 5), 6)
     x[5, 3, 2, 1] = 100.0
-    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    mesh = data_mesh()
 
     def f(v, tv):
         return jaxloss.cross_entropy(v, tv, weight=w, axis=1, ignore_index=IGN, reduction="none")
@@ -172,6 +170,7 @@ def test_under_shard_map_each_shard_takes_its_own_branch():
     got = jax.jit(shard_map(f, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(x, t)
     want = jax.jit(f)(x, t)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-7)
-    tl, _ = torch_loss_and_grad(x, t, np.ones(t.shape), nll=False, weight=w, ignore_index=IGN,
-                                reduction="none")
+    tl, _ = torch_loss_and_grad(
+        x, t, np.ones(t.shape), nll=False, weight=w, ignore_index=IGN, reduction="none"
+    )
     np.testing.assert_allclose(got, tl, rtol=RTOL, atol=1e-7)
