@@ -63,6 +63,8 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
 # exp(x) lies in this range: no exponential overflows, and what flushes to
 # zero (below 2**-126) is under 2**-46 of its row's sum.
 _UNSHIFTED_RANGE = (2.0**-80, 2.0**80)
+# Float32 channels-last rows of at least this many classes take it too.
+_UNSHIFTED_MIN_ROW = 64
 
 
 def _unshifted_applies(x: Array, axis: int) -> bool:
@@ -70,14 +72,21 @@ def _unshifted_applies(x: Array, axis: int) -> bool:
 
     Where it was measured faster: 16-bit logits (512x32000 bf16: 1.24-1.41x,
     the max of the 16-bit logits is a pass of its own there) and float32
-    classes not along the last axis (8x19x128x128: 0.99-1.15x). Not float32
-    channels-last: XLA:CPU fuses the max into the exponentials' reduction
-    there and the forward measured 0.79-0.90x at 8x128x128x19 (5 processes
-    of ``ab.py``). Nor float64, whose shifted sums keep their range.
+    classes not along the last axis (8x19x128x128: 0.99-1.15x), float32
+    channels-last rows of ``_UNSHIFTED_MIN_ROW`` classes or more
+    (``ab.py --base e65978f``, forward: 16384x64 1.02-1.06x, 4x64x64x150
+    1.12-1.15x, 4096x1000 1.33x, 256x32003 1.26x, 4x256x256x150 in the
+    chunked loop 1.16-1.31x; 16384x100 1.00-1.04x). Not shorter
+    channels-last float32 rows: XLA:CPU fuses the max into the
+    exponentials' reduction there and the forward measured 0.79-0.90x at
+    8x128x128x19 (5 processes of ``ab.py``). Nor float64, whose shifted
+    sums keep their range.
     """
     size = jnp.dtype(x.dtype).itemsize
     last = axis % x.ndim == x.ndim - 1
-    return jax.default_backend() == "cpu" and (size == 2 or (size == 4 and not last))
+    return jax.default_backend() == "cpu" and (
+        size == 2 or (size == 4 and (not last or x.shape[axis] >= _UNSHIFTED_MIN_ROW))
+    )
 
 
 def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:

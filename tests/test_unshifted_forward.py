@@ -1,12 +1,13 @@
 """XLA:CPU's forward without the max pass (``_losses._unshifted_row_stats``).
 
 Forward-only calls on 16-bit logits, or float32 with the classes not along the
-last axis, take each row's ``sum exp(x)`` without a shift and a log-sum-exp
-split as ``round(log s0) + log(s0 * exp(-round(log s0)))``. These tests check
-where it applies, that the fast branch really runs (its ``m`` is an integer,
-the fallback's is the row max), that it is as accurate as the shifted
-formulation against PyTorch in float64 and the NumPy reference (at the range's
-edge too), and that the batches it cannot take fall back, NaNs included.
+last axis or in rows of 64 or more, take each row's ``sum exp(x)`` without a
+shift and a log-sum-exp split as
+``round(log s0) + log(s0 * exp(-round(log s0)))``. These tests check where it
+applies, that the fast branch really runs (its ``m`` is an integer, the
+fallback's is the row max), that it is as accurate as the shifted formulation
+against PyTorch in float64 and the NumPy reference (at the range's edge too),
+and that the batches it cannot take fall back, NaNs included.
 """
 
 import jax
@@ -44,6 +45,10 @@ def _case(shape, seed, scale=3.0, offset=0.0):
         ((16, 19), -1, jnp.float16, True),
         ((2, 8, 8, 19), -1, jnp.float32, False),  # XLA:CPU fuses the max there
         ((2, 8, 8, 19), 3, jnp.float32, False),
+        ((2, 8, 63), -1, jnp.float32, False),
+        ((2, 8, 64), -1, jnp.float32, True),  # rows of 64 classes and more
+        ((2, 8, 8, 150), 3, jnp.float32, True),
+        ((2, 150), -1, jnp.float64, False),
         ((2, 19, 8, 8), 1, jnp.float64, False),
     ],
 )
@@ -174,3 +179,37 @@ def test_under_shard_map_each_shard_takes_its_own_branch():
         x, t, np.ones(t.shape), nll=False, weight=w, ignore_index=IGN, reduction="none"
     )
     np.testing.assert_allclose(got, tl, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["whole-array", "chunked-loop"])
+@pytest.mark.parametrize("offset,bad", [(0.0, None), (40.0, None), (-45.0, None), (0.0, 70.0)])
+def test_channels_last_rows_of_150(monkeypatch, loop, offset, bad):
+    """Float32 channels-last rows of 150 classes (segmentation's ADE20K size):
+    the fast branch (its ``m`` an integer) or, with one logit beyond the
+    range, the fallback, in the whole-array forward and in the chunked loop
+    (forced, tiny chunks: some fall back, some not), against PyTorch in
+    float64 and the NumPy reference, every reduction."""
+    x, t, w = _case((3, 150, 7), 7, offset=offset)
+    x, t = np.ascontiguousarray(np.moveaxis(x, 1, -1)), t  # (3, 7, 150)
+    if bad is not None:
+        x[2, 5, 11] = bad
+    m, _ = _stats(x, -1)
+    if bad is None:
+        np.testing.assert_array_equal(m, np.round(m))
+    else:
+        np.testing.assert_array_equal(m, np.max(x, axis=-1, keepdims=True))
+    if loop:
+        monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 150 * 4)
+        monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    _losses._index_impl.clear_cache()
+    try:
+        for reduction in ("none", "mean", "sum"):
+            kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
+            loss = jax.jit(lambda v, kw=kw: jaxloss.cross_entropy(v, jnp.asarray(t), **kw))(x)
+            ones = np.ones(np.shape(loss))
+            tl, _ = torch_loss_and_grad(np.moveaxis(x, -1, 1), t, ones, nll=False, **kw)
+            rl, _ = reference.loss_and_grad(x, t, **kw)  # channels-last
+            np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=1e-7)
+            np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=1e-7)
+    finally:
+        _losses._index_impl.clear_cache()
