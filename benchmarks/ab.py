@@ -8,6 +8,8 @@ two versions and optax + masking run interleaved (round-robin), as in
 
 Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       [--small] [--reps N] [--shape 16x256x256x19 --axis -1 --dtype float32]
+      [--reduction none]  (jaxloss's per-position losses, summed and divided
+      as bench.py does; optax stays the mean)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
 """
@@ -72,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--axis", type=int, default=-1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reduction", choices=("mean", "none"), default="mean")
     return p.parse_args(argv)
 
 
@@ -105,8 +108,8 @@ def run(args) -> list[dict]:
                 x, y, w, ax = bench.make_case(shape, jnp.dtype(dtype), axis)
                 impls = {
                     "optax": bench.jax_impls(jnp, jax, optax, new, ax)["optax"],
-                    "base": bench.jax_impls(jnp, jax, optax, base, ax)["jaxloss"],
-                    "new": bench.jax_impls(jnp, jax, optax, new, ax)["jaxloss"],
+                    "base": bench.jax_impls(jnp, jax, optax, base, ax, args.reduction)["jaxloss"],
+                    "new": bench.jax_impls(jnp, jax, optax, new, ax, args.reduction)["jaxloss"],
                 }
                 for mode in ("fwd", "fwdbwd"):
                     fns = {
