@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import jaxloss
 from jaxloss._kernels import TRITON_DEPRECATION
 
 
@@ -122,3 +123,20 @@ def assert_close(actual, expected, tol, what: str = "") -> None:
         np.asarray(actual, np.float64), np.asarray(expected, np.float64),
         rtol=rtol, atol=atol, err_msg=what,
     )
+
+
+def assert_rows_match_pytorch(x, t, loss_tol, grad_tol, **kw) -> None:
+    """jaxloss's ``reduction="none"`` cross-entropy of channels-last ``x`` and
+    its gradient (cotangent ones) equal PyTorch's in float64, NaNs at the
+    same places; rows whose label is ``kw["ignore_index"]`` keep jaxloss's
+    zero gradient (PyTorch's is NaN for a row of -inf there)."""
+    kw = dict(kw, reduction="none")
+    loss, vjp = jax.vjp(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x))
+    (g,) = vjp(jnp.ones(loss.shape, jnp.float32))
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, np.ones(t.shape), nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1) if np.ndim(x) > 2 else tg
+    tg[t == kw["ignore_index"]] = 0.0
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
+    np.testing.assert_allclose(loss, tl, rtol=loss_tol[0], atol=loss_tol[1])
+    np.testing.assert_allclose(g, tg, rtol=grad_tol[0], atol=grad_tol[1])
