@@ -66,3 +66,27 @@ if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
     @pytest.fixture(autouse=True)
     def _through_kernel(kernel_everywhere):
         yield
+
+
+@pytest.fixture
+def target_shift_everywhere(monkeypatch):
+    """XLA:CPU's target-shifted fwd+bwd (``_losses._target_shift_applies``) at
+    every size: below ``_TARGET_SHIFT_MIN_ELEMENTS`` logits it is not taken
+    (the suite's inputs are mostly that small)."""
+    from jaxloss import _losses
+
+    monkeypatch.setattr(_losses, "_TARGET_SHIFT_MIN_ELEMENTS", 0)
+    _losses._index_impl.clear_cache()  # the core's jit cache misses module constants
+    jax.clear_caches()
+    yield
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+
+
+if os.environ.get("JAXLOSS_TEST_TARGET_SHIFT", "").strip() not in ("", "0"):
+    # Every test through the target shift, whatever its size:
+    #   JAXLOSS_TEST_TARGET_SHIFT=1 python -m pytest -n 2 -q
+
+    @pytest.fixture(autouse=True)
+    def _target_shift(target_shift_everywhere):
+        yield

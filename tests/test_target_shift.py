@@ -30,6 +30,14 @@ import jaxloss
 from jaxloss import _losses
 
 IGN = 255
+
+
+@pytest.fixture(autouse=True)
+def _every_size(target_shift_everywhere):
+    """These tests' logits are small: take the target shift at any size."""
+    yield
+
+
 LOSS_RTOL, LOSS_ATOL = 1e-6, 1e-6
 # A float32 x - x_t rounds to |x - x_t| * 2**-24 relatively, and exp turns
 # that into the same relative error of the exponential: a gradient entry
@@ -74,6 +82,14 @@ def _case(shape, axis, seed, scale=3.0):
 )
 def test_where_it_applies(shape, axis, dtype, applies):
     assert _losses._target_shift_applies(shape, axis, dtype) == applies
+
+
+def test_small_inputs_keep_the_max(monkeypatch):
+    monkeypatch.setattr(_losses, "_TARGET_SHIFT_MIN_ELEMENTS", 1 << 14)
+    assert not _losses._target_shift_applies((2, 8, 150), 2, jnp.float32)
+    assert _losses._target_shift_applies((16, 8, 150), 2, jnp.float32)
+    assert not _losses._target_shift_applies((109, 150), 1, jnp.float32)  # 16350
+    assert _losses._target_shift_applies((110, 150), 1, jnp.float32)  # 16500
 
 
 def _shift(x, t, axis):
