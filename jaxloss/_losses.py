@@ -275,8 +275,8 @@ def _target_shifted_exp(
     def by_max(carry: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
         bad = carry[0]
         m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
-        e = jnp.exp(xc - m)
-        return bad & False, e, jnp.sum(e, axis=axis, keepdims=True), m
+        e, s, _ = _shared_exp(xc, m, axis, grouped=False)  # the per-row shift
+        return bad & False, e, s, m
 
     _, e, s, m = jax.lax.while_loop(lambda carry: carry[0], by_max, (bad, e, s, m))
     return e, s, m
