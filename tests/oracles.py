@@ -140,3 +140,15 @@ def assert_rows_match_pytorch(x, t, loss_tol, grad_tol, **kw) -> None:
     np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
     np.testing.assert_allclose(loss, tl, rtol=loss_tol[0], atol=loss_tol[1])
     np.testing.assert_allclose(g, tg, rtol=grad_tol[0], atol=grad_tol[1])
+
+
+def plant_non_finite_rows(x: np.ndarray, t: np.ndarray, ignore_index: int) -> None:
+    """In channels-last ``x`` of shape (2, >= 7, C >= 4), in place: a valid row
+    of -inf at [0, 2] (target 3: NaN in PyTorch), an ignored row of -inf at
+    [1, 4] (zero in jaxloss) and one +inf logit at [1, 6, 2] (target 2: NaN)."""
+    x[0, 2] = -np.inf
+    t[0, 2] = 3
+    x[1, 4] = -np.inf
+    t[1, 4] = ignore_index
+    x[1, 6, 2] = np.inf
+    t[1, 6] = 2
