@@ -102,9 +102,14 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     ~55 or every logit of a row below ~-55, a non-finite logit, a masked row
     of -inf) takes :func:`_row_stats` instead, through a ``lax.cond``
     (under ``vmap`` both branches run).
+
+    The per-position maths runs on the positions' shape, the class axis put
+    back at the end: over ``(positions, 1)`` XLA:CPU ran the logs 4x slower
+    (``ab.py --base 45054a5``, forward: 4x64x64x150 1.06-1.08x faster,
+    8x19x128x128 1.04-1.09x, 512x32000 bfloat16 1.11-1.18x).
     """
     cdt = _compute_dtype(x.dtype)
-    s0 = jnp.sum(jnp.exp(x.astype(cdt)), axis=axis, keepdims=True)
+    s0 = jnp.sum(jnp.exp(x.astype(cdt)), axis=axis)
     lo, hi = _UNSHIFTED_RANGE
     ok = jnp.all((s0 >= lo) & (s0 <= hi))
 
@@ -112,7 +117,12 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
         m = jnp.round(jnp.log(s0))
         return m, jnp.log(s0 * jnp.exp(-m))
 
-    return jax.lax.cond(ok, unshifted, lambda x: _row_stats(x, axis), x)
+    def shifted(x: Array) -> tuple[Array, Array]:
+        m, log_s = _row_stats(x, axis)
+        return jnp.squeeze(m, axis), jnp.squeeze(log_s, axis)
+
+    m, log_s = jax.lax.cond(ok, unshifted, shifted, x)
+    return jnp.expand_dims(m, axis), jnp.expand_dims(log_s, axis)
 
 
 def _wide_labels(t: Array) -> Array:
