@@ -63,30 +63,41 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
 # exp(x) lies in this range: no exponential overflows, and what flushes to
 # zero (below 2**-126) is under 2**-46 of its row's sum.
 _UNSHIFTED_RANGE = (2.0**-80, 2.0**80)
-# Float32 channels-last rows of at least this many classes take it too.
+
+
+# In the chunked loop, float32 channels-last rows of fewer classes keep the max.
 _UNSHIFTED_MIN_ROW = 64
 
 
-def _unshifted_applies(x: Array, axis: int) -> bool:
-    """Whether the forward takes :func:`_unshifted_row_stats` (XLA:CPU only).
+def _unshifted_applies(x: Array, axis: int, chunked: bool = False) -> bool:
+    """Whether the forward takes :func:`_unshifted_row_stats` (XLA:CPU only):
+    16-bit and float32 logits, whatever the class axis and count. Not
+    float64, whose shifted sums keep their range.
 
-    Where it was measured faster: 16-bit logits (512x32000 bf16: 1.24-1.41x,
-    the max of the 16-bit logits is a pass of its own there) and float32
-    classes not along the last axis (8x19x128x128: 0.99-1.15x), float32
-    channels-last rows of ``_UNSHIFTED_MIN_ROW`` classes or more
-    (``ab.py --base e65978f``, forward: 16384x64 1.02-1.06x, 4x64x64x150
-    1.12-1.15x, 4096x1000 1.33x, 256x32003 1.26x, 4x256x256x150 in the
-    chunked loop 1.16-1.31x; 16384x100 1.00-1.04x). Not shorter
-    channels-last float32 rows: XLA:CPU fuses the max into the
-    exponentials' reduction there and the forward measured 0.79-0.90x at
-    8x128x128x19 (5 processes of ``ab.py``). Nor float64, whose shifted
-    sums keep their range.
+    Measured faster everywhere (``ab.py``, forward, against the max shift):
+    16-bit logits (512x32000 bf16: 1.24-1.41x, the max of the 16-bit logits
+    is a pass of its own there), float32 classes not along the last axis
+    (8x19x128x128: 0.99-1.15x), float32 channels-last rows of 64 classes or
+    more (``--base e65978f``: 16384x64 1.02-1.06x, 4x64x64x150 1.12-1.15x,
+    4096x1000 1.33x, 256x32003 1.26x, 4x256x256x150 in the chunked loop
+    1.12-1.31x; 16384x100 1.00-1.04x), and, once the per-position maths ran
+    on the positions' shape (0143d1b), shorter channels-last rows too
+    (``--base 0143d1b``, 8x128x128x19 1.08-1.11x over 5 processes; at
+    ~2.5M logits, 2 processes each: 2 classes 1.24-1.27x, 5 1.05-1.17x, 10
+    1.11-1.18x, 33 1.09-1.36x, 48 1.49-1.57x; from 2 to 19 classes the max
+    shift had been 0.92-0.99x optax). Before that fix, over
+    ``(positions, 1)``, 19 classes measured 0.79-0.90x.
+
+    Except in the chunked loop (``chunked``), where float32 channels-last
+    rows of fewer than ``_UNSHIFTED_MIN_ROW`` classes keep the max, fused
+    into the exponentials' reduction: at 4x512x512x19 the forward measured
+    0.89-0.90x without it.
     """
     size = jnp.dtype(x.dtype).itemsize
+    if jax.default_backend() != "cpu" or size not in (2, 4):
+        return False
     last = axis % x.ndim == x.ndim - 1
-    return jax.default_backend() == "cpu" and (
-        size == 2 or (size == 4 and (not last or x.shape[axis] >= _UNSHIFTED_MIN_ROW))
-    )
+    return not (chunked and size == 4 and last and x.shape[axis] < _UNSHIFTED_MIN_ROW)
 
 
 def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
@@ -156,6 +167,7 @@ def _index_loss_and_grad(
     share_exp: bool = False,
     stats: tuple[Array, Array] | None = None,
     target_shift: bool = False,
+    chunked: bool = False,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -183,7 +195,8 @@ def _index_loss_and_grad(
     kernel), without the class axis. With ``share_exp`` and the gradient,
     XLA:CPU's exponentials may take :func:`_shared_exp`'s group shift, or,
     with ``target_shift``, each row's target logit as the shift (see
-    :func:`_target_shift_applies`).
+    :func:`_target_shift_applies`). ``chunked``: called on a chunk of the
+    chunked loop (see :func:`_unshifted_applies`).
     """
     by_target = normalize and share_exp and target_shift and stats is None
     cdt = _compute_dtype(x.dtype)
@@ -213,7 +226,7 @@ def _index_loss_and_grad(
         elif share_exp:  # grouped exponentials only where the gradient shares them
             m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
             e, s, log_s = _shared_exp(xc, m, axis, grouped=with_grad)
-        elif not with_grad and _unshifted_applies(x, axis):
+        elif not with_grad and _unshifted_applies(x, axis, chunked):
             m, log_s = _unshifted_row_stats(x, axis)
         else:
             m, log_s = _row_stats(x, axis)
@@ -865,6 +878,7 @@ def _fused_pass(
             with_grad,
             share_exp=normalize and with_grad,
             target_shift=_target_shift_applies(xb.shape, cut.cax, xb.dtype),
+            chunked=True,
         )
         total = total + jnp.sum(jnp.where(fresh, loss, zero))
         if not with_grad:

@@ -1,8 +1,7 @@
 """XLA:CPU's forward without the max pass (``_losses._unshifted_row_stats``).
 
-Forward-only calls on 16-bit logits, or float32 with the classes not along the
-last axis or in rows of 64 or more, take each row's ``sum exp(x)`` without a
-shift and a log-sum-exp split as
+Forward-only calls on 16-bit or float32 logits (whatever the class axis) take
+each row's ``sum exp(x)`` without a shift and a log-sum-exp split as
 ``round(log s0) + log(s0 * exp(-round(log s0)))``. These tests check where it
 applies, that the fast branch really runs (its ``m`` is an integer, the
 fallback's is the row max), that it is as accurate as the shifted formulation
@@ -43,10 +42,10 @@ def _case(shape, seed, scale=3.0, offset=0.0):
         ((2, 150, 8), 1, jnp.float32, True),
         ((16, 32000), -1, jnp.bfloat16, True),
         ((16, 19), -1, jnp.float16, True),
-        ((2, 8, 8, 19), -1, jnp.float32, False),  # XLA:CPU fuses the max there
-        ((2, 8, 8, 19), 3, jnp.float32, False),
-        ((2, 8, 63), -1, jnp.float32, False),
-        ((2, 8, 64), -1, jnp.float32, True),  # rows of 64 classes and more
+        ((2, 8, 8, 19), -1, jnp.float32, True),
+        ((2, 8, 8, 19), 3, jnp.float32, True),
+        ((2, 8, 63), -1, jnp.float32, True),
+        ((2, 8, 1), -1, jnp.float32, True),
         ((2, 8, 8, 150), 3, jnp.float32, True),
         ((2, 150), -1, jnp.float64, False),
         ((2, 19, 8, 8), 1, jnp.float64, False),
@@ -183,14 +182,15 @@ def test_under_shard_map_each_shard_takes_its_own_branch():
 
 @pytest.mark.parametrize("loop", [False, True], ids=["whole-array", "chunked-loop"])
 @pytest.mark.parametrize("offset,bad", [(0.0, None), (40.0, None), (-45.0, None), (0.0, 70.0)])
-def test_channels_last_rows_of_150(monkeypatch, loop, offset, bad):
-    """Float32 channels-last rows of 150 classes (segmentation's ADE20K size):
-    the fast branch (its ``m`` an integer) or, with one logit beyond the
+@pytest.mark.parametrize("c", [19, 150])
+def test_channels_last_rows(monkeypatch, loop, offset, bad, c):
+    """Float32 channels-last rows of 19 and 150 classes (Cityscapes' and
+    ADE20K's sizes): the fast branch (its ``m`` an integer) or, with one logit beyond the
     range, the fallback, in the whole-array forward and in the chunked loop
     (forced, tiny chunks: some fall back, some not), against PyTorch in
     float64 and the NumPy reference, every reduction."""
-    x, t, w = _case((3, 150, 7), 7, offset=offset)
-    x, t = np.ascontiguousarray(np.moveaxis(x, 1, -1)), t  # (3, 7, 150)
+    x, t, w = _case((3, c, 7), 7, offset=offset)
+    x, t = np.ascontiguousarray(np.moveaxis(x, 1, -1)), t  # (3, 7, c)
     if bad is not None:
         x[2, 5, 11] = bad
     m, _ = _stats(x, -1)
@@ -199,7 +199,7 @@ def test_channels_last_rows_of_150(monkeypatch, loop, offset, bad):
     else:
         np.testing.assert_array_equal(m, np.max(x, axis=-1, keepdims=True))
     if loop:
-        monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 150 * 4)
+        monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", c * 4)
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     _losses._index_impl.clear_cache()
     try:
