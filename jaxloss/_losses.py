@@ -973,7 +973,7 @@ def _pass(
             s = scale.astype(loss.dtype)
             return jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype)), None
         total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
-        return total, grad.astype(x.dtype)
+        return total, _to_dtype(grad, x.dtype)
 
     def kernel(x, t, where, w, scale):
         from jaxloss._kernels.cross_entropy import cross_entropy_pallas
@@ -1043,6 +1043,29 @@ def _fused_total_and_grad_jvp(
         return total, grad.astype(x.dtype)
 
     return jax.jvp(plain, (x,), (tangents[0],))
+
+
+def _to_dtype(g: Array, dtype: Any) -> Array:
+    """``g.astype(dtype)``; float32 to bfloat16 on XLA:CPU by integer rounding.
+
+    XLA:CPU's ``convert`` to bfloat16 ran an elementwise pass 1.7x slower
+    than adding half an ulp (ties to even) and dropping the low 16 bits:
+    the same bits for every finite value and for infinities (rounding
+    overflows to inf as ``convert`` does); a NaN is kept a NaN explicitly,
+    whatever its payload. The bfloat16 fwd+bwd at 512x32000 measured
+    1.24-1.25x faster (3 processes, each timing both executables
+    interleaved; gradients bit-equal).
+    """
+    if not (
+        jax.default_backend() == "cpu"
+        and g.dtype == jnp.float32
+        and jnp.dtype(dtype) == jnp.bfloat16
+    ):
+        return g.astype(dtype)
+    u = jax.lax.bitcast_convert_type(g, jnp.uint32)
+    u = u + (jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1)))
+    bits = jnp.where(jnp.isnan(g), jnp.uint32(0x7FC0), u >> 16).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
 def _exact_upcast(x: Array) -> Array:

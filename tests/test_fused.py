@@ -218,6 +218,39 @@ def test_16bit_gradient_in_input_dtype(chunk, dtype):
     )
 
 
+def test_bfloat16_rounding_is_converts():
+    """XLA:CPU's gradient cast to bfloat16 by integer rounding
+    (``_losses._to_dtype``) gives ``astype``'s bits: ties to even, carries
+    into the exponent, overflow to inf, subnormals, signed zeros, and NaN
+    (whatever its payload) stays NaN."""
+    special = np.array(
+        [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4028235e38, -3.4028235e38, 1e-40, -1e-45],
+        np.float32,
+    )
+    bits = np.array(
+        [
+            0x3F808000,  # a tie, even below: down
+            0x3F818000,  # a tie, odd below: up
+            0x3F80FFFF,
+            0x3FFFFFFF,  # carries into the exponent
+            0x7F7F8000,  # a tie at the top: to inf
+            0x7F7F7FFF,
+            0x00008000,
+            0x7F800001,  # signalling NaN, payload in the low bits only
+            0xFFC00001,
+            0x7FC00000,
+        ],
+        np.uint32,
+    ).view(np.float32)
+    rng = np.random.default_rng(0)
+    g = np.concatenate([special, bits, rng.standard_normal(4096).astype(np.float32) * 1e3])
+    got = np.asarray(jax.jit(lambda v: _losses._to_dtype(v, jnp.bfloat16))(g))
+    want = np.asarray(jnp.asarray(g).astype(jnp.bfloat16))
+    nan = np.isnan(g)
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
 def test_jvp_hessian_vmap(chunk):
     x, t, w = _data((6, 7), -1)
 
