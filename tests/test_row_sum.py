@@ -1,0 +1,133 @@
+"""XLA:CPU's row sums of 16-bit logits' exponentials (``_losses._row_sum``).
+
+They run as XLA's own fused reduction (a variadic reduction that YNNPACK
+does not take: its fused reduction allocated a float32 copy of the logits on
+every call), in blocks along rows longer than ``_NATIVE_SUM_ROW``. These
+tests check the sums against float64 (short rows, blocked rows, a long row
+with no block, another axis), that the compiled step really has no YNNPACK
+reduction over the logits, the derivative rule, ``vmap`` and ``shard_map``,
+and bfloat16 losses and gradients of long rows against PyTorch.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import assert_rows_match_pytorch, data_mesh, rng_for
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+
+
+def _exps(shape, seed=0):
+    """Exponentials of logits of scale 3: terms spread over e**+-10."""
+    rng = rng_for("row_sum", shape, seed)
+    return np.exp(3.0 * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,block",
+    [
+        ((64, 150), -1, None),  # one reduction
+        ((3, 19, 40), 1, None),  # the classes not last
+        ((8, 32000), -1, 160),  # blocks of 160: 32000 = 200 x 160
+        ((4, 128256), -1, 334),  # 384 blocks of 334
+        ((4, 4099), -1, None),  # prime: jnp.sum
+    ],
+)
+def test_sums_match_float64(shape, axis, block):
+    v = _exps(shape)
+    assert _losses._sum_block(shape[axis]) == block or shape[axis] <= _losses._NATIVE_SUM_ROW
+    got = jax.jit(lambda a: _losses._row_sum(a, axis))(v)
+    want = np.sum(v.astype(np.float64), axis=axis)
+    # One reduction: ~sqrt(C / 16) * 2**-24; measured 4e-7 at 150 classes.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_long_rows_need_the_blocks():
+    """Without the blocks, one reduction over 128256 classes is off by more
+    than the tolerance above (this is what the blocks are for); with them,
+    it is within."""
+    v = _exps((4, 128256))
+    want = np.sum(v.astype(np.float64), axis=-1)
+    whole = np.asarray(jax.jit(lambda a: _losses._native_sum(a, 1))(v))
+    blocked = np.asarray(jax.jit(lambda a: _losses._row_sum(a, -1))(v))
+    assert np.max(np.abs(whole - want) / want) > 1e-6
+    assert np.max(np.abs(blocked - want) / want) < 1e-6
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
+@pytest.mark.parametrize("shape", [(64, 1000), (16, 32000)])
+def test_no_ynnpack_reduction_over_16bit_logits(shape):
+    """The compiled bfloat16 forward and fwd+bwd sum the logits'
+    exponentials in XLA's own fusions: a YNNPACK fusion reading the logits
+    may only take their max (in bfloat16)."""
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+
+    def loss(v, tv):
+        return jaxloss.cross_entropy(v, tv, ignore_index=IGN)
+
+    for fn in (loss, jax.value_and_grad(loss)):
+        hlo = jax.jit(fn).lower(x, t).compile().as_text()
+        entry = hlo[hlo.index("\nENTRY") :].splitlines()
+        (logits,) = [ln.split("=")[0].strip() for ln in entry if "parameter(0)" in ln]
+        names = [(ln.split("=")[0].split() or [""])[-1] for ln in entry]
+        ynn = [ln for ln, name in zip(entry, names, strict=True) if name.startswith("%ynn_fusion")]
+        for line in ynn:
+            operands = line.split(" fusion(")[1].split(")")[0].split(", ")
+            # Only the row max (in bfloat16, no conversion) reads the logits.
+            assert logits not in operands or "= bf16[" in line, line
+        assert "iota_reduce" in hlo
+
+
+def test_derivatives_are_the_sums():
+    """``jvp``, ``grad`` and second order go through ``jnp.sum``'s rule."""
+    v = jnp.asarray(_exps((5, 3000)))
+    dv = jnp.asarray(_exps((5, 3000), seed=1))
+
+    def f(a):
+        return _losses._row_sum(a, -1)
+
+    out, tangent = jax.jvp(f, (v,), (dv,))
+    np.testing.assert_allclose(tangent, np.sum(np.asarray(dv, np.float64), -1), rtol=1e-6)
+    np.testing.assert_array_equal(jax.grad(lambda a: jnp.sum(f(a) * 2.0))(v), 2.0)
+    hess = jax.jacfwd(jax.grad(lambda a: jnp.sum(f(a) ** 2)))(v[:1, :8])
+    np.testing.assert_allclose(hess.reshape(8, 8), 2.0 * np.ones((8, 8)), rtol=1e-6)
+    np.testing.assert_allclose(out, np.sum(np.asarray(v, np.float64), -1), rtol=1e-6)
+
+
+def test_vmap_and_shard_map():
+    from jax.sharding import PartitionSpec as P
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # older jax
+        from jax.experimental.shard_map import shard_map
+    v = _exps((4, 6, 2304))
+    want = np.sum(v.astype(np.float64), axis=-1)
+    got = jax.jit(jax.vmap(lambda a: _losses._row_sum(a, -1)))(v)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    spec = P("data")
+    sharded = jax.jit(
+        shard_map(
+            lambda a: _losses._row_sum(a, -1), mesh=data_mesh(), in_specs=spec, out_specs=spec
+        )
+    )(v)
+    np.testing.assert_allclose(sharded, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("c", [1000, 4099, 32000])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_bfloat16_long_rows_match_pytorch(c, smoothing):
+    """bfloat16 logits (exact in float64), rows short, prime and blocked:
+    per-row losses and gradients against PyTorch in float64."""
+    rng = rng_for("row_sum_bf16", c, smoothing)
+    x = np.asarray(jnp.asarray(4.0 * rng.standard_normal((6, c)), jnp.bfloat16))
+    t = rng.integers(0, c, 6)
+    t[1] = IGN
+    w = np.linspace(0.5, 2.0, c).astype(np.float32)
+    kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
+    # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
+    assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
