@@ -57,8 +57,8 @@ def _native_sum(v: Array, axis: int) -> Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _row_sum(v: Array, axis: int) -> Array:
     """``jnp.sum(v, axis)`` (no keepdims) of a float ``v``; on XLA:CPU by
-    :func:`_native_sum`. The row sums of exponentials of 16-bit logits take
-    it (:func:`_row_stats`, :func:`_unshifted_row_stats`).
+    :func:`_native_sum`. The row sums of exponentials of 16-bit logits and
+    of long float32 rows take it (:func:`_native_row_sums`).
 
     YNNPACK's fused reduction, XLA:CPU's default, sums the exponentials of
     16-bit logits through a float32 copy of them of its own, allocated and
@@ -67,8 +67,8 @@ def _row_sum(v: Array, axis: int) -> Array:
     here, fwd+bwd 400 against 128 ms; at 512x32000 fwd+bwd 9.3-9.5 against
     7.3-7.5 ms, the forward alike (each pair: both executables in one
     process, interleaved, 2 processes). For float32 it was no clear gain
-    (8x128x128x19 forward 0.76-0.89x, 4096x1000 1.0-1.19x, 256x128256
-    1.55x), so float32 keeps ``jnp.sum``. XLA's reduction adds a row in a few
+    (8x128x128x19 forward 0.76-0.89x, 4096x1000 1.0-1.19x), except on long
+    rows (:func:`_native_row_sums`). XLA's reduction adds a row in a few
     vector lanes: relative error ~ sqrt(C / 16) * 2**-24 (4e-6 measured at
     128256 classes, 2e-7 at 150), so rows longer than ``_NATIVE_SUM_ROW``
     are cut into blocks of a divisor of ``C`` near its square root (64 to
@@ -92,6 +92,24 @@ def _row_sum(v: Array, axis: int) -> Array:
 @_row_sum.defjvp
 def _row_sum_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
     return _row_sum(primals[0], axis), jnp.sum(tangents[0], axis=axis)
+
+
+# Float32 rows of at least this many classes sum their exponentials by
+# _row_sum too (see _native_row_sums).
+_NATIVE_SUM_F32_ROW = 1 << 15
+
+
+def _native_row_sums(x: Array, axis: int) -> bool:
+    """Whether the row sums of ``x``'s exponentials take :func:`_row_sum`:
+    16-bit logits, and float32 rows of ``_NATIVE_SUM_F32_ROW`` classes or
+    more. Forward, both executables interleaved in one process, 2
+    processes each, float32 against YNNPACK's sum: 128x50304 2.3-2.5x
+    faster, 128x65536 2.6-2.8x, 64x128256 2.2x, 256x128256 1.6x (YNNPACK
+    page-faulted 1.6 MB of scratch a call at the first two); at 512x32000
+    0.93-1.06x, 1024x4096 0.88-0.97x and 2048x2500 0.78-1.22x, so shorter
+    float32 rows keep ``jnp.sum``."""
+    size = jnp.dtype(x.dtype).itemsize
+    return size == 2 or (size == 4 and x.shape[axis] >= _NATIVE_SUM_F32_ROW)
 
 
 def _sum_block(c: int) -> int | None:
@@ -121,7 +139,7 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     cdt = _compute_dtype(x.dtype)
     m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)).astype(cdt)
     e = jnp.exp(x.astype(cdt) - m)
-    if x.dtype.itemsize == 2:  # see _row_sum
+    if _native_row_sums(x, axis):
         return m, jnp.expand_dims(jnp.log(_row_sum(e, axis)), axis)
     return m, jnp.log(jnp.sum(e, axis=axis, keepdims=True))
 
@@ -188,7 +206,7 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     """
     cdt = _compute_dtype(x.dtype)
     e = jnp.exp(x.astype(cdt))
-    s0 = _row_sum(e, axis) if x.dtype.itemsize == 2 else jnp.sum(e, axis=axis)
+    s0 = _row_sum(e, axis) if _native_row_sums(x, axis) else jnp.sum(e, axis=axis)
     lo, hi = _UNSHIFTED_RANGE
     ok = jnp.all((s0 >= lo) & (s0 <= hi))
 

@@ -131,3 +131,35 @@ def test_bfloat16_long_rows_match_pytorch(c, smoothing):
     kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
     # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
     assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
+
+
+@pytest.mark.parametrize(
+    "dtype,c,native",
+    [
+        (jnp.bfloat16, 19, True),
+        (jnp.float16, 1000, True),
+        (jnp.float32, 32767, False),
+        (jnp.float32, 32768, True),
+        (jnp.float64, 65536, False),
+    ],
+)
+def test_which_rows_take_it(dtype, c, native):
+    x = jax.ShapeDtypeStruct((2, c), dtype)
+    assert _losses._native_row_sums(x, -1) == native
+
+
+@pytest.mark.parametrize("c", [50304, 65536])
+def test_float32_long_rows_forward_matches_pytorch(c):
+    """Float32 rows of 50304 (blocks of 192) and 65536 classes: the forward
+    (which sums the exponentials by ``_row_sum``) against PyTorch in float64."""
+    from oracles import torch_loss_and_grad
+
+    rng = rng_for("row_sum_f32", c)
+    x = (4.0 * rng.standard_normal((5, c))).astype(np.float32)
+    t = rng.integers(0, c, 5)
+    t[2] = IGN
+    for reduction in ("none", "mean"):
+        kw = dict(ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
+        loss = jax.jit(lambda v, kw=kw: jaxloss.cross_entropy(v, jnp.asarray(t), **kw))(x)
+        tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
+        np.testing.assert_allclose(loss, tl, rtol=1e-6, atol=1e-6)
