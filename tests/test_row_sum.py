@@ -134,18 +134,20 @@ def test_bfloat16_long_rows_match_pytorch(c, smoothing):
 
 
 @pytest.mark.parametrize(
-    "dtype,c,native",
+    "dtype,shape,axis,native",
     [
-        (jnp.bfloat16, 19, True),
-        (jnp.float16, 1000, True),
-        (jnp.float32, 32767, False),
-        (jnp.float32, 32768, True),
-        (jnp.float64, 65536, False),
+        (jnp.bfloat16, (2, 19), -1, True),
+        (jnp.float16, (2, 1000), 1, True),
+        (jnp.float32, (2, 32767), -1, False),
+        (jnp.float32, (2, 32768), -1, True),
+        (jnp.float64, (2, 65536), -1, False),
+        (jnp.bfloat16, (2, 150, 8), 1, False),  # classes not last: YNNPACK's
+        (jnp.float32, (2, 32768, 3), 1, False),
     ],
 )
-def test_which_rows_take_it(dtype, c, native):
-    x = jax.ShapeDtypeStruct((2, c), dtype)
-    assert _losses._native_row_sums(x, -1) == native
+def test_which_rows_take_it(dtype, shape, axis, native):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    assert _losses._native_row_sums(x, axis) == native
 
 
 @pytest.mark.parametrize("c", [50304, 65536])
