@@ -56,8 +56,8 @@ def _native_sum(v: Array, axis: int) -> Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _row_sum(v: Array, axis: int) -> Array:
-    """``jnp.sum(v, axis)`` (no keepdims) of a float ``v``; on XLA:CPU by
-    :func:`_native_sum`. The row sums of exponentials of 16-bit logits and
+    """``jnp.sum(v, axis)`` (no keepdims) of a float ``v`` by
+    :func:`_native_sum`, for XLA:CPU. The row sums of exponentials of 16-bit logits and
     of long float32 rows take it (:func:`_native_row_sums`).
 
     YNNPACK's fused reduction, XLA:CPU's default, sums the exponentials of
@@ -76,8 +76,6 @@ def _row_sum(v: Array, axis: int) -> Array:
     with blocks of 256);
     a long row with no such divisor keeps ``jnp.sum``. A custom JVP: the
     tangent is ``jnp.sum`` (reverse mode transposes it)."""
-    if jax.default_backend() != "cpu":
-        return jnp.sum(v, axis=axis)
     axis = axis % v.ndim
     c = v.shape[axis]
     if c <= _NATIVE_SUM_ROW:
@@ -101,7 +99,7 @@ _NATIVE_SUM_F32_ROW = 1 << 15
 
 def _native_row_sums(x: Array, axis: int) -> bool:
     """Whether the row sums of ``x``'s exponentials take :func:`_row_sum`:
-    classes along the last axis, 16-bit logits, and float32 rows of
+    on XLA:CPU, classes along the last axis, 16-bit logits, and float32 rows of
     ``_NATIVE_SUM_F32_ROW`` classes or more.
 
     Not classes along another axis: XLA's own reduction over a strided
@@ -114,7 +112,7 @@ def _native_row_sums(x: Array, axis: int) -> bool:
     page-faulted 1.6 MB of scratch a call at the first two); at 512x32000
     0.93-1.06x, 1024x4096 0.88-0.97x and 2048x2500 0.78-1.22x, so shorter
     float32 rows keep ``jnp.sum``."""
-    if axis % x.ndim != x.ndim - 1:
+    if jax.default_backend() != "cpu" or axis % x.ndim != x.ndim - 1:
         return False
     size = jnp.dtype(x.dtype).itemsize
     return size == 2 or (size == 4 and x.shape[axis] >= _NATIVE_SUM_F32_ROW)
