@@ -84,3 +84,16 @@ def test_ab_times_a_base_commit_against_the_tree():
     assert all(r["base_ms"] > 0 and r["new_ms"] > 0 for r in rows)
     # The modules the other tests imported are in place again.
     assert sys.modules["jaxloss"] is jaxloss_before
+
+
+def test_sweep_runs_and_reports_both_modes():
+    import sweep
+
+    rows = sweep.main(
+        ["--elements", "2000", "--classes", "5", "--dtypes", "float32", "--axes=-1,1",
+         "--spatial", "4", "--reps", "1"]
+    )
+    assert [r["shape"] for r in rows] == [(400, 5), (25, 5, 4, 4)]
+    for r in rows:
+        assert set(r["ratio"]) == {"fwd", "fwdbwd"}
+        assert all(v > 0 for v in r["ms"].values())
