@@ -13,7 +13,7 @@ positions); ``axis=1`` cases ``(P // S², C, S, S)`` with ``S = --spatial``.
 
 Run:  PYTHONPATH=. python benchmarks/sweep.py [--elements 2.5e6]
       [--classes 1,2,5,10,19,150,1000] [--dtypes float32,bfloat16]
-      [--axes=-1,1] [--spatial 16] [--reps 15]
+      [--axes=-1,1] [--spatial 16] [--reps 15] [--reduction none]
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--axes", default="-1,1", help="class axes: -1 (last) and/or 1")
     p.add_argument("--spatial", type=int, default=16, help="S of the axis=1 cases' S x S")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument(
+        "--reduction",
+        default="mean",
+        choices=["mean", "none"],
+        help="none: jaxloss's per-position losses, reduced by the step (as bench.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -68,7 +74,7 @@ def main(argv=None) -> list[dict]:
                 if shape is None:
                     continue
                 x, y, w, _ = bench.make_case(shape, getattr(jnp, dt), axis)
-                impls = bench.jax_impls(jnp, jax, optax, jaxloss, axis)
+                impls = bench.jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction)
                 fns = {}
                 for name in ("jaxloss", "optax"):
                     vg = jax.jit(jax.value_and_grad(impls[name]))

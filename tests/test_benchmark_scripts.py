@@ -89,11 +89,14 @@ def test_ab_times_a_base_commit_against_the_tree():
 def test_sweep_runs_and_reports_both_modes():
     import sweep
 
+    assert sweep.shape_of(2000, 5, -1, 4) == (400, 5)
+    assert sweep.shape_of(200_000, 5, -1, 4) == (312, 128, 5)
+    assert sweep.shape_of(2000, 5, 1, 4) == (25, 5, 4, 4)
+    assert sweep.shape_of(20, 5, 1, 4) is None
     rows = sweep.main(
-        ["--elements", "2000", "--classes", "5", "--dtypes", "float32", "--axes=-1,1",
-         "--spatial", "4", "--reps", "1"]
+        ["--elements", "2000", "--classes", "5", "--dtypes", "float32", "--axes=1",
+         "--spatial", "4", "--reps", "1", "--reduction", "none"]
     )
-    assert [r["shape"] for r in rows] == [(400, 5), (25, 5, 4, 4)]
-    for r in rows:
-        assert set(r["ratio"]) == {"fwd", "fwdbwd"}
-        assert all(v > 0 for v in r["ms"].values())
+    assert [r["shape"] for r in rows] == [(25, 5, 4, 4)]
+    assert set(rows[0]["ratio"]) == {"fwd", "fwdbwd"}
+    assert all(v > 0 for v in rows[0]["ms"].values())
