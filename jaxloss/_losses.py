@@ -118,6 +118,12 @@ def _native_row_sums(x: Array, axis: int) -> bool:
     return size == 2 or (size == 4 and x.shape[axis] >= _NATIVE_SUM_F32_ROW)
 
 
+def _exp_row_sums(e: Array, x: Array, axis: int) -> Array:
+    """The row sums (no keepdims) of ``e``, exponentials of logits ``x``: by
+    :func:`_row_sum` where :func:`_native_row_sums` says, else ``jnp.sum``."""
+    return _row_sum(e, axis) if _native_row_sums(x, axis) else jnp.sum(e, axis=axis)
+
+
 def _sum_block(c: int) -> int | None:
     """The divisor of ``c`` in [64, 1024] nearest its square root, if any."""
     divisors = [b for b in range(64, 1025) if c % b == 0]
@@ -145,9 +151,7 @@ def _row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     cdt = _compute_dtype(x.dtype)
     m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)).astype(cdt)
     e = jnp.exp(x.astype(cdt) - m)
-    if _native_row_sums(x, axis):
-        return m, jnp.expand_dims(jnp.log(_row_sum(e, axis)), axis)
-    return m, jnp.log(jnp.sum(e, axis=axis, keepdims=True))
+    return m, jnp.expand_dims(jnp.log(_exp_row_sums(e, x, axis)), axis)
 
 
 # The forward's row sums may skip the max shift where every row's sum of
@@ -217,7 +221,7 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     """
     cdt = _compute_dtype(x.dtype)
     e = jnp.exp(x.astype(cdt))
-    s0 = _row_sum(e, axis) if _native_row_sums(x, axis) else jnp.sum(e, axis=axis)
+    s0 = _exp_row_sums(e, x, axis)
     lo, hi = _UNSHIFTED_RANGE
     ok = jnp.all((s0 >= lo) & (s0 <= hi))
 
