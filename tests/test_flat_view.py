@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import rng_for, to_torch_layout, torch_loss_and_grad
+from oracles import GRAD_TOL, rng_for, to_torch_layout, torch_loss_and_grad
 
 import jaxloss
 from jaxloss import _losses
 
 IGN = 255
 LOSS_RTOL = 1e-6
-GRAD_RTOL, GRAD_ATOL = 2e-5, 5e-7  # oracles.GRAD_TOL["float32"]
+GRAD_RTOL, GRAD_ATOL = GRAD_TOL["float32"]
 
 
 @pytest.mark.parametrize(
