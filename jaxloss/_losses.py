@@ -35,6 +35,67 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# e**f on [-ln2/2, ln2/2]: a degree-6 polynomial fitted for relative error
+# (1.9e-9 in exact arithmetic), Horner order from the constant term up.
+_EXP_POLY = (
+    1.0,
+    1.0,
+    0.49999991059303284,
+    0.16666419804096222,
+    0.04166822507977486,
+    0.008374815806746483,
+    0.0013836845755577087,
+)
+# ln 2 in two parts (Cody-Waite): n * _LN2_HI is exact for |n| <= 2**11.
+_LN2_HI = 0.693145751953125
+_LN2_LO = math.log(2.0) - _LN2_HI
+# 1.5 * 2**23 + 127: an integer n + 127 in [0, 255] added to 1.5 * 2**23 sits
+# in the low bits of the sum's float32 encoding.
+_EXP_BIAS = 12582912.0 + 127.0
+
+
+@jax.custom_jvp
+def _exp(v: Array) -> Array:
+    """``jnp.exp(v)``; for float32 on XLA:CPU, a shorter polynomial evaluation.
+
+    XLA:CPU's own float32 ``exp`` takes ~35 vector instructions per 8
+    values: range clamps at both ends, a degree-7 polynomial and a
+    saturating float-to-int conversion. Where an elementwise pass is all
+    exponentials (the shared exponentials of the fwd+bwd) that is the pass's
+    cost, not memory. This takes ~24: ``n = round(v / ln 2)`` (clamped to
+    127 above), ``f = v - n ln 2`` in two parts, ``e**f`` by
+    :data:`_EXP_POLY`, and ``2**n`` by moving ``n + 127`` into the exponent
+    bits through the float encoding of ``n + _EXP_BIAS`` (no conversion).
+
+    Accuracy against float64, measured over 3.1M values: at most 1.48 ulp
+    for ``v`` up to 88.3 (XLA's: 1.38), mean 0.40 ulp (0.38). Ends: ``v``
+    below -87.34 (where ``exp`` is below the smallest normal float32) gives
+    0, as does -inf; ``v`` above 88.72 and +inf give inf, NaN gives NaN; in
+    (88.38, 88.72], the last 0.34 below overflow, the polynomial runs past
+    its range (up to 92 ulps, 5.5e-6 relative). Not fused into a
+    reduction's loop by XLA:CPU (a sum of it ran 4x slower than of
+    ``jnp.exp``): for passes that write their exponentials.
+    """
+    if not (jax.default_backend() == "cpu" and v.dtype == jnp.float32):
+        return jnp.exp(v)
+    lo = jnp.float32(-88.0)
+    v = jnp.where(v < lo, lo, v)  # a NaN stays a NaN (a select, not max)
+    n = jnp.round(v * jnp.float32(1.0 / math.log(2.0)))
+    n = jnp.where(n > 127, jnp.float32(127.0), n)
+    f = (v - n * jnp.float32(_LN2_HI)) - n * jnp.float32(_LN2_LO)
+    p = jnp.float32(_EXP_POLY[-1])
+    for c in _EXP_POLY[-2::-1]:
+        p = p * f + jnp.float32(c)
+    bits = jax.lax.bitcast_convert_type(n + jnp.float32(_EXP_BIAS), jnp.int32)
+    return p * jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, jnp.int32(23)), jnp.float32)
+
+
+@_exp.defjvp
+def _exp_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    e = _exp(primals[0])
+    return e, e * tangents[0]
+
+
 # XLA:CPU row sums of up to this many classes are one reduction of XLA's own;
 # longer rows are summed in blocks (see _row_sum).
 _NATIVE_SUM_ROW = 2048
@@ -366,9 +427,9 @@ def _index_loss_and_grad(
         if share_exp:
             q, a_t = e, a_t / jnp.squeeze(s, axis)  # p = e / s
         elif grad_x is None:
-            q = jnp.exp(xc - m - log_s)
+            q = _exp(xc - m - log_s)
         else:  # shares no subexpression with the row reductions
-            q = jnp.exp(grad_x - (m + log_s))
+            q = _exp(grad_x - (m + log_s))
         grad = q * along(a_t) - jnp.where(is_t, along(b_t), zero)
         if eps > 0.0:
             grad = grad - eps_c * (1.0 if w is None else wb)
@@ -427,7 +488,7 @@ def _target_shifted_exp(
     the derivative is given (:func:`_target_shifted_exp_jvp`).
     """
     m = jax.lax.stop_gradient(jnp.expand_dims(x_t, axis))
-    e = jnp.exp(xc - m)
+    e = _exp(xc - m)
     s = jnp.sum(e, axis=axis, keepdims=True)
     bad = ~jnp.all(jnp.isfinite(jnp.squeeze(s, axis)) | ~valid)
 
@@ -544,7 +605,7 @@ def _exp_diff(a: Array, b: Array) -> Array:
     d = a - b
     back = d - a
     err = (a - (d - back)) + (-b - back)
-    ed = jnp.exp(d)
+    ed = _exp(d)
     # Where exp gives 0 (a masked class at -inf, a difference that overflows
     # to -inf) the two-sum is NaN: keep the 0.
     return jnp.where(ed == 0, ed, ed + ed * err)
@@ -566,7 +627,7 @@ def _shared_exp(xc: Array, m: Array, axis: int, grouped: bool) -> tuple[Array, A
     """
     k = _row_group(xc.shape, axis, xc.dtype) if grouped else 1
     if k == 1:
-        e = jnp.exp(xc - m)
+        e = _exp(xc - m)
         s = jnp.sum(e, axis=axis, keepdims=True)
         return e, s, jnp.log(s)
     # Grouped along the last position dimension only: the others (a sharded
@@ -583,7 +644,7 @@ def _shared_exp(xc: Array, m: Array, axis: int, grouped: bool) -> tuple[Array, A
     view = (*lead, b // k, k * c)
 
     def per_row(xc: Array) -> tuple[Array, Array]:
-        return jnp.exp(xc - m).reshape(view), m_pos
+        return _exp(xc - m).reshape(view), m_pos
 
     def by_group(xc: Array) -> tuple[Array, Array]:
         return _exp_diff(xc.reshape(view), g[..., None]), shift

@@ -1,0 +1,123 @@
+"""XLA:CPU's float32 exponentials by a shorter polynomial (``_losses._exp``).
+
+The exponentials that the fwd+bwd writes out (the shared ``exp(x - shift)``
+and the gradient's ``exp``) are evaluated by ``_exp`` on XLA:CPU. These
+tests check it against float64 NumPy over float32's range (within 1.5 ulp
+where XLA's own is 1.4), at the ends (underflow to 0, overflow to inf, NaN,
+infinities), that other dtypes keep ``jnp.exp`` bit for bit, its
+derivatives, and that the compiled fwd+bwd steps really take it (no
+``exponential`` instruction left). The losses' values and gradients through
+it are checked against PyTorch and NumPy by the rest of the suite.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import rng_for
+
+import jaxloss
+from jaxloss import _losses
+
+ULP = 2.0**-24  # float32's unit roundoff
+FLT_MAX = float(np.finfo(np.float32).max)
+FLT_TINY = float(np.finfo(np.float32).tiny)
+
+_exp = jax.jit(_losses._exp)
+
+
+def _values():
+    rng = rng_for("fast-exp")
+    return np.concatenate(
+        [
+            np.linspace(-87.3, 88.3, 400_001),
+            rng.uniform(-87.3, 88.3, 200_000),
+            5.0 * rng.standard_normal(200_000),
+            [0.0, -0.0, 1.0, -1.0, 0.5, 1e-30, -1e-30],
+        ]
+    ).astype(np.float32)
+
+
+def test_within_one_and_a_half_ulp_of_float64():
+    v = _values()
+    want = np.exp(v.astype(np.float64))
+    got = np.asarray(_exp(jnp.asarray(v))).astype(np.float64)
+    rel = np.abs(got - want) / want
+    assert rel.max() <= 1.5 * ULP, (rel.max() / ULP, v[np.argmax(rel)])
+    assert rel.mean() <= 0.45 * ULP, rel.mean() / ULP
+    assert float(_exp(jnp.float32(0.0))) == 1.0
+
+
+def test_the_ends():
+    """Below -87.34 (exp under the smallest normal float32) 0, as XLA:CPU's
+    ``exp`` flushes it; above 88.72 inf; NaN stays NaN. The last 0.34 below
+    overflow still agrees to 1e-5, and overflows exactly where float64's
+    exp exceeds float32's largest value."""
+    v = np.array([-np.inf, -1e30, -100.0, -88.0, -87.5, 88.73, 89.0, 100.0, 1e30, np.inf, np.nan])
+    got = np.asarray(_exp(jnp.asarray(v, jnp.float32)))
+    np.testing.assert_array_equal(got[:5], 0.0)
+    np.testing.assert_array_equal(got[5:10], np.inf)
+    assert np.isnan(got[10])
+    top = np.linspace(88.3, 88.8, 20_001).astype(np.float32)
+    want = np.exp(top.astype(np.float64))
+    got = np.asarray(_exp(jnp.asarray(top))).astype(np.float64)
+    np.testing.assert_array_equal(np.isinf(got), want > FLT_MAX)
+    fin = want <= FLT_MAX
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5)
+    low = np.linspace(-87.33, -80.0, 20_001).astype(np.float32)
+    want = np.exp(low.astype(np.float64))
+    got = np.asarray(_exp(jnp.asarray(low))).astype(np.float64)
+    assert (want > FLT_TINY).all()
+    np.testing.assert_allclose(got, want, rtol=1.5 * ULP)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_other_dtypes_keep_jnp_exp(dtype):
+    v = jnp.asarray(np.linspace(-20.0, 10.0, 1001), dtype)
+    np.testing.assert_array_equal(
+        np.asarray(_exp(v)).astype(np.float32), np.asarray(jnp.exp(v)).astype(np.float32)
+    )
+
+
+def test_float64_keeps_jnp_exp():
+    with jax.enable_x64(True):
+        v = jnp.asarray(np.linspace(-700.0, 700.0, 1001))
+        got = jax.jit(_losses._exp)(v)
+        assert got.dtype == jnp.float64
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.exp(v)))
+
+
+def test_derivatives_are_exp():
+    v = jnp.asarray(np.linspace(-20.0, 20.0, 101), jnp.float32)
+    dv = jnp.asarray(rng_for("fast-exp-dv").standard_normal(101), jnp.float32)
+    e, de = jax.jvp(_losses._exp, (v,), (dv,))
+    np.testing.assert_array_equal(np.asarray(de), np.asarray(e * dv))
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda u: jnp.sum(_losses._exp(u)))(v)), e)
+    second = jax.vmap(jax.grad(jax.grad(_losses._exp)))(v)
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(e))
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dtype",
+    [
+        ((2, 8, 8, 150), -1, jnp.float32),  # shared exponentials shifted by the target
+        ((4, 32, 32, 19), -1, jnp.float32),  # grouped rows
+        ((2, 19, 32, 32), 1, jnp.float32),  # classes on axis 1, the flat view
+        ((4, 5), -1, jnp.float32),  # small: the max shift
+        ((64, 1000), -1, jnp.bfloat16),  # 16-bit: the gradient's own exp
+    ],
+)
+def test_the_compiled_fwd_bwd_takes_it(shape, axis, dtype):
+    """Compiled from shapes alone: no ``exponential`` instruction is left in
+    the float32 fwd+bwd steps, and in the bfloat16 one only the forward's
+    row sums keep one (the gradient's pass takes ``_exp``)."""
+    s = jax.ShapeDtypeStruct
+    ax = axis % len(shape)
+    pos = shape[:ax] + shape[ax + 1 :]
+
+    def loss(x, t):
+        return jaxloss.cross_entropy(x, t, axis=axis, ignore_index=255)
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(s(shape, dtype), s(pos, jnp.int32))
+    found = hlo.compile().as_text().count(" exponential(")
+    assert found == (1 if dtype == jnp.bfloat16 else 0), found
