@@ -74,7 +74,9 @@ def _exp(v: Array) -> Array:
     (88.38, 88.72], the last 0.34 below overflow, the polynomial runs past
     its range (up to 92 ulps, 5.5e-6 relative). Not fused into a
     reduction's loop by XLA:CPU (a sum of it ran 4x slower than of
-    ``jnp.exp``): for passes that write their exponentials.
+    ``jnp.exp``): for passes that write their exponentials, and vectorised
+    ones (XLA's ``convert`` to bfloat16 leaves a pass scalar, where this is
+    slower than XLA's: see :func:`_index_loss_jvp`).
     """
     if not (jax.default_backend() == "cpu" and v.dtype == jnp.float32):
         return jnp.exp(v)
@@ -330,6 +332,7 @@ def _index_loss_and_grad(
     stats: tuple[Array, Array] | None = None,
     target_shift: bool = False,
     chunked: bool = False,
+    xla_exp: bool = False,
 ) -> tuple[Array, Array | None]:
     """Per-position loss ``l`` (compute dtype) and, optionally, ``dl/dx``.
 
@@ -358,7 +361,10 @@ def _index_loss_and_grad(
     XLA:CPU's exponentials may take :func:`_shared_exp`'s group shift, or,
     with ``target_shift``, each row's target logit as the shift (see
     :func:`_target_shift_applies`). ``chunked``: called on a chunk of the
-    chunked loop (see :func:`_unshifted_applies`).
+    chunked loop (see :func:`_unshifted_applies`). ``xla_exp``: the
+    gradient's exponentials by ``jnp.exp``, not :func:`_exp` (where the
+    caller's pass ends in XLA's conversion to bfloat16: see
+    :func:`_index_loss_jvp`).
     """
     by_target = normalize and share_exp and target_shift and stats is None
     cdt = _compute_dtype(x.dtype)
@@ -426,10 +432,12 @@ def _index_loss_and_grad(
         a_t = jnp.where(in_range | ~valid, a_t, nan)
         if share_exp:
             q, a_t = e, a_t / jnp.squeeze(s, axis)  # p = e / s
-        elif grad_x is None:
-            q = _exp(xc - m - log_s)
-        else:  # shares no subexpression with the row reductions
-            q = _exp(grad_x - (m + log_s))
+        else:
+            exp = jnp.exp if xla_exp else _exp
+            if grad_x is None:
+                q = exp(xc - m - log_s)
+            else:  # shares no subexpression with the row reductions
+                q = exp(grad_x - (m + log_s))
         grad = q * along(a_t) - jnp.where(is_t, along(b_t), zero)
         if eps > 0.0:
             grad = grad - eps_c * (1.0 if w is None else wb)
@@ -721,7 +729,15 @@ def _index_loss_jvp(
     def xla(x, t, valid, w):
         on_cpu = normalize and jax.default_backend() == "cpu"
         plan = _cpu_exp_plan(x, axis) if on_cpu else {}
-        return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, True, **plan)
+        # Reverse mode ends the gradient's pass with XLA's convert to
+        # bfloat16 (the transpose of x_dot's upcast below), which XLA:CPU
+        # does not vectorise: the whole pass runs scalar, where _exp's
+        # polynomial is slower than XLA's exp (1953x128x10 bfloat16 fwd+bwd:
+        # 9.2-9.9 ms against 3.9-4.5).
+        xla_exp = x.dtype == jnp.bfloat16
+        return _index_loss_and_grad(
+            x, t, valid, w, eps, normalize, axis, True, xla_exp=xla_exp, **plan
+        )
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
