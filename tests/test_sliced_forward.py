@@ -1,0 +1,183 @@
+"""XLA:CPU's forward over few classes by class slices (``_losses._sliced_applies``).
+
+A float32 cross-entropy forward (no gradient) over 2 to 16 classes takes
+every class as an array of the positions: the row max, the exponentials'
+sum, the target logit (a chain of selects) and the loss are one elementwise
+pass. These tests check where it applies, the values against PyTorch in
+float64 and the NumPy reference (both layouts, a 1-D input, every
+reduction, weights, label smoothing, ``where``), non-finite logits and a bad
+label as PyTorch has them, that it equals the path it replaces, and that the
+compiled forward takes it (no gather, no XLA ``exp``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import rng_for, to_torch_layout, torch_loss_and_grad
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+RTOL, ATOL = 2e-6, 1e-6
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dtype,applies",
+    [
+        ((64, 2), -1, jnp.float32, True),
+        ((4, 5, 8, 8), 1, jnp.float32, True),
+        ((4, 8, 8, 16), -1, jnp.float32, True),
+        ((7,), 0, jnp.float32, True),
+        ((64, 1), -1, jnp.float32, False),  # one class: the max shift as it is
+        ((4, 8, 8, 17), -1, jnp.float32, False),  # more classes: a reduction
+        ((64, 5), -1, jnp.bfloat16, False),  # 16-bit: XLA:CPU ran the slices scalar
+        ((64, 5), -1, jnp.float64, False),
+    ],
+)
+def test_where_it_applies(shape, axis, dtype, applies):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    assert _losses._sliced_applies(x, axis) == applies
+    # In the chunked loop only classes not last (channels-last chunks ran slower).
+    assert _losses._sliced_applies(x, axis, chunked=True) == (
+        applies and len(shape) == 4 and axis == 1
+    )
+
+
+def _case(shape, axis, seed):
+    rng = rng_for("sliced", shape, axis, seed)
+    ax = axis % len(shape)
+    c = shape[ax]
+    pos = shape[:ax] + shape[ax + 1 :]
+    x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    t = np.asarray(rng.integers(0, c, pos))
+    if t.ndim:
+        t[rng.random(pos) < 0.2] = IGN
+    return x, t, np.linspace(0.5, 2.0, c).astype(np.float32)
+
+
+def _forward(x, t, axis, **kw):
+    return np.asarray(
+        jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw))(jnp.asarray(x))
+    )
+
+
+SHAPES = [((6, 7, 5), -1), ((3, 4, 5, 6), 1), ((2, 16, 3, 5), 1), ((40, 2), -1), ((5,), 0)]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_matches_float64_oracles(shape, axis, reduction, smoothing, weighted):
+    x, t, w = _case(shape, axis, 0)
+    assert _losses._sliced_applies(x, axis)
+    kw = dict(
+        weight=w if weighted else None,
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
+    got = _forward(x, t, axis, **kw)
+    cot = np.ones(np.shape(t)) if reduction == "none" else 1.0
+    tl, _ = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
+    rl, _ = reference.loss_and_grad(x, t, axis=axis, **kw)
+    np.testing.assert_allclose(got, tl, rtol=RTOL, atol=ATOL, err_msg="pytorch")
+    np.testing.assert_allclose(got, rl, rtol=RTOL, atol=ATOL, err_msg="numpy")
+
+
+def test_where_matches_the_reference():
+    shape, axis = (3, 4, 5, 6), 1
+    x, t, w = _case(shape, axis, 1)
+    where = rng_for("sliced-where").random(t.shape) < 0.6
+    for reduction in ("none", "mean"):
+        kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
+        got = _forward(x, t, axis, where=jnp.asarray(where), **kw)
+        want, _ = reference.loss_and_grad(x, t, axis=axis, where=where, **kw)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_non_finite_logits_and_a_bad_label_as_pytorch():
+    """NaN where PyTorch's float64 loss is NaN: a valid row of -inf, a +inf
+    logit, a NaN logit; a masked class at -inf in a valid row stays finite;
+    an ignored row of -inf gives 0. A label outside [0, C) under ``jit``
+    gives NaN (PyTorch raises; the reference has NaN)."""
+    x, t, _ = _case((2, 9, 5), -1, 2)
+    t[:] = 1
+    x[0, 2] = -np.inf  # a valid row of -inf: NaN
+    x[1, 4] = -np.inf
+    t[1, 4] = IGN  # ignored: 0
+    x[1, 6, 2] = np.inf  # a +inf logit: NaN
+    x[0, 5, 3] = np.nan  # a NaN logit: NaN
+    x[1, 1, 0] = -np.inf  # a masked class: finite
+    got = _forward(x, t, -1, ignore_index=IGN, reduction="none")
+    tl, _ = torch_loss_and_grad(
+        to_torch_layout(x, -1), t, np.ones(t.shape), nll=False, ignore_index=IGN, reduction="none"
+    )
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(tl))
+    assert np.isnan(got[0, 2]) and np.isnan(got[1, 6]) and np.isnan(got[0, 5])
+    assert got[1, 4] == 0.0 and np.isfinite(got[1, 1])
+    fin = np.isfinite(tl)
+    np.testing.assert_allclose(got[fin], tl[fin], rtol=RTOL, atol=ATOL)
+    bad = t.copy()
+    bad[0, 0] = 5
+    got = _forward(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), bad, -1, ignore_index=IGN)
+    assert np.isnan(got)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES[:3])
+def test_equals_the_path_it_replaces(monkeypatch, shape, axis):
+    x, t, w = _case(shape, axis, 3)
+    kw = dict(weight=w, ignore_index=IGN, reduction="none", label_smoothing=0.1)
+    got = _forward(x, t, axis, **kw)
+    monkeypatch.setattr(_losses, "_sliced_applies", lambda *a: False)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    try:
+        want = _forward(x, t, axis, **kw)
+    finally:
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("shape,axis", [((8, 16, 5), -1), ((2, 10, 4, 4), 1)])
+def test_the_compiled_forward_takes_it(shape, axis, reduction):
+    """Compiled from shapes alone: no gather of the target logit and no XLA
+    ``exp`` (the slices' exponentials are ``_exp``'s polynomial)."""
+    ax = axis % len(shape)
+    pos = shape[:ax] + shape[ax + 1 :]
+    s = jax.ShapeDtypeStruct
+
+    def loss(x, t):
+        return jaxloss.cross_entropy(x, t, axis=axis, ignore_index=IGN, reduction=reduction)
+
+    text = jax.jit(loss).lower(s(shape, jnp.float32), s(pos, jnp.int32)).compile().as_text()
+    assert " exponential(" not in text and " gather(" not in text
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_in_the_chunked_loop(monkeypatch, axis):
+    """The loop forced at any size, with small chunks: classes on axis 1 take
+    the slices chunk by chunk, channels-last chunks keep the reduction; both
+    match the reference (mean with smoothing, a bad label's NaN)."""
+    shape = (4, 5, 6, 8) if axis == 1 else (4, 6, 8, 5)
+    x, t, w = _case(shape, axis, 4)
+    monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    try:
+        kw = dict(weight=w, ignore_index=IGN, label_smoothing=0.1)
+        got = _forward(x, t, axis, **kw)
+        want, _ = reference.loss_and_grad(x, t, axis=axis, **kw)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+        bad = t.copy()
+        bad.reshape(-1)[5] = 5
+        assert np.isnan(_forward(x, bad, axis, **kw))
+    finally:
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
