@@ -481,7 +481,7 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False) -> bool:
     its exponentials by :func:`_exp`. Before, a reduction over so few
     classes and the unshifted forward's per-position maths ran as separate
     passes, 0.66-1.02x optax with ``reduction="none"`` and classes on axis
-    1. Forward, ``ab.py --base 62418e4 --reps 20`` (weighted, 10% ignored,
+    1. Forward, ``ab.py --base ccee207 --reps 20`` (weighted, 10% ignored,
     2-core EPYC), ~2.5M logits, ``"none"`` and the mean: channels-last 2-5
     classes 1.95-2.54x faster (2.4-2.8x optax), 10-16 1.22-1.87x; axis=1
     with 16x16 maps 1.2-2.1x (1.25-2.2x optax), 8x5x128x128 1.5-1.7x;
