@@ -375,7 +375,7 @@ def _index_loss_and_grad(
     t_safe = jnp.where(in_range, t, 0)
     t_keep = jnp.expand_dims(t_safe, axis)
     # A forward over few classes: every class as an array of the positions.
-    sliced = normalize and not with_grad and stats is None and _sliced_applies(x, axis, chunked)
+    sliced = normalize and stats is None and _sliced_applies(x, axis, chunked, with_grad)
     xs = _class_slices(x, axis) if sliced else []
     # Take the target logit rather than building a full log_softmax. 16-bit
     # logits are gathered as raw bits: XLA:CPU would convert the whole input
@@ -394,14 +394,15 @@ def _index_loss_and_grad(
     if normalize:
         if stats is not None:
             m, log_s = (jnp.expand_dims(v.astype(cdt), axis) for v in stats)
+        elif sliced:
+            m_pos, es, s_pos = _sliced_exps(xs)
+            m, log_s = jnp.expand_dims(m_pos, axis), jnp.expand_dims(jnp.log(s_pos), axis)
         elif by_target:
             e, s, m = _target_shifted_exp(xc, x_t, valid, axis)
             log_s = jnp.log(s)
         elif share_exp:  # grouped exponentials only where the gradient shares them
             m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
             e, s, log_s = _shared_exp(xc, m, axis, grouped=with_grad)
-        elif sliced:
-            m, log_s = (jnp.expand_dims(v, axis) for v in _sliced_row_stats(xs))
         elif not with_grad and _unshifted_applies(x, axis, chunked):
             m, log_s = _unshifted_row_stats(x, axis)
         else:
@@ -444,6 +445,15 @@ def _index_loss_and_grad(
         a_t = b_t + eps_c * (num_classes if w is None else jnp.sum(w))
         # NaN for a bad label; not where ignored (0 * NaN in derivatives).
         a_t = jnp.where(in_range | ~valid, a_t, nan)
+        if sliced:  # the same formula, class by class, stacked
+            inv = a_t / s_pos
+            gs = []
+            for c, e_c in enumerate(es):
+                g = e_c * inv - jnp.where(t_safe == c, b_t, zero)
+                if eps > 0.0:
+                    g = g - eps_c * (1.0 if w is None else w[c])
+                gs.append(jnp.where(valid, g, zero))
+            return loss, jnp.stack(gs, axis)
         if share_exp:
             q, a_t = e, a_t / jnp.squeeze(s, axis)  # p = e / s
         else:
@@ -469,11 +479,12 @@ def _index_loss_and_grad(
 _SLICED_MAX_CLASSES = 16
 
 
-def _sliced_applies(x: Array, axis: int, chunked: bool = False) -> bool:
-    """Whether XLA:CPU's forward (no gradient) takes each class as an array of
-    the positions (:func:`_class_slices`): float32 logits of 2 to
-    ``_SLICED_MAX_CLASSES`` classes, either layout, except channels-last
-    chunks of the chunked loop (``chunked``).
+def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool = False) -> bool:
+    """Whether XLA:CPU takes each class as an array of the positions
+    (:func:`_class_slices`): float32 logits, either layout, of 2 to
+    ``_SLICED_MAX_CLASSES`` classes for the forward (no gradient) and of 2
+    for the fwd+bwd (``with_grad``), except channels-last chunks of the
+    chunked loop (``chunked``).
 
     The row max, the exponentials' sum, its log, the target logit (a chain
     of selects instead of a gather) and the loss are then elementwise
@@ -491,13 +502,20 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False) -> bool:
     slicing their raw bits did not change it). Not from 17 classes (19:
     0.9-1.0x in a prototype). Not for channels-last chunks (16x512x512x5:
     0.56x).
+
+    With the gradient, its classes are formed the same way and stacked:
+    two classes, fwd+bwd against the shared exponentials (``ab.py --base
+    8e67c03 --reps 20``): 9765x128x2 1.33x (mean) and 1.90x (``"none"``),
+    8x256x256x2 1.61x, 4882x2x16x16 1.28x, 8x2x256x256 1.46-1.60x (2.4-5.5x
+    optax). From 3 classes a prototype measured 0.98-1.08x (3) and
+    0.66-0.9x (4-10).
     """
     c = x.shape[axis]
     last = axis % x.ndim == x.ndim - 1
     return (
         jax.default_backend() == "cpu"
         and jnp.dtype(x.dtype) == jnp.float32
-        and 2 <= c <= _SLICED_MAX_CLASSES
+        and 2 <= c <= (2 if with_grad else _SLICED_MAX_CLASSES)
         and not (chunked and last)
     )
 
@@ -516,13 +534,14 @@ def _pick_class(xs: list[Array], t: Array) -> Array:
     return out
 
 
-def _sliced_row_stats(xs: list[Array]) -> tuple[Array, Array]:
-    """:func:`_row_stats`'s ``(m, log s)``, positions' shape, from the class
-    slices: the max shift, so the same non-finite semantics (NaN for a NaN
-    or +inf logit and for a row of -inf)."""
+def _sliced_exps(xs: list[Array]) -> tuple[Array, list[Array], Array]:
+    """``(m, [exp(x_c - m)], s)`` on the positions' shape from the class
+    slices: the row max ``m`` as the shift (:func:`_row_stats`'s non-finite
+    semantics: NaN for a NaN or +inf logit and for a row of -inf) and ``s``
+    the exponentials' sum."""
     m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
-    s = functools.reduce(jnp.add, [_exp(v - m) for v in xs])
-    return m, jnp.log(s)
+    es = [_exp(v - m) for v in xs]
+    return m, es, functools.reduce(jnp.add, es)
 
 
 # Rows of at most this many classes select the gradient's valid positions

@@ -1,13 +1,16 @@
-"""XLA:CPU's forward over few classes by class slices (``_losses._sliced_applies``).
+"""XLA:CPU's float32 cross-entropy over few classes by class slices
+(``_losses._sliced_applies``).
 
-A float32 cross-entropy forward (no gradient) over 2 to 16 classes takes
-every class as an array of the positions: the row max, the exponentials'
-sum, the target logit (a chain of selects) and the loss are one elementwise
-pass. These tests check where it applies, the values against PyTorch in
-float64 and the NumPy reference (both layouts, a 1-D input, every
-reduction, weights, label smoothing, ``where``), non-finite logits and a bad
-label as PyTorch has them, that it equals the path it replaces, and that the
-compiled forward takes it (no gather, no XLA ``exp``).
+A forward (no gradient) over 2 to 16 classes, and the fwd+bwd over 2,
+take every class as an array of the positions: the row max, the
+exponentials' sum, the target logit (a chain of selects), the loss and the
+gradient's classes (stacked) are elementwise passes. These tests check
+where it applies, the values (and gradients) against PyTorch in float64
+and the NumPy reference (both layouts, a 1-D input, every reduction,
+weights, label smoothing, ``where``), non-finite logits and a bad label as
+PyTorch has them, that it equals the path it replaces, that the compiled
+forward takes it (no gather, no XLA ``exp``), the chunked loop, and second
+derivatives and ``vmap`` of the 2-class step.
 """
 
 import jax
@@ -15,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import rng_for, to_torch_layout, torch_loss_and_grad
+from oracles import GRAD_TOL, rng_for, to_torch_layout, torch_loss_and_grad
 
 import jaxloss
 from jaxloss import _losses
 
 IGN = 255
 RTOL, ATOL = 2e-6, 1e-6
+GRAD_RTOL, GRAD_ATOL = GRAD_TOL["float32"]
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,9 @@ def test_where_it_applies(shape, axis, dtype, applies):
     assert _losses._sliced_applies(x, axis, chunked=True) == (
         applies and len(shape) == 4 and axis == 1
     )
+    # With the gradient: two classes only.
+    two = applies and shape[axis] == 2
+    assert _losses._sliced_applies(x, axis, with_grad=True) == two
 
 
 def _case(shape, axis, seed):
@@ -67,9 +74,8 @@ def _forward(x, t, axis, **kw):
 SHAPES = [((6, 7, 5), -1), ((3, 4, 5, 6), 1), ((2, 16, 3, 5), 1), ((40, 2), -1), ((5,), 0)]
 
 
-@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2), (True, 0.0)])
 @pytest.mark.parametrize("shape,axis", SHAPES)
 def test_matches_float64_oracles(shape, axis, reduction, smoothing, weighted):
     x, t, w = _case(shape, axis, 0)
@@ -181,3 +187,112 @@ def test_in_the_chunked_loop(monkeypatch, axis):
     finally:
         _losses._index_impl.clear_cache()
         jax.clear_caches()
+
+
+TWO = [((6, 7, 2), -1), ((3, 2, 5, 6), 1), ((2,), 0), ((50, 2), -1)]
+
+
+def _value_and_grad(x, t, axis, cot, **kw):
+    def f(v):
+        return jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw)
+
+    loss, vjp = jax.vjp(f, jnp.asarray(x))
+    (g,) = jax.jit(vjp)(jnp.asarray(cot, jnp.float32))
+    return np.asarray(loss), np.asarray(g)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2), (False, 0.1)])
+@pytest.mark.parametrize("shape,axis", TWO)
+def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis, reduction, smoothing, weighted):
+    x, t, w = _case(shape, axis, 5)
+    assert _losses._sliced_applies(x, axis, with_grad=True)
+    kw = dict(
+        weight=w if weighted else None,
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
+    rng = rng_for("sliced-cot", shape, reduction)
+    cot = rng.uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.7
+    loss, g = _value_and_grad(x, t, axis, cot, **kw)
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
+    tg = tg if x.ndim == 1 else np.moveaxis(tg, 1, axis)
+    rl, rg = reference.loss_and_grad(x, t, axis=axis, cotangent=cot, **kw)
+    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+        np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+
+
+def test_two_classes_where_non_finite_and_bad_label():
+    """``where`` against the reference; gradients of non-finite rows as
+    PyTorch's (NaN for a valid row of -inf or a +inf logit), an ignored row
+    of -inf keeps a zero gradient; a bad label gives a NaN loss and NaN in
+    its row's gradient only."""
+    x, t, w = _case((3, 2, 5, 6), 1, 6)
+    where = rng_for("sliced-two-where").random(t.shape) < 0.6
+    kw = dict(weight=w, ignore_index=IGN, reduction="mean", label_smoothing=0.1)
+    loss, g = _value_and_grad(x, t, 1, 1.0, where=jnp.asarray(where), **kw)
+    rl, rg = reference.loss_and_grad(x, t, axis=1, where=where, **kw)
+    np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(g, rg, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+    x, t, _ = _case((2, 9, 2), -1, 7)
+    t[:] = 1
+    x[0, 2] = -np.inf  # valid row of -inf: NaN
+    x[1, 4] = -np.inf
+    t[1, 4] = IGN  # ignored: zero gradient
+    x[1, 6, 0] = np.inf  # +inf logit: NaN
+    x[1, 1, 0] = -np.inf  # a masked class: finite
+    kw = dict(ignore_index=IGN, reduction="none")
+    loss, g = _value_and_grad(x, t, -1, np.ones(t.shape), **kw)
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, np.ones(t.shape), nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1)
+    tg[1, 4] = 0.0
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
+    fin = np.isfinite(tg)
+    np.testing.assert_allclose(g[fin], tg[fin], rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    assert np.isfinite(g[1, 1]).all() and (g[1, 4] == 0.0).all()
+
+    bad = t.copy()
+    bad[0, 0] = 2
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    step = jax.jit(jax.value_and_grad(lambda v, tt: jaxloss.cross_entropy(v, tt, ignore_index=IGN)))
+    loss, g = (np.asarray(v) for v in step(jnp.asarray(x), jnp.asarray(bad)))
+    assert np.isnan(loss) and np.isnan(g[0, 0]).all()
+    assert np.isfinite(np.delete(g.reshape(-1, 2), 0, axis=0)).all()
+
+
+def test_two_classes_second_order_and_vmap():
+    """jvp of the gradient and reverse over reverse against the plain
+    log_softmax formulation differentiated by JAX, and ``vmap``."""
+    shape, axis = (3, 2, 4, 5), 1
+    x, t, w = _case(shape, axis, 8)
+
+    def f(v):
+        return jaxloss.cross_entropy(
+            v, jnp.asarray(t), weight=w, ignore_index=IGN, axis=axis, label_smoothing=0.1
+        )
+
+    def f_ref(v):
+        lp = jax.nn.log_softmax(v, axis=axis)
+        valid = t != IGN
+        safe = np.where(valid, t, 0)
+        picked = jnp.squeeze(jnp.take_along_axis(lp, np.expand_dims(safe, axis), axis), axis)
+        wt = w[safe] * valid
+        smooth = jnp.sum(lp * np.reshape(w, (1, 2, 1, 1)), axis=axis) * valid
+        return -(0.9 * jnp.sum(picked * wt) + 0.05 * jnp.sum(smooth)) / np.sum(wt)
+
+    xj = jnp.asarray(x)
+    np.testing.assert_allclose(f(xj), f_ref(xj), rtol=1e-6)
+    dx = jnp.asarray(rng_for("sliced-dx").standard_normal(shape), jnp.float32)
+    want = jax.jvp(jax.grad(f_ref), (xj,), (dx,))[1]
+    got = jax.jvp(jax.grad(f), (xj,), (dx,))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    hv = jax.grad(lambda v: jnp.vdot(jax.grad(f)(v), dx))(xj)
+    np.testing.assert_allclose(hv, want, rtol=1e-4, atol=1e-7)
+    xs = jnp.stack([xj, 2 * xj])
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(f))(xs)[1], jax.grad(f)(2 * xj), rtol=1e-6, atol=1e-9
+    )
