@@ -1,4 +1,5 @@
-"""XLA:CPU's float32 exponentials by a shorter polynomial (``_losses._exp``).
+"""XLA:CPU's float32 exponentials by a shorter polynomial (``_losses._exp``,
+``_losses._poly_exp``).
 
 The exponentials that the fwd+bwd writes out (the shared ``exp(x - shift)``
 and the gradient's ``exp``) are evaluated by ``_exp`` on XLA:CPU. These
@@ -23,7 +24,7 @@ ULP = 2.0**-24  # float32's unit roundoff
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_TINY = float(np.finfo(np.float32).tiny)
 
-_exp = jax.jit(_losses._exp)
+_exp = jax.jit(_losses._poly_exp)
 
 
 def _values():
@@ -82,7 +83,7 @@ def test_other_dtypes_keep_jnp_exp(dtype):
 def test_float64_keeps_jnp_exp():
     with jax.enable_x64(True):
         v = jnp.asarray(np.linspace(-700.0, 700.0, 1001))
-        got = jax.jit(_losses._exp)(v)
+        got = jax.jit(_losses._poly_exp)(v)
         assert got.dtype == jnp.float64
         np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.exp(v)))
 
@@ -90,33 +91,39 @@ def test_float64_keeps_jnp_exp():
 def test_derivatives_are_exp():
     v = jnp.asarray(np.linspace(-20.0, 20.0, 101), jnp.float32)
     dv = jnp.asarray(rng_for("fast-exp-dv").standard_normal(101), jnp.float32)
-    e, de = jax.jvp(_losses._exp, (v,), (dv,))
+    e, de = jax.jvp(_losses._poly_exp, (v,), (dv,))
     np.testing.assert_array_equal(np.asarray(de), np.asarray(e * dv))
-    np.testing.assert_array_equal(np.asarray(jax.grad(lambda u: jnp.sum(_losses._exp(u)))(v)), e)
-    second = jax.vmap(jax.grad(jax.grad(_losses._exp)))(v)
+    np.testing.assert_array_equal(
+        np.asarray(jax.grad(lambda u: jnp.sum(_losses._poly_exp(u)))(v)), e
+    )
+    second = jax.vmap(jax.grad(jax.grad(_losses._poly_exp)))(v)
     np.testing.assert_array_equal(np.asarray(second), np.asarray(e))
 
 
 @pytest.mark.parametrize(
     "shape,axis,dtype,reduction,left",
     [
-        ((2, 8, 8, 150), -1, jnp.float32, "mean", 0),  # shared exponentials, target shift
-        ((4, 32, 32, 19), -1, jnp.float32, "mean", 0),  # grouped rows
-        ((2, 19, 32, 32), 1, jnp.float32, "mean", 0),  # classes on axis 1, the flat view
-        ((4, 5), -1, jnp.float32, "mean", 0),  # small: the max shift
-        ((2, 8, 8, 150), -1, jnp.float32, "none", 0),
-        ((64, 1000), -1, jnp.bfloat16, "mean", 1),  # 16-bit: the gradient's own exp
-        ((64, 1000), -1, jnp.float16, "none", 1),
+        ((4, 64, 64, 150), -1, jnp.float32, "mean", 0),  # shared exponentials, target shift
+        # grouped rows: the per-position rescaling keeps jnp.exp (65536 of them)
+        ((4, 128, 128, 19), -1, jnp.float32, "mean", 1),
+        ((4, 19, 128, 128), 1, jnp.float32, "mean", 0),  # classes on axis 1
+        ((4, 150, 64, 64), 1, jnp.float32, "none", 0),
+        ((2048, 1000), -1, jnp.bfloat16, "mean", 1),  # 16-bit: the gradient's own exp
+        ((2048, 1000), -1, jnp.float16, "none", 1),
         # bfloat16 "none": the pass ends in XLA's scalar convert, keeps jnp.exp
-        ((64, 1000), -1, jnp.bfloat16, "none", 2),
+        ((2048, 1000), -1, jnp.bfloat16, "none", 2),
+        # under _FAST_EXP_MIN_ELEMENTS: jnp.exp (the shared exponentials and
+        # the fallback loop's)
+        ((4, 8, 8, 150), -1, jnp.float32, "mean", 2),
     ],
 )
 def test_the_compiled_fwd_bwd_takes_it(shape, axis, dtype, reduction, left):
     """Compiled from shapes alone: the ``exponential`` instructions left in
-    the fwd+bwd step. None in float32; in 16-bit ones the forward's row sums
-    keep theirs (``_exp`` does not fuse into a reduction), and so does
-    bfloat16's gradient with ``reduction="none"``, whose pass XLA:CPU runs
-    scalar (there ``_exp`` was 2.3x slower than XLA's ``exp``)."""
+    the fwd+bwd step. None in float32 from ``_FAST_EXP_MIN_ELEMENTS``
+    logits; in 16-bit ones the forward's row sums keep theirs (``_exp``
+    does not fuse into a reduction), and so does bfloat16's gradient with
+    ``reduction="none"``, whose pass XLA:CPU runs scalar (there ``_exp`` was
+    2.3x slower than XLA's ``exp``). Smaller float32 steps keep XLA's."""
     s = jax.ShapeDtypeStruct
     ax = axis % len(shape)
     pos = shape[:ax] + shape[ax + 1 :]
