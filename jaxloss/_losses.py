@@ -470,7 +470,10 @@ def _index_loss_and_grad(
         a_t = b_t + eps_c * (num_classes if w is None else jnp.sum(w))
         # NaN for a bad label; not where ignored (0 * NaN in derivatives).
         a_t = jnp.where(in_range | ~valid, a_t, nan)
-        if sliced:  # the same formula, class by class, stacked
+        if sliced:
+            # The same formula, class by class, stacked at the end. Stacking
+            # the exponentials into q and taking the general expression
+            # below measured 0.73-0.88x (8x256x256x2, 8x2x256x256 fwd+bwd).
             inv = a_t / s_pos
             gs = []
             for c, e_c in enumerate(es):
