@@ -246,11 +246,14 @@ def test_bfloat16_rounding_is_converts():
     ).view(np.float32)
     rng = np.random.default_rng(0)
     g = np.concatenate([special, bits, rng.standard_normal(4096).astype(np.float32) * 1e3])
-    got = np.asarray(jax.jit(lambda v: _losses._to_dtype(v, jnp.bfloat16))(g))
     want = np.asarray(jnp.asarray(g).astype(jnp.bfloat16))
     nan = np.isnan(g)
-    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
-    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    # Also as pairs along a last axis of 2 (two classes: one uint32 each).
+    for shape in (g.shape, (-1, 2)):
+        got = np.asarray(jax.jit(lambda v: _losses._to_dtype(v, jnp.bfloat16))(g.reshape(shape)))
+        got = got.reshape(-1)
+        np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+        np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
 
 
 def test_bfloat16_rounding_selects_nan_in_float32():

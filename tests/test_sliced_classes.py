@@ -1,8 +1,9 @@
 """XLA:CPU's float32 cross-entropy over few classes by class slices
 (``_losses._sliced_applies``).
 
-A forward (no gradient) over 2 to 16 classes, and the fwd+bwd over 2,
-take every class as an array of the positions: the row max, the
+A forward (no gradient) over 2 to 16 classes, and the fwd+bwd over 2
+(bfloat16: two classes along the last axis, either way), take every class
+as an array of the positions: the row max, the
 exponentials' sum, the target logit (a chain of selects), the loss and the
 gradient's classes (stacked) are elementwise passes. These tests check
 where it applies, the values (and gradients) against PyTorch in float64
@@ -20,6 +21,7 @@ import pytest
 import reference
 from oracles import (
     GRAD_TOL,
+    LOSS_TOL,
     jax_loss_and_grad,
     rng_for,
     to_torch_layout,
@@ -44,6 +46,9 @@ GRAD_RTOL, GRAD_ATOL = GRAD_TOL["float32"]
         ((64, 1), -1, jnp.float32, False),  # one class: the max shift as it is
         ((4, 8, 8, 17), -1, jnp.float32, False),  # more classes: a reduction
         ((64, 5), -1, jnp.bfloat16, False),  # 16-bit: XLA:CPU ran the slices scalar
+        ((64, 2), -1, jnp.bfloat16, True),  # except bfloat16 pairs, channels-last
+        ((4, 2, 8, 8), 1, jnp.bfloat16, False),
+        ((64, 2), -1, jnp.float16, False),
         ((64, 5), -1, jnp.float64, False),
     ],
 )
@@ -302,3 +307,85 @@ def test_two_classes_second_order_and_vmap():
     np.testing.assert_allclose(
         jax.vmap(jax.grad(f))(xs)[1], jax.grad(f)(2 * xj), rtol=1e-6, atol=1e-9
     )
+
+
+BF16_TWO = [((5, 6, 2), -1), ((9, 2), 1), ((2,), 0)]
+
+
+def _bf16_case(shape, seed):
+    x, t, w = _case(shape, -1, seed)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    return xb, np.asarray(xb.astype(jnp.float32), np.float64), t, w
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2)])
+@pytest.mark.parametrize("shape,axis", BF16_TWO)
+def test_bfloat16_pairs_match_float64_oracles(shape, axis, reduction, smoothing, weighted):
+    """Two bfloat16 classes along the last axis, read (and their gradient
+    written) as uint32 pairs: the loss against PyTorch and NumPy in float64
+    on the same (exactly representable) values, the gradient within bfloat16
+    rounding; ``axis=1`` of a 2-D input is the last axis too."""
+    xb, x64, t, w = _bf16_case(shape, 9)
+    assert _losses._sliced_applies(xb, axis, with_grad=True)
+    kw = dict(
+        weight=w if weighted else None,
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
+    cot = rng_for("pairs-cot", shape).uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.3
+    loss, g, _, graw = jax_loss_and_grad(
+        jaxloss.cross_entropy, xb, jnp.asarray(t), cot, axis=axis, **kw
+    )
+    assert graw.dtype == jnp.bfloat16 and graw.shape == xb.shape
+    fwd = _forward(xb, t, axis, **kw)
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
+    tg = tg if x64.ndim == 1 else np.moveaxis(tg, 1, axis)
+    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
+    lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
+    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+        np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
+        np.testing.assert_allclose(fwd, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
+        np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
+
+
+def test_bfloat16_pairs_non_finite_bad_label_and_compiled_form():
+    """NaN where PyTorch's float64 loss and gradient are NaN (a valid row of
+    -inf, a +inf or NaN logit), a masked class at -inf finite, an ignored
+    row of -inf 0; a bad label a NaN loss and its row's NaN gradient. The
+    compiled steps gather nothing (the target logit is a select)."""
+    xb, x64, t, _ = _bf16_case((2, 9, 2), 10)
+    t[:] = 1
+    x64[0, 2] = -np.inf
+    x64[1, 4] = -np.inf
+    t[1, 4] = IGN
+    x64[1, 6, 0] = np.inf
+    x64[0, 5, 1] = np.nan
+    x64[1, 1, 0] = -np.inf
+    xb = jnp.asarray(x64, jnp.bfloat16)
+    kw = dict(ignore_index=IGN, reduction="none")
+    loss, g, _, _ = jax_loss_and_grad(
+        jaxloss.cross_entropy, xb, jnp.asarray(t), np.ones(t.shape), **kw
+    )
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, -1), t, np.ones(t.shape), nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1)
+    tg[1, 4] = 0.0
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
+    assert loss[1, 4] == 0.0 and (g[1, 4] == 0.0).all() and np.isfinite(loss[1, 1])
+    bad = t.copy()
+    bad[0, 0] = 2
+    xf = jnp.asarray(np.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0), jnp.bfloat16)
+    step = jax.jit(jax.value_and_grad(lambda v, tt: jaxloss.cross_entropy(v, tt, ignore_index=IGN)))
+    lb, gb = (np.asarray(v, np.float32) for v in step(xf, jnp.asarray(bad)))
+    assert np.isnan(lb) and np.isnan(gb[0, 0]).all()
+    assert np.isfinite(np.delete(gb.reshape(-1, 2), 0, axis=0)).all()
+    for text in (
+        step.lower(xf, jnp.asarray(t)).compile().as_text(),
+        jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), ignore_index=IGN))
+        .lower(xf)
+        .compile()
+        .as_text(),
+    ):
+        assert " gather(" not in text
