@@ -84,6 +84,21 @@ def test_no_ynnpack_reduction_over_16bit_logits(shape):
         assert "iota_reduce" in hlo
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
+def test_small_16bit_inputs_keep_jnp_sum():
+    """Under ``_NATIVE_SUM_MIN_16BIT`` logits the forward sums by ``jnp.sum``
+    (XLA:CPU would split the variadic reduction over both cores)."""
+    x = jax.ShapeDtypeStruct((20, 1000), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((20,), jnp.int32)
+    hlo = (
+        jax.jit(lambda v, tv: jaxloss.cross_entropy(v, tv, ignore_index=IGN))
+        .lower(x, t)
+        .compile()
+        .as_text()
+    )
+    assert "iota_reduce" not in hlo
+
+
 def test_derivatives_are_the_sums():
     """``jvp``, ``grad`` and second order go through ``jnp.sum``'s rule."""
     v = jnp.asarray(_exps((5, 3000)))
@@ -121,24 +136,34 @@ def test_vmap_and_shard_map():
 
 @pytest.mark.parametrize("c", [1000, 4099, 32000])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_bfloat16_long_rows_match_pytorch(c, smoothing):
+def test_bfloat16_long_rows_match_pytorch(monkeypatch, c, smoothing):
     """bfloat16 logits (exact in float64), rows short, prime and blocked:
-    per-row losses and gradients against PyTorch in float64."""
-    rng = rng_for("row_sum_bf16", c, smoothing)
-    x = np.asarray(jnp.asarray(4.0 * rng.standard_normal((6, c)), jnp.bfloat16))
-    t = rng.integers(0, c, 6)
-    t[1] = IGN
-    w = np.linspace(0.5, 2.0, c).astype(np.float32)
-    kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
-    # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
-    assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
+    per-row losses and gradients against PyTorch in float64, the row sums
+    by ``_row_sum`` at any size."""
+    monkeypatch.setattr(_losses, "_NATIVE_SUM_MIN_16BIT", 0)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    try:
+        rng = rng_for("row_sum_bf16", c, smoothing)
+        x = np.asarray(jnp.asarray(4.0 * rng.standard_normal((6, c)), jnp.bfloat16))
+        t = rng.integers(0, c, 6)
+        t[1] = IGN
+        w = np.linspace(0.5, 2.0, c).astype(np.float32)
+        kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
+        # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
+        assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
+    finally:
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize(
     "dtype,shape,axis,native",
     [
-        (jnp.bfloat16, (2, 19), -1, True),
-        (jnp.float16, (2, 1000), 1, True),
+        (jnp.bfloat16, (2048, 19), -1, True),
+        (jnp.float16, (64, 1000), 1, True),
+        (jnp.bfloat16, (2, 19), -1, False),  # under _NATIVE_SUM_MIN_16BIT logits
+        (jnp.float16, (32, 1000), 1, False),
         (jnp.float32, (2, 32767), -1, False),
         (jnp.float32, (2, 32768), -1, True),
         (jnp.float64, (2, 65536), -1, False),
