@@ -531,7 +531,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
     """Whether XLA:CPU takes each class as an array of the positions
     (:func:`_class_slices`): float32 logits, either layout, of 2 to
     ``_SLICED_MAX_CLASSES`` classes for the forward (no gradient) and of 2
-    for the fwd+bwd (``with_grad``), except channels-last chunks of the
+    for the fwd+bwd (``with_grad``), and bfloat16 logits of two classes
+    along the last axis (either way), except channels-last chunks of the
     chunked loop (``chunked``).
 
     The row max, the exponentials' sum, its log, the target logit (a chain
@@ -554,9 +555,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
     (2-core EPYC with AVX2): forward 1953x128x2 1.08-1.48x faster,
     8x256x256x2 1.16-1.56x, 19531x128x2 3.3x; fwd+bwd 1953x128x2 2.18x,
     8x256x256x2 2.2-2.6x (``"none"`` too), 19531x128x2 1.26x (4-6x
-    optax). Not from 17 classes (19:
-    0.9-1.0x in a prototype). Not for channels-last chunks (16x512x512x5:
-    0.56x).
+    optax). Not from 17 classes (19: 0.9-1.0x in a prototype). Not for
+    channels-last chunks (16x512x512x5: 0.56x).
 
     With the gradient, its classes are formed the same way and stacked:
     two classes, fwd+bwd against the shared exponentials (``ab.py --base

@@ -76,6 +76,19 @@ def _case(shape, axis, seed):
     return x, t, np.linspace(0.5, 2.0, c).astype(np.float32)
 
 
+def _kw(w, reduction, smoothing):
+    return dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+
+
+def _oracles(x64, t, axis, cot, **kw):
+    """``[(loss, grad, name)]`` of PyTorch and the NumPy reference in float64,
+    gradients in ``x64``'s layout."""
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
+    tg = tg if np.ndim(x64) == 1 else np.moveaxis(tg, 1, axis)
+    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
+    return [(tl, tg, "pytorch"), (rl, rg, "numpy")]
+
+
 def _forward(x, t, axis, **kw):
     return np.asarray(
         jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw))(jnp.asarray(x))
@@ -92,12 +105,7 @@ SHAPES = [((6, 7, 5), -1), ((3, 4, 5, 6), 1), ((2, 16, 3, 5), 1), ((5,), 0)]
 def test_matches_float64_oracles(shape, axis, reduction, smoothing, weighted):
     x, t, w = _case(shape, axis, 0)
     assert _losses._sliced_applies(x, axis)
-    kw = dict(
-        weight=w if weighted else None,
-        ignore_index=IGN,
-        reduction=reduction,
-        label_smoothing=smoothing,
-    )
+    kw = _kw(w if weighted else None, reduction, smoothing)
     got = _forward(x, t, axis, **kw)
     cot = np.ones(np.shape(t)) if reduction == "none" else 1.0
     tl, _ = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
@@ -218,19 +226,11 @@ def _value_and_grad(x, t, axis, cot, **kw):
 def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis, reduction, smoothing, weighted):
     x, t, w = _case(shape, axis, 5)
     assert _losses._sliced_applies(x, axis, with_grad=True)
-    kw = dict(
-        weight=w if weighted else None,
-        ignore_index=IGN,
-        reduction=reduction,
-        label_smoothing=smoothing,
-    )
+    kw = _kw(w if weighted else None, reduction, smoothing)
     rng = rng_for("sliced-cot", shape, reduction)
     cot = rng.uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.7
     loss, g = _value_and_grad(x, t, axis, cot, **kw)
-    tl, tg = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
-    tg = tg if x.ndim == 1 else np.moveaxis(tg, 1, axis)
-    rl, rg = reference.loss_and_grad(x, t, axis=axis, cotangent=cot, **kw)
-    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+    for want_l, want_g, name in _oracles(x, t, axis, cot, **kw):
         np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
         np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
 
@@ -328,23 +328,15 @@ def test_bfloat16_pairs_match_float64_oracles(shape, axis, reduction, smoothing,
     rounding; ``axis=1`` of a 2-D input is the last axis too."""
     xb, x64, t, w = _bf16_case(shape, 9)
     assert _losses._sliced_applies(xb, axis, with_grad=True)
-    kw = dict(
-        weight=w if weighted else None,
-        ignore_index=IGN,
-        reduction=reduction,
-        label_smoothing=smoothing,
-    )
+    kw = _kw(w if weighted else None, reduction, smoothing)
     cot = rng_for("pairs-cot", shape).uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.3
     loss, g, _, graw = jax_loss_and_grad(
         jaxloss.cross_entropy, xb, jnp.asarray(t), cot, axis=axis, **kw
     )
     assert graw.dtype == jnp.bfloat16 and graw.shape == xb.shape
     fwd = _forward(xb, t, axis, **kw)
-    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
-    tg = tg if x64.ndim == 1 else np.moveaxis(tg, 1, axis)
-    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
     lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
-    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+    for want_l, want_g, name in _oracles(x64, t, axis, cot, **kw):
         np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
         np.testing.assert_allclose(fwd, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
         np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
