@@ -398,7 +398,7 @@ def _index_loss_and_grad(
     inputs, where one exponential per element dominates). ``stats``, if
     given, is ``(m, log s)`` of :func:`_row_stats` computed elsewhere (by the
     kernel), without the class axis. With ``share_exp`` and the gradient,
-    XLA:CPU's exponentials may take :func:`_shared_exp`'s group shift, or,
+    XLA:CPU's exponentials may take :func:`_group_shifted_exp`'s group shift, or,
     with ``target_shift``, each row's target logit as the shift (see
     :func:`_target_shift_applies`). ``chunked``: called on a chunk of the
     chunked loop (see :func:`_unshifted_applies`). ``xla_exp``: the
@@ -410,6 +410,13 @@ def _index_loss_and_grad(
     :func:`_to_dtype`).
     """
     by_target = normalize and share_exp and target_shift and stats is None
+    by_group = (
+        normalize
+        and share_exp
+        and with_grad
+        and stats is None
+        and _row_group(x.shape, axis, x.dtype) > 1
+    )
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
     num_classes = x.shape[axis]
@@ -443,14 +450,24 @@ def _index_loss_and_grad(
         elif by_target:
             e, s, m = _target_shifted_exp(xc, x_t, valid, axis)
             log_s = jnp.log(s)
-        elif share_exp:  # grouped exponentials only where the gradient shares them
+        elif by_group:
+            e, s, m = _group_shifted_exp(xc, x_t, valid, axis)
+            log_s = jnp.log(s)
+        elif share_exp:
             m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
-            e, s, log_s = _shared_exp(xc, m, axis, grouped=with_grad)
+            e, s, log_s = _shared_exp(xc, m, axis)
         elif not with_grad and _unshifted_applies(x, axis, chunked):
             m, log_s = _unshifted_row_stats(x, axis)
         else:
             m, log_s = _row_stats(x, axis)
         neg_logp_t = (jnp.squeeze(m, axis) - x_t) + jnp.squeeze(log_s, axis)
+        if by_group:
+            # m is the group's shift: (m - x_t) + log s would lose log s's
+            # digits to cancellation where the row's max lies far below it.
+            e_t = _exp_diff(x_t, jnp.squeeze(m, axis))
+            near = e_t >= _GROUP_TARGET_MIN_EXP
+            s_pos = jnp.squeeze(s, axis)
+            neg_logp_t = jnp.where(near, jnp.log(s_pos / jnp.where(near, e_t, 1.0)), neg_logp_t)
     else:
         neg_logp_t = -x_t
     loss = w_t * neg_logp_t
@@ -661,7 +678,7 @@ def _target_shifted_exp(
     def by_max(carry: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
         bad = carry[0]
         m = jax.lax.stop_gradient(jnp.max(xc, axis=axis, keepdims=True))
-        e, s, _ = _shared_exp(xc, m, axis, grouped=False)  # the per-row shift
+        e, s, _ = _shared_exp(xc, m, axis)  # the per-row shift
         return bad & False, e, s, m
 
     _, e, s, m = jax.lax.while_loop(lambda carry: carry[0], by_max, (bad, e, s, m))
@@ -732,20 +749,21 @@ def _target_shift_applies(shape: tuple[int, ...], axis: int, dtype: Any) -> bool
 # processes): C = 9, 10, 19, 24, 33, 40, 41 1.10-1.26x faster, 36 1.01x,
 # 45 and 47 0.81-0.83x (slower), hence up to 41.
 _GROUPED_CLASSES = range(9, 42)
-# A group's rows whose maximum lies this far below the group's take the
-# per-row shift instead: exp(x - shift) must not underflow where x is a
-# row's maximum (e**-64 is 1.6e-28, a normal float32).
+# A batch with a valid row whose target logit (so possibly its max) lies this
+# far below its group's max takes the per-row shift instead: exp(x - shift)
+# must not underflow where x is a row's maximum (e**-64 is 1.6e-28, a normal
+# float32).
 _GROUP_SPAN = 64.0
 
 
 def _grouped_classes(c: int, itemsize: int) -> bool:
     """Whether rows of ``c`` classes of ``itemsize``-byte floats (channels-last,
-    XLA:CPU) take :func:`_shared_exp`'s grouped exponentials."""
+    XLA:CPU) take :func:`_group_shifted_exp`'s grouped exponentials."""
     return itemsize == 4 and c in _GROUPED_CLASSES and c % 16 != 0
 
 
 def _row_group(shape: tuple[int, ...], axis: int, dtype: Any) -> int:
-    """How many consecutive positions :func:`_shared_exp` shifts together
+    """How many consecutive positions :func:`_group_shifted_exp` shifts together
     (along the last position dimension, which they must divide): the fewest
     whose classes fill a multiple of 16 float32, or 1 (no grouping) where
     grouping does not pay (off XLA:CPU, classes not last, float64, ...)."""
@@ -777,53 +795,82 @@ def _exp_diff(a: Array, b: Array) -> Array:
     return jnp.where(ed == 0, ed, ed + ed * err)
 
 
-def _shared_exp(xc: Array, m: Array, axis: int, grouped: bool) -> tuple[Array, Array, Array]:
-    """``(e, s, log s)``: ``e = exp(xc - shift)`` (materialised, shared by the
-    row sum and the gradient), ``s`` its row sum and ``log s`` that of
-    ``exp(xc - m)`` (``m`` the row max, keepdims), so that ``p = e / s``.
+def _shared_exp(xc: Array, m: Array, axis: int) -> tuple[Array, Array, Array]:
+    """``(e, s, log s)``: ``e = exp(xc - m)`` (``m`` the row max, keepdims;
+    materialised, shared by the row sum and the gradient), ``s`` its row sum,
+    so that ``p = e / s``."""
+    e = _exp(xc - m)
+    s = jnp.sum(e, axis=axis, keepdims=True)
+    return e, s, jnp.log(s)
 
-    The shift is ``m``, or, where :func:`_row_group` groups rows (and
-    ``grouped``), the max over each group of consecutive rows: the
-    exponentials then run over the group's contiguous rows as one row of a
-    multiple of 16 floats, 2-2.4x faster on XLA:CPU at 10-40 classes.
-    :func:`_exp_diff` keeps them accurate to float32 rounding. A batch with
-    any row more than ``_GROUP_SPAN`` below its group's max (or a
-    non-finite max) takes the per-row shift instead (a ``lax.cond``: under
-    ``vmap`` both branches run).
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _group_shifted_exp(
+    xc: Array, x_t: Array, valid: Array, axis: int
+) -> tuple[Array, Array, Array]:
+    """``(e, s, m)`` for rows that :func:`_row_group` groups: ``m`` (keepdims)
+    the largest logit of each group of consecutive positions, ``e = exp(xc -
+    m)``, ``s`` its row sum; or, where any valid row's target logit ``x_t``
+    lies more than ``_GROUP_SPAN`` below its ``m`` (or ``m`` is not finite),
+    each row's max as ``m`` for the whole batch.
+
+    One shift per group lets the exponentials run over the group's
+    contiguous rows as one row of a multiple of 16 floats, 2-2.4x faster on
+    XLA:CPU at 10-40 classes; the group max is a reduction over those rows
+    too, and no per-row max is taken. :func:`_exp_diff` keeps them accurate
+    to float32 rounding. A row that passes the check has its max (at least
+    ``x_t``) within ``_GROUP_SPAN`` of the shift, so its largest
+    exponentials are normal floats with ~23 e-folds to spare. The check
+    fails for a row of NaN or +inf and a group of -inf only (through the max
+    shift they give PyTorch's values); ignored rows, zeros in the result
+    either way, do not count. The check reads ``x_t``, not the exponentials:
+    with both the row sums and the loop reading them, XLA:CPU computed the
+    exponentials twice. The fallback is a while loop of 0 or 1 trips (as in
+    :func:`_target_shifted_exp`), so the derivative is given: ``m`` is held
+    constant.
     """
-    k = _row_group(xc.shape, axis, xc.dtype) if grouped else 1
-    if k == 1:
-        e = _exp(xc - m)
-        s = jnp.sum(e, axis=axis, keepdims=True)
-        return e, s, jnp.log(s)
+    k = _row_group(xc.shape, axis, xc.dtype)
+    *lead, b, c = xc.shape
     # Grouped along the last position dimension only: the others (a sharded
     # batch, a chunk's groups) are left as they are. Per-position maths on
-    # the positions' shape, not (positions, 1): XLA:CPU ran the log below 4x
-    # slower over the latter.
-    *lead, b, c = xc.shape
-    m_pos = jnp.squeeze(m, axis)
-    g = jnp.max(m_pos.reshape(*lead, b // k, k), axis=-1)
-    shift = jnp.repeat(g, k, axis=-1)
-    ok = jnp.all((m_pos >= shift - _GROUP_SPAN) & (shift < jnp.inf))
-    # Both branches give the exponentials as rows of k * c: a fusion whose
+    # the positions' shape, not (positions, 1): XLA:CPU ran a log over the
+    # latter 4x slower.
+    rows = xc.reshape(*lead, b // k, k * c)
+    g = jax.lax.stop_gradient(jnp.max(rows, axis=-1, keepdims=True))
+    m = jnp.repeat(g[..., 0], k, axis=-1)
+    near = (x_t >= m - _GROUP_SPAN) & (jnp.abs(m) < jnp.inf)
+    bad = ~jnp.all(near | ~valid)
+
+    def by_max(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        m = jax.lax.stop_gradient(jnp.max(xc, axis=axis))
+        return carry[0] & False, _exp(xc - m[..., None]).reshape(rows.shape), m
+
+    # The exponentials stay rows of k * c through the loop: a fusion whose
     # result is reshaped to (..., positions, c) loops over that shape.
-    view = (*lead, b // k, k * c)
-
-    def per_row(xc: Array) -> tuple[Array, Array]:
-        return _exp(xc - m).reshape(view), m_pos
-
-    def by_group(xc: Array) -> tuple[Array, Array]:
-        return _exp_diff(xc.reshape(view), g[..., None]), shift
-
-    e, shift = jax.lax.cond(ok, by_group, per_row, xc)
+    carry = (bad, _exp_diff(rows, g), m)
+    _, e, m = jax.lax.while_loop(lambda carry: carry[0], by_max, carry)
     e = e.reshape(xc.shape)
     # Row sums of so few classes: a matrix-vector product ran 1.6-1.8x
     # faster on XLA:CPU than the reduction (19 and 40 classes).
     s = jnp.dot(e, jnp.ones((c,), e.dtype), precision=jax.lax.Precision.HIGHEST)
-    # log sum exp(xc - m) = log(s * exp(shift - m)), the factor at most e**64
-    # (exactly 1 for the per-row shift).
-    log_s = jnp.log(s * _exp_diff(shift, m_pos))
-    return e, s[..., None], log_s[..., None]
+    return e, s[..., None], m[..., None]
+
+
+@_group_shifted_exp.defjvp
+def _group_shifted_exp_jvp(
+    axis: int, primals: tuple, tangents: tuple
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
+    # As _target_shifted_exp_jvp: de = e dxc, ds = sum de, dm = 0.
+    e, s, m = _group_shifted_exp(*primals, axis)
+    de = e * tangents[0]
+    return (e, s, m), (de, jnp.sum(de, axis=axis, keepdims=True), jnp.zeros_like(m))
+
+
+# Where exp(x_t - shift) is at least this (e**-83), the grouped rows' loss is
+# log(s / exp(x_t - shift)), both to float32's relative accuracy; below it
+# (x_t at least ~19 below its row max) (shift - x_t) + log s, whose rounding
+# is small beside a loss of 19 or more.
+_GROUP_TARGET_MIN_EXP = 2.0**-120
 
 
 def _kernel_applies(pallas: bool, x: Array) -> bool:
@@ -1094,7 +1141,7 @@ def _chunks(
     the logits' view (``c`` classes a position of ``itemsize`` bytes each;
     each chunk spans ``g`` groups; ``rows``: a position's classes are
     contiguous, channels-last, else part B's positions are)."""
-    # Grouped rows (_shared_exp) hold the chunk's logits and exponentials
+    # Grouped rows (_group_shifted_exp) hold the chunk's logits and exponentials
     # besides its gradient: half-size chunks keep the temporaries at 0.36% of
     # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way).
     grouped = rows and _grouped_classes(c, itemsize)

@@ -45,12 +45,19 @@ def _case(shape, seed, spread=60.0):
     return x.astype(np.float32), t, w.astype(np.float32)
 
 
-def _row_maxima_of_e(x):
-    """Each row's max of ``_shared_exp``'s exponentials: 1 under the per-row
-    shift, ``exp(m - group max)`` under a group's."""
+def _row_maxima_of_e(x, t=None):
+    """Each row's max of ``_group_shifted_exp``'s exponentials: 1 under the
+    per-row shift, ``exp(m - group max)`` under a group's. ``t``: the labels
+    whose target logits the check reads (default: every row valid, its
+    target its max)."""
     xc = jnp.asarray(x).reshape(-1, x.shape[-1])
-    m = jnp.max(xc, axis=-1, keepdims=True)
-    e, _, _ = jax.jit(lambda v, m: _losses._shared_exp(v, m, 1, True))(xc, m)
+    if t is None:
+        x_t, valid = jnp.max(xc, axis=-1), jnp.ones(xc.shape[:-1], bool)
+    else:
+        tc = jnp.asarray(t).reshape(-1)
+        valid = tc != IGN
+        x_t = jnp.take_along_axis(xc, jnp.where(valid, tc, 0)[:, None], axis=-1)[:, 0]
+    e, _, _ = jax.jit(lambda v, x_t, ok: _losses._group_shifted_exp(v, x_t, ok, 1))(xc, x_t, valid)
     return np.asarray(jnp.max(e, axis=-1))
 
 
@@ -78,11 +85,26 @@ def test_the_grouped_path_runs(c):
     """Rows below their group's max get exponentials below 1: the grouped
     branch ran. A row beyond ``_GROUP_SPAN`` sends the batch to the per-row
     shift, where every row's max exponential is 1."""
-    x, _, _ = _case((2, 16, c), 0, spread=30.0)
+    x, t, _ = _case((2, 16, c), 0, spread=30.0)
     tops = _row_maxima_of_e(x)
     assert np.any(tops < 0.5) and np.all(tops <= 1.0)
     x[1, 3] -= 100.0
     np.testing.assert_array_equal(_row_maxima_of_e(x), 1.0)
+
+
+def test_the_check_reads_valid_targets():
+    """The check reads each valid row's target logit: one more than
+    ``_GROUP_SPAN`` below its group's max sends the batch to the per-row
+    shift even where the row's max is close; an ignored row's does not."""
+    x, t, _ = _case((2, 16, 19), 6, spread=5.0)
+    t[t == IGN] = 0
+    t[0, 3] = 4
+    x[0, 3, 4] = x[0].max() - 70.0  # the target only: the row's max stays close
+    assert np.any(_row_maxima_of_e(x) < 0.5)  # checked on each row's max: grouped
+    np.testing.assert_array_equal(_row_maxima_of_e(x, t), 1.0)  # on its target: per row
+    x[0, 3] = x[0].max() - 70.0  # now the whole row
+    t[0, 3] = IGN
+    assert np.any(_row_maxima_of_e(x, t) < 0.5)  # that row ignored: grouped
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -106,11 +128,14 @@ def test_grouped_rows_match_float64_oracles(shape, reduction, smoothing):
 
 def test_fallback_and_non_finite_rows_match_pytorch():
     """Rows the group shift cannot serve -- one 100 below its group's max, a
-    row of -inf (valid: NaN; ignored: zero), a +inf logit -- give PyTorch's
-    values, NaNs included, through the per-row branch."""
+    row of -inf (valid: NaN; ignored: zero), a +inf logit, a target on a
+    masked class (inf) -- give PyTorch's values, NaNs included, through the
+    per-row branch."""
     x, t, w = _case((2, 8, 19), 2, spread=5.0)
     x[0, 1] -= 100.0
     plant_non_finite_rows(x, t, IGN)
+    x[0, 5, 1::2] = -np.inf
+    t[0, 5] = 3
     assert_rows_match_pytorch(
         x, t, (RTOL, LOSS_ATOL), (RTOL, GRAD_ATOL), weight=w, ignore_index=IGN
     )
@@ -120,17 +145,18 @@ def test_masked_and_extreme_logits_in_grouped_rows_match_pytorch():
     """Rows the grouped branch serves may hold masked classes (-inf) and
     logits whose difference to the shift overflows (-3e38 beside 1e38): their
     exponentials are 0, as in PyTorch, not the NaN of a two-sum of infinite
-    differences. Targets on a masked class give PyTorch's inf loss."""
+    differences. (A target on a masked class fails the check: see the
+    fallback test.)"""
     x, t, w = _case((2, 2, 16, 19), 5, spread=5.0)
     x[0, 0, 3, 5:9] = -np.inf
     t[0, 0, 3] = 2
     x[0, 1, 7, ::2] = -np.inf
-    t[0, 1, 7] = 4  # a masked target: loss inf
+    t[0, 1, 7] = 1
     x[1, 0] = 1e38  # a whole group of 16 positions, so that the batch still groups
     x[1, 0, :, 3] = -3e38
     x[1, 0, :, 7] = 0.0
-    t[1, 0] = 7
-    assert np.any(_row_maxima_of_e(x) < 0.5)  # the grouped branch runs
+    t[1, 0] = 0
+    assert np.any(_row_maxima_of_e(x, t) < 0.5)  # the grouped branch runs
     for reduction, eps in (("none", 0.0), ("none", 0.1), ("sum", 0.0)):
         kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=eps)
         t = t.copy()
@@ -216,7 +242,9 @@ def test_grouped_loop_under_gspmd(monkeypatch, spec):
         text = sharded.lower(x, t).compile().as_text()
         got = sharded(x, t)
     _losses._index_impl.clear_cache()
-    assert "while" in text and "conditional" in text
+    # The grouped rows' fallback loop is compiled in (each device's chunk
+    # loop, one step here, is inlined).
+    assert " while(" in text
     assert "all-gather" not in text
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=GRAD_ATOL)
