@@ -668,7 +668,7 @@ def _target_shifted_exp(
     carry is updated in place, where a cond's result is a copy of the
     exponentials (XLA:CPU, 4x64x64x150: temporaries of twice the logits and
     a fwd+bwd 1.5x slower). A while loop has no reverse-mode derivative, so
-    the derivative is given (:func:`_target_shifted_exp_jvp`).
+    the derivative is given (:func:`_held_shift_jvp`).
     """
     m = jax.lax.stop_gradient(jnp.expand_dims(x_t, axis))
     e = _exp(xc - m)
@@ -685,16 +685,20 @@ def _target_shifted_exp(
     return e, s, m
 
 
-@_target_shifted_exp.defjvp
-def _target_shifted_exp_jvp(
-    axis: int, primals: tuple, tangents: tuple
+def _held_shift_jvp(
+    fn: Any, axis: int, primals: tuple, tangents: tuple
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
-    # Either branch's e = exp(xc - m) with m held constant (stop_gradient):
-    # de = e dxc, ds = sum de, dm = 0. Linear in dxc, so reverse mode (the
-    # second derivative of a loss whose rule differentiates this) works.
-    e, s, m = _target_shifted_exp(*primals, axis)
+    """The JVP of a shifted exponentials' ``fn`` (:func:`_target_shifted_exp`,
+    :func:`_group_shifted_exp`): either branch's ``e = exp(xc - m)`` with
+    ``m`` held constant (stop_gradient): ``de = e dxc``, ``ds = sum de``,
+    ``dm = 0``. Linear in ``dxc``, so reverse mode (the second derivative of
+    a loss whose rule differentiates this) works."""
+    e, s, m = fn(*primals, axis)
     de = e * tangents[0]
     return (e, s, m), (de, jnp.sum(de, axis=axis, keepdims=True), jnp.zeros_like(m))
+
+
+_target_shifted_exp.defjvp(functools.partial(_held_shift_jvp, _target_shifted_exp))
 
 
 # Fewer logit elements than this keep the max shift: its pass costs next to
@@ -856,14 +860,7 @@ def _group_shifted_exp(
     return e, s[..., None], m[..., None]
 
 
-@_group_shifted_exp.defjvp
-def _group_shifted_exp_jvp(
-    axis: int, primals: tuple, tangents: tuple
-) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array]]:
-    # As _target_shifted_exp_jvp: de = e dxc, ds = sum de, dm = 0.
-    e, s, m = _group_shifted_exp(*primals, axis)
-    de = e * tangents[0]
-    return (e, s, m), (de, jnp.sum(de, axis=axis, keepdims=True), jnp.zeros_like(m))
+_group_shifted_exp.defjvp(functools.partial(_held_shift_jvp, _group_shifted_exp))
 
 
 # Where exp(x_t - shift) is at least this (e**-83), the grouped rows' loss is
