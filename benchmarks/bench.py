@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -147,14 +148,22 @@ def pct(ts):
 
 def interleaved(fns: dict, reps: int, sync) -> dict:
     """``{key: [seconds, ...]}``: ``reps`` rounds, each calling every function
-    once in turn (round-robin), so drift on a shared machine hits all alike.
-    Every other round runs in reverse order: with a fixed order, two
-    identical functions measured 2-7% apart on the 2-core dev machine (the
-    later one slower; median of 11 processes of ``ab.py``)."""
+    once (round-robin), so drift on a shared machine hits all alike.
+
+    Each round takes its own order (a permutation seeded by the round), so
+    that every function follows each of the others about as often: a call
+    right after one that sweeps the cache (optax's float32 temporaries) runs
+    slower. With a fixed order, two identical functions measured 2-7% apart
+    on the 2-core dev machine (the later one slower; median of 11 processes
+    of ``ab.py``); with the order reversed every other round, ``ab.py``'s
+    base (which then followed optax in half the rounds, the new code never)
+    measured identical code 1.1-1.5x slower at 512x32000 bfloat16."""
     times = {k: [] for k in fns}
     keys = list(fns)
     for r in range(reps):
-        for key in keys if r % 2 == 0 else keys[::-1]:
+        order = list(keys)
+        random.Random(r).shuffle(order)
+        for key in order:
             fn = fns[key]
             t0 = time.perf_counter()
             sync(fn())
