@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import reference
 from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
     assert_rows_match_pytorch,
     plant_non_finite_rows,
     rng_for,
@@ -248,3 +250,120 @@ def test_grouped_loop_under_gspmd(monkeypatch, spec):
     assert "all-gather" not in text
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=GRAD_ATOL)
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 rows of 9-12 classes ("mean"/"sum": _losses._grouped_16bit)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,k",
+    [
+        ((1953, 128, 10), jnp.bfloat16, 8),
+        ((8, 128, 128, 12), jnp.bfloat16, 4),
+        ((1953, 128, 9), jnp.bfloat16, 16),
+        ((16, 64, 9), jnp.bfloat16, 1),  # small: the per-row pass
+        ((3200, 128, 10), jnp.bfloat16, 1),  # large: the exponentials outgrow the cache
+        ((1953, 128, 19), jnp.bfloat16, 1),  # 19-40 classes measured slower
+        ((1953, 128, 10), jnp.float16, 1),  # measured for bfloat16 only
+    ],
+)
+def test_which_bfloat16_shapes_group(shape, dtype, k):
+    assert _losses._row_group(shape, len(shape) - 1, dtype) == k
+    plans = {}
+
+    def trace(v):
+        for reduced in (False, True):
+            plans[reduced] = _losses._cpu_exp_plan(v, len(shape) - 1, reduced=reduced)
+        return v
+
+    jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, dtype))
+    # Only the "mean"/"sum" step shares the float32 exponentials.
+    assert ("share_exp" in plans[True]) == (k > 1)
+    assert "share_exp" not in plans[False]
+
+
+@pytest.fixture
+def small_bf16_groups(monkeypatch):
+    """bfloat16 grouping for test-sized inputs (the core's jit caches cleared
+    on both sides of the test)."""
+    monkeypatch.setattr(_losses, "_GROUPED_16BIT_MIN_ELEMENTS", 0)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    yield
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+
+
+def _bf16_case(shape, seed, spread=20.0):
+    """bfloat16 logits and the same values in float64 (exact)."""
+    x, t, w = _case(shape, seed, spread)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    return xb, np.asarray(xb.astype(jnp.float32), np.float64), t, w
+
+
+def _bf16_step(xb, t, **kw):
+    """``(loss, gradient as float64, the compiled step's text)``."""
+    step = jax.jit(jax.value_and_grad(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), **kw)))
+    loss, g = step(xb)
+    assert g.dtype == jnp.bfloat16
+    text = step.lower(xb).compile().as_text()
+    return np.asarray(loss, np.float64), np.asarray(g.astype(jnp.float32), np.float64), text
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted,smoothing", [(True, 0.0), (True, 0.1), (False, 0.0)])
+@pytest.mark.parametrize("shape", [(4, 32, 10), (2, 2, 16, 9), (8, 4, 12)])
+def test_bfloat16_grouped_rows_match_float64_oracles(
+    small_bf16_groups, shape, reduction, weighted, smoothing
+):
+    """The loss against PyTorch and NumPy in float64 on the same values, the
+    gradient within bfloat16 rounding, through the grouped path (the compiled
+    step holds its fallback loop)."""
+    xb, x64, t, w = _bf16_case(shape, 7)
+    kw = dict(
+        weight=w if weighted else None,
+        ignore_index=IGN,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
+    loss, g, text = _bf16_step(xb, t, **kw)
+    assert " while(" in text
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, -1), t, 1.0, nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1)
+    rl, rg = reference.loss_and_grad(x64, t, **kw)
+    lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
+    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+        np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
+        np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["served", "far", "non-finite"])
+def test_bfloat16_fallback_and_non_finite_rows_match_pytorch(small_bf16_groups, case):
+    """Rows the group shift serves, one with a masked class; a row 100 below
+    its group's max (the per-row branch); non-finite rows and a masked
+    target: PyTorch's values, NaNs and infinities included."""
+    _, x, t, w = _bf16_case((2, 8, 10), 8, spread=5.0)
+    x[1, 2, 3:5] = -np.inf
+    t[1, 2] = 0
+    if case == "far":
+        x[0, 1] -= 100.0
+    if case == "non-finite":
+        plant_non_finite_rows(x, t, IGN)
+        x[0, 5, 1::2] = -np.inf
+        t[0, 5] = 3
+    xb = jnp.asarray(x, jnp.bfloat16)
+    x = np.asarray(xb.astype(jnp.float32), np.float64)  # the same values for PyTorch
+    kw = dict(weight=w, ignore_index=IGN, reduction="sum")
+    loss, g, _ = _bf16_step(xb, t, **kw)
+    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, 1.0, nll=False, **kw)
+    tg = np.moveaxis(tg, 1, -1)
+    tg[t == IGN] = 0.0
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(tg))
+    lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
+    if case != "non-finite":
+        np.testing.assert_allclose(loss, tl, rtol=lt[0], atol=lt[1])
+    ok = ~np.isnan(tg)
+    np.testing.assert_allclose(g[ok], tg[ok], rtol=gt[0], atol=gt[1])
