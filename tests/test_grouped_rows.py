@@ -1,13 +1,15 @@
-"""XLA:CPU's grouped exponentials (``_losses._shared_exp``).
+"""XLA:CPU's grouped exponentials (``_losses._group_shifted_exp``).
 
-Channels-last float32 logits with 9-47 classes: the fwd+bwd step takes one
-shift per group of consecutive positions (their largest max) so that the
-exponentials run over rows of a multiple of 16 floats, with the rounding of
-``x - shift`` put back (``_exp_diff``). These tests check that the path is
-taken where it should be, that it is as accurate as the per-row shift
-(PyTorch in float64 and the NumPy reference as oracles, at tolerances the
-uncorrected formulation fails), that a batch it cannot take falls back, and
-that transformations keep working through its ``lax.cond``.
+Channels-last float32 logits with 9-41 classes (bfloat16: 9-12, 1M-3M
+logits, the "mean"/"sum" step): the fwd+bwd step takes one shift per group
+of consecutive positions (their largest logit) so that the exponentials run
+over rows of a multiple of 16 floats, with the rounding of ``x - shift`` put
+back (``_exp_diff``). These tests check that the path is taken where it
+should be, that it is as accurate as the per-row shift (PyTorch in float64
+and the NumPy reference as oracles, at tolerances the uncorrected
+formulation fails), that a batch it cannot take (a valid target too far
+below its group's max, non-finite rows) falls back, and that
+transformations keep working through its fallback loop.
 """
 
 import jax
@@ -179,11 +181,11 @@ def test_masked_and_extreme_logits_in_grouped_rows_match_pytorch():
         np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL, err_msg=reduction)
 
 
-def test_vmap_and_second_order_through_the_cond():
-    """Under ``vmap`` the cond's predicate is batched (both branches run and
-    each example keeps its own); the gradient's own derivative (reduction
-    "none", whose rule the grouped path is part of) equals the per-row
-    formulation's."""
+def test_vmap_and_second_order_through_the_fallback():
+    """Under ``vmap`` the fallback loop's predicate is batched (it runs where
+    any example needs it and each example keeps its own); the gradient's own
+    derivative (reduction "none", whose rule the grouped path is part of)
+    equals the per-row formulation's."""
     x, t, w = _case((3, 16, 19), 3, spread=20.0)
     x[1, 5] -= 100.0  # example 1 falls back, 0 and 2 group
     tj = jnp.asarray(t)
