@@ -902,9 +902,10 @@ _group_shifted_exp.defjvp(functools.partial(_held_shift_jvp, _group_shifted_exp)
 
 
 # Where exp(x_t - shift) is at least this (e**-83), the grouped rows' loss is
-# log(s / exp(x_t - shift)), both to float32's relative accuracy; below it
-# (x_t at least ~19 below its row max) (shift - x_t) + log s, whose rounding
-# is small beside a loss of 19 or more.
+# log(s / exp(x_t - shift)), both to float32's relative accuracy. Below it
+# (only after the fallback, whose shift is the row's max: the check keeps a
+# valid x_t within _GROUP_SPAN of a group's shift) it is (m - x_t) + log s,
+# as for the other shifts.
 _GROUP_TARGET_MIN_EXP = 2.0**-120
 
 
