@@ -67,6 +67,13 @@ def rng_for(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
+def as_bfloat16(x) -> tuple:
+    """``(x rounded to bfloat16, the same values in float64)``: oracles in
+    float64 then see exactly the logits jaxloss does."""
+    xb = jnp.asarray(x, jnp.bfloat16)
+    return xb, np.asarray(xb.astype(jnp.float32), np.float64)
+
+
 def to_torch_layout(x: np.ndarray, axis: int) -> np.ndarray:
     """Move the class axis to PyTorch's place: dim 1, or dim 0 for a 1-D input."""
     x = np.asarray(x)

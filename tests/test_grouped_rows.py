@@ -20,6 +20,7 @@ import reference
 from oracles import (
     GRAD_TOL,
     LOSS_TOL,
+    as_bfloat16,
     assert_rows_match_pytorch,
     plant_non_finite_rows,
     rng_for,
@@ -301,8 +302,7 @@ def small_bf16_groups(monkeypatch):
 def _bf16_case(shape, seed, spread=20.0):
     """bfloat16 logits and the same values in float64 (exact)."""
     x, t, w = _case(shape, seed, spread)
-    xb = jnp.asarray(x, jnp.bfloat16)
-    return xb, np.asarray(xb.astype(jnp.float32), np.float64), t, w
+    return (*as_bfloat16(x), t, w)
 
 
 def _bf16_step(xb, t, **kw):
@@ -355,8 +355,7 @@ def test_bfloat16_fallback_and_non_finite_rows_match_pytorch(small_bf16_groups, 
         plant_non_finite_rows(x, t, IGN)
         x[0, 5, 1::2] = -np.inf
         t[0, 5] = 3
-    xb = jnp.asarray(x, jnp.bfloat16)
-    x = np.asarray(xb.astype(jnp.float32), np.float64)  # the same values for PyTorch
+    xb, x = as_bfloat16(x)  # the same values for PyTorch
     kw = dict(weight=w, ignore_index=IGN, reduction="sum")
     loss, g, _ = _bf16_step(xb, t, **kw)
     tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, 1.0, nll=False, **kw)

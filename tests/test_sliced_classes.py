@@ -22,6 +22,7 @@ import reference
 from oracles import (
     GRAD_TOL,
     LOSS_TOL,
+    as_bfloat16,
     jax_loss_and_grad,
     rng_for,
     to_torch_layout,
@@ -314,8 +315,7 @@ BF16_TWO = [((5, 6, 2), -1), ((9, 2), 1), ((2,), 0)]
 
 def _bf16_case(shape, seed):
     x, t, w = _case(shape, -1, seed)
-    xb = jnp.asarray(x, jnp.bfloat16)
-    return xb, np.asarray(xb.astype(jnp.float32), np.float64), t, w
+    return (*as_bfloat16(x), t, w)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
