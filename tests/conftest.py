@@ -69,18 +69,30 @@ if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
 
 
 @pytest.fixture
-def target_shift_everywhere(monkeypatch):
+def core_constants(monkeypatch):
+    """``set(name, value)``: a module constant of ``jaxloss._losses`` for one
+    test. The core's jit cache misses module constants, so its traces (and
+    JAX's) are cleared on setting and again before the constant is restored."""
+    from jaxloss import _losses
+
+    def clear():
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
+
+    def set_constant(name, value):
+        monkeypatch.setattr(_losses, name, value)
+        clear()
+
+    yield set_constant
+    clear()
+
+
+@pytest.fixture
+def target_shift_everywhere(core_constants):
     """XLA:CPU's target-shifted fwd+bwd (``_losses._target_shift_applies``) at
     every size: below ``_TARGET_SHIFT_MIN_ELEMENTS`` logits it is not taken
     (the suite's inputs are mostly that small)."""
-    from jaxloss import _losses
-
-    monkeypatch.setattr(_losses, "_TARGET_SHIFT_MIN_ELEMENTS", 0)
-    _losses._index_impl.clear_cache()  # the core's jit cache misses module constants
-    jax.clear_caches()
-    yield
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
+    core_constants("_TARGET_SHIFT_MIN_ELEMENTS", 0)
 
 
 if os.environ.get("JAXLOSS_TEST_TARGET_SHIFT", "").strip() not in ("", "0"):

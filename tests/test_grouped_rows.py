@@ -288,15 +288,9 @@ def test_which_bfloat16_shapes_group(shape, dtype, k):
 
 
 @pytest.fixture
-def small_bf16_groups(monkeypatch):
-    """bfloat16 grouping for test-sized inputs (the core's jit caches cleared
-    on both sides of the test)."""
-    monkeypatch.setattr(_losses, "_GROUPED_16BIT_MIN_ELEMENTS", 0)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
-    yield
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
+def small_bf16_groups(core_constants):
+    """bfloat16 grouping for test-sized inputs."""
+    core_constants("_GROUPED_16BIT_MIN_ELEMENTS", 0)
 
 
 def _bf16_case(shape, seed, spread=20.0):

@@ -136,25 +136,19 @@ def test_vmap_and_shard_map():
 
 @pytest.mark.parametrize("c", [1000, 4099, 32000])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_bfloat16_long_rows_match_pytorch(monkeypatch, c, smoothing):
+def test_bfloat16_long_rows_match_pytorch(core_constants, c, smoothing):
     """bfloat16 logits (exact in float64), rows short, prime and blocked:
     per-row losses and gradients against PyTorch in float64, the row sums
     by ``_row_sum`` at any size."""
-    monkeypatch.setattr(_losses, "_NATIVE_SUM_MIN_16BIT", 0)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
-    try:
-        rng = rng_for("row_sum_bf16", c, smoothing)
-        x = np.asarray(jnp.asarray(4.0 * rng.standard_normal((6, c)), jnp.bfloat16))
-        t = rng.integers(0, c, 6)
-        t[1] = IGN
-        w = np.linspace(0.5, 2.0, c).astype(np.float32)
-        kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
-        # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
-        assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
-    finally:
-        _losses._index_impl.clear_cache()
-        jax.clear_caches()
+    core_constants("_NATIVE_SUM_MIN_16BIT", 0)
+    rng = rng_for("row_sum_bf16", c, smoothing)
+    x = np.asarray(jnp.asarray(4.0 * rng.standard_normal((6, c)), jnp.bfloat16))
+    t = rng.integers(0, c, 6)
+    t[1] = IGN
+    w = np.linspace(0.5, 2.0, c).astype(np.float32)
+    kw = dict(weight=w, ignore_index=IGN, label_smoothing=smoothing)
+    # Losses: float32 maths, a few ulps of ~10. Gradients: rounded to bfloat16.
+    assert_rows_match_pytorch(x, t, (1e-6, 1e-6), (2.0**-8, 1e-7), **kw)
 
 
 @pytest.mark.parametrize(
