@@ -42,10 +42,12 @@ def _data(shape, axis, dtype=jnp.float32, seed=0, ignore=0.2, bad=False):
     axis = axis % len(shape)
     c = shape[axis]
     pos = shape[:axis] + shape[axis + 1 :]
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    x = (3.0 * jax.random.normal(k1, shape)).astype(dtype)
-    t = jax.random.randint(k2, pos, 0, c)
-    t = jnp.where(jax.random.uniform(k3, pos) < ignore, IGN, t)
+    # NumPy draws: jax.random compiles its generator for every new shape
+    # (0.5-3 s each on a 2-core CPU, again after every cache clear).
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray((3.0 * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+    t = rng.integers(0, c, size=pos)
+    t = jnp.asarray(np.where(rng.random(pos) < ignore, IGN, t).astype(np.int32))
     if bad:
         t = t.reshape(-1).at[1].set(c + 3).reshape(pos)
     w = jnp.linspace(0.5, 2.0, c)
@@ -68,7 +70,9 @@ def _reference(x, t, w, *, reduction, axis, eps=0.0, where=None, normalize=True)
         denom = jnp.sum(jnp.where(valid, wt, 0.0))
         return jnp.where(denom != 0, jnp.sum(loss) / jnp.where(denom != 0, denom, 1), 0.0)
 
-    return jax.value_and_grad(f)(x)
+    # One jit: eagerly, each operation above compiles on its own (~50 ms each
+    # on a 2-core CPU).
+    return jax.jit(jax.value_and_grad(f))(x)
 
 
 CASES = [
@@ -97,7 +101,7 @@ def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
     x, t, w = _data(shape, axis)
     w = w if weighted else None
     eps = 0.1 if weighted else 0.0
-    where = jax.random.uniform(jax.random.key(7), t.shape) < 0.9
+    where = jnp.asarray(np.random.default_rng(7).random(t.shape) < 0.9)
     got_v, got_g = jax.value_and_grad(
         lambda x: jaxloss.cross_entropy(
             x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
@@ -278,7 +282,7 @@ def test_jvp_hessian_vmap(chunk):
     def f_ref(x):
         return _reference(x, t, w, reduction="mean", axis=-1, eps=0.1)[0]
 
-    dx = jax.random.normal(jax.random.key(3), x.shape)
+    dx = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape).astype(np.float32))
     got, want = jax.jvp(f, (x,), (dx,))[1], jax.jvp(f_ref, (x,), (dx,))[1]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(jax.hessian(f)(x), jax.hessian(f_ref)(x), rtol=1e-4, atol=1e-7)
