@@ -74,6 +74,22 @@ def as_bfloat16(x) -> tuple:
     return xb, np.asarray(xb.astype(jnp.float32), np.float64)
 
 
+def labelled_logits(shape, axis, dtype, seed, ignore_frac, ignore_index) -> tuple:
+    """``(x, t, rng)``: logits ``3 N(0, 1)`` of ``shape`` (drawn in float32,
+    then cast to ``dtype``), int32 labels over the other axes with a fraction
+    ``ignore_frac`` set to ``ignore_index``, and the generator, to draw more.
+
+    NumPy draws: ``jax.random`` compiles its generator for every new shape
+    (0.5-3 s each on a 2-core CPU, again after every cache clear)."""
+    axis = axis % len(shape)
+    pos = shape[:axis] + shape[axis + 1 :]
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray((3.0 * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+    t = rng.integers(0, shape[axis], size=pos)
+    t = np.where(rng.random(pos) < ignore_frac, ignore_index, t).astype(np.int32)
+    return x, jnp.asarray(t), rng
+
+
 def to_torch_layout(x: np.ndarray, axis: int) -> np.ndarray:
     """Move the class axis to PyTorch's place: dim 1, or dim 0 for a 1-D input."""
     x = np.asarray(x)

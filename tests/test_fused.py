@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import labelled_logits
 
 import jaxloss
 from jaxloss import _losses
@@ -39,17 +40,10 @@ def chunk(request, monkeypatch):
 
 
 def _data(shape, axis, dtype=jnp.float32, seed=0, ignore=0.2, bad=False):
-    axis = axis % len(shape)
     c = shape[axis]
-    pos = shape[:axis] + shape[axis + 1 :]
-    # NumPy draws: jax.random compiles its generator for every new shape
-    # (0.5-3 s each on a 2-core CPU, again after every cache clear).
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray((3.0 * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-    t = rng.integers(0, c, size=pos)
-    t = jnp.asarray(np.where(rng.random(pos) < ignore, IGN, t).astype(np.int32))
+    x, t, _ = labelled_logits(shape, axis, dtype, seed, ignore, IGN)
     if bad:
-        t = t.reshape(-1).at[1].set(c + 3).reshape(pos)
+        t = t.reshape(-1).at[1].set(c + 3).reshape(t.shape)
     w = jnp.linspace(0.5, 2.0, c)
     return x, t, w
 

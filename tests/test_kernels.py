@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import labelled_logits
 
 import jaxloss
 from jaxloss import _kernels, _losses
@@ -18,16 +19,9 @@ IGN = 255
 
 
 def _data(shape, axis, dtype, seed=0):
-    axis = axis % len(shape)
-    c = shape[axis]
-    pos = shape[:axis] + shape[axis + 1 :]
-    # NumPy draws: jax.random compiles its generator for every new shape.
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray((3.0 * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-    t = rng.integers(0, c, size=pos)
-    t = jnp.asarray(np.where(rng.random(pos) < 0.15, IGN, t).astype(np.int32))
-    where = jnp.asarray(rng.random(pos) < 0.9)
-    return x, t, where, jnp.linspace(0.5, 2.0, c, dtype=jnp.float32)
+    x, t, rng = labelled_logits(shape, axis, dtype, seed, 0.15, IGN)
+    where = jnp.asarray(rng.random(t.shape) < 0.9)
+    return x, t, where, jnp.linspace(0.5, 2.0, shape[axis], dtype=jnp.float32)
 
 
 def _both(x, t, where, w, scale, **kw):
