@@ -7,7 +7,8 @@ two versions and optax + masking run interleaved (round-robin), as in
 ``bench.py`` (same cases: weighted mean, ~10% of positions ignored).
 
 Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
-      [--small] [--reps N] [--shape 16x256x256x19 --axis -1 --dtype float32]
+      [--small] [--reps N] [--shape 16x256x256x19,2000x10 --axis -1 --dtype float32]
+      [--block 50]
       [--reduction none]  (jaxloss's per-position losses, summed and divided
       as bench.py does; optax stays the mean)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
@@ -70,19 +71,28 @@ def parse_args(argv=None):
     p.add_argument("--base", required=True, help="the commit to compare against")
     p.add_argument("--cases", default="", help="comma-separated names of bench.py's cases")
     p.add_argument("--small", action="store_true", help="bench.py's CPU-sized cases")
-    p.add_argument("--shape", default="", help="one more case, e.g. 16x256x256x19")
+    p.add_argument(
+        "--shape", default="", help="more cases, comma-separated, e.g. 16x256x256x19,2000x10"
+    )
     p.add_argument("--axis", type=int, default=-1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--reduction", choices=("mean", "none"), default="mean")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="calls in a row per function and round, their median recorded "
+        "(bench.interleaved; e.g. 50 for steps of tens of microseconds)",
+    )
     return p.parse_args(argv)
 
 
 def cases(args) -> dict[str, tuple[tuple[int, ...], str, int]]:
     table = bench.SMALL if args.small else bench.FULL
     out = {name: table[name] for name in filter(None, args.cases.split(","))}
-    if args.shape:
-        out[args.shape] = (tuple(map(int, args.shape.split("x"))), args.dtype, args.axis)
+    for shape in filter(None, args.shape.split(",")):
+        out[shape] = (tuple(map(int, shape.split("x"))), args.dtype, args.axis)
     return out
 
 
@@ -120,7 +130,7 @@ def run(args) -> list[dict]:
                         with modules(mods[k]):
                             jax.block_until_ready(f(x, y, w))
                     calls = {k: functools.partial(f, x, y, w) for k, f in fns.items()}
-                    times = bench.interleaved(calls, args.reps, jax.block_until_ready)
+                    times = bench.interleaved(calls, args.reps, jax.block_until_ready, args.block)
                     p50 = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
                     row = {"case": name, "mode": mode, **{f"{k}_ms": v for k, v in p50.items()}}
                     row["optax/base"] = p50["optax"] / p50["base"]

@@ -146,9 +146,15 @@ def pct(ts):
     }
 
 
-def interleaved(fns: dict, reps: int, sync) -> dict:
+def interleaved(fns: dict, reps: int, sync, block: int = 1) -> dict:
     """``{key: [seconds, ...]}``: ``reps`` rounds, each calling every function
     once (round-robin), so drift on a shared machine hits all alike.
+
+    ``block`` > 1: each round calls each function ``block`` times in a row
+    and records the median of those calls. For steps of tens of
+    microseconds: there a call's time depended on the function called just
+    before (a step whose pass XLA:CPU split over both cores left the second
+    core's thread awake, or not, for the next one).
 
     Each round takes its own order (a permutation seeded by the round), so
     that every function follows each of the others about as often: a call
@@ -165,9 +171,12 @@ def interleaved(fns: dict, reps: int, sync) -> dict:
         random.Random(r).shuffle(order)
         for key in order:
             fn = fns[key]
-            t0 = time.perf_counter()
-            sync(fn())
-            times[key].append(time.perf_counter() - t0)
+            calls = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                sync(fn())
+                calls.append(time.perf_counter() - t0)
+            times[key].append(float(np.median(calls)))
     return times
 
 

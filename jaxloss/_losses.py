@@ -35,6 +35,27 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Inputs of fewer logits than this are small on XLA:CPU (see _cpu_small).
+_CPU_SMALL_ELEMENTS = 1 << 15
+
+
+def _cpu_small(shape: tuple[int, ...]) -> bool:
+    """Whether logits of ``shape`` are small on XLA:CPU: fewer than
+    ``_CPU_SMALL_ELEMENTS``. Small inputs keep the formulations that XLA:CPU
+    runs on one thread: not :func:`_row_group`'s grouped rows, not the float32
+    forward's class slices (:func:`_sliced_applies`).
+
+    XLA:CPU splits an elementwise pass over both cores once its cost model
+    calls the pass compute-bound (more operations than bytes) and it touches
+    some 20 KB; those two paths' passes are, from a few thousand logits.
+    Handing half a pass to the second core's sleeping thread cost ~90 us a
+    call on the 2-core dev VM, where optax's whole step took 30-140 us
+    (its passes, fewer operations per byte, stay on one thread below
+    ~40K logits).
+    """
+    return jax.default_backend() == "cpu" and math.prod(shape) < _CPU_SMALL_ELEMENTS
+
+
 # e**f on [-ln2/2, ln2/2]: a degree-6 polynomial fitted for relative error
 # (1.9e-9 in exact arithmetic), Horner order from the constant term up.
 _EXP_POLY = (
@@ -550,7 +571,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
     ``_SLICED_MAX_CLASSES`` classes for the forward (no gradient) and of 2
     for the fwd+bwd (``with_grad``), and bfloat16 logits of two classes
     along the last axis (either way), except channels-last chunks of the
-    chunked loop (``chunked``).
+    chunked loop (``chunked``) and the float32 forward of a small input
+    (:func:`_cpu_small`).
 
     The row max, the exponentials' sum, its log, the target logit (a chain
     of selects instead of a gather) and the loss are then elementwise
@@ -588,6 +610,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
         return False
     if jnp.dtype(x.dtype) == jnp.bfloat16:
         return last and c == 2
+    if not with_grad and _cpu_small(x.shape):
+        return False
     return jnp.dtype(x.dtype) == jnp.float32 and 2 <= c <= (2 if with_grad else _SLICED_MAX_CLASSES)
 
 
@@ -770,13 +794,14 @@ def _row_group(shape: tuple[int, ...], axis: int, dtype: Any) -> int:
     """How many consecutive positions :func:`_group_shifted_exp` shifts together
     (along the last position dimension, which they must divide): the fewest
     whose classes fill a multiple of 16 float32, or 1 (no grouping) where
-    grouping does not pay (off XLA:CPU, classes not last, float64, ...).
-    bfloat16: see :func:`_grouped_16bit`."""
+    grouping does not pay (off XLA:CPU, classes not last, float64, small
+    inputs (:func:`_cpu_small`), ...). bfloat16: see :func:`_grouped_16bit`."""
     c = shape[axis]
     k = 16 // math.gcd(c, 16)
     dtype = jnp.dtype(dtype)
     if (
         jax.default_backend() != "cpu"
+        or _cpu_small(shape)
         or len(shape) < 2
         or axis != len(shape) - 1
         or not (dtype == jnp.float32 or _grouped_16bit(shape, axis, dtype))

@@ -1,0 +1,130 @@
+"""Small inputs on XLA:CPU (``_losses._cpu_small``): fewer logits than
+``_losses._CPU_SMALL_ELEMENTS`` keep the plain formulations -- not the
+grouped rows (``_row_group``), not the float32 forward's class slices
+(``_sliced_applies``).
+
+The rest of the suite runs with no input small (see ``conftest.py``); the
+tests here take the library's own threshold (the ``small_inputs``
+fixture): where the path changes at it, and the small inputs' losses and
+gradients against PyTorch and the NumPy reference in float64, at shapes
+that the grouped rows or the class slices take from the threshold up.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
+    jax_loss_and_grad,
+    labelled_logits,
+    rng_for,
+    to_torch_layout,
+    torch_loss_and_grad,
+)
+
+import jaxloss
+from jaxloss import _losses
+
+IGN = 255
+
+
+def _spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_the_threshold_is_the_library_default(small_inputs):
+    assert _losses._CPU_SMALL_ELEMENTS == small_inputs > 0
+    n = small_inputs
+    assert _losses._cpu_small((n - 1,))
+    assert not _losses._cpu_small((n,))
+
+
+@pytest.mark.parametrize(
+    "small,large",
+    # the same class count on either side of the threshold (1 << 15 logits)
+    [((2048, 10), (4096, 10)), ((16, 64, 19), (32, 64, 19)), ((512, 33), (1024, 33))],
+)
+def test_grouped_rows_from_the_threshold_up(small_inputs, small, large):
+    assert np.prod(small) < small_inputs <= np.prod(large)
+    # (the class axis non-negative, as the core passes it)
+    assert _losses._row_group(small, len(small) - 1, jnp.float32) == 1
+    assert _losses._row_group(large, len(large) - 1, jnp.float32) > 1
+
+
+@pytest.mark.parametrize(
+    "small,large,axis",
+    [((2048, 5), (8192, 5), -1), ((16, 16, 16), (128, 16, 16), -1),
+     ((4, 5, 32, 32), (8, 5, 32, 32), 1)],
+    ids=["5-last", "16-last", "5-axis1"],
+)
+def test_float32_forward_slices_from_the_threshold_up(small_inputs, small, large, axis):
+    assert np.prod(small) < small_inputs <= np.prod(large)
+    assert not _losses._sliced_applies(_spec(small), axis)
+    assert _losses._sliced_applies(_spec(large), axis)
+
+
+def test_what_small_inputs_keep(small_inputs):
+    """The 2-class fwd+bwd by slices (no pass there that XLA:CPU splits at
+    these sizes), and bfloat16 pairs, forward too."""
+    assert _losses._sliced_applies(_spec((2048, 2)), -1, with_grad=True)
+    assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1)
+    assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1, with_grad=True)
+
+
+def _case(shape, axis, seed):
+    x, t, rng = labelled_logits(shape, axis, jnp.float32, seed, 0.2, IGN)
+    return np.asarray(x), np.asarray(t), rng.uniform(0.3, 2.0, shape[axis]).astype(np.float32)
+
+
+# Each below the threshold; from it up, these class counts and layouts take
+# the grouped rows (10, 19, 33 last) or the forward's slices (5, 16).
+SHAPES = [((2048, 10), -1), ((16, 64, 19), -1), ((512, 33), -1), ((2048, 5), -1),
+          ((16, 16, 16), -1), ((4, 5, 32, 32), 1)]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.1)], ids=["plain", "w-ls"])
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{s}-ax{a}" for s, a in SHAPES])
+def test_matches_float64_oracles(small_inputs, shape, axis, weighted, smoothing, reduction):
+    assert _losses._cpu_small(shape)
+    x, t, w = _case(shape, axis, 0)
+    kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
+              label_smoothing=smoothing)
+    rng = rng_for("small-cot", shape, reduction)
+    cot = rng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
+    loss, grad, _, _ = jax_loss_and_grad(
+        jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), np.float32(cot), axis=axis, **kw
+    )
+    forward = jax.jit(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw))(x)
+    x64 = x.astype(np.float64)
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
+    tg = np.moveaxis(tg, 1, axis)
+    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
+    for want_loss, want_grad, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+        assert_close(loss, want_loss, LOSS_TOL["float32"], f"loss vs {name}")
+        assert_close(forward, want_loss, LOSS_TOL["float32"], f"forward vs {name}")
+        assert_close(grad, want_grad, GRAD_TOL["float32"], f"grad vs {name}")
+
+
+def test_small_fwd_bwd_compiles_without_the_grouped_rows(small_inputs, core_constants):
+    """At 2048x10 the compiled fwd+bwd has no ``dot`` (the grouped rows' row
+    sums); with no input small it has, and the two agree."""
+    x, t, w = _case((2048, 10), -1, 1)
+
+    def step():
+        f = jax.jit(jax.value_and_grad(
+            lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), weight=w, ignore_index=IGN)
+        ))
+        return f.lower(x).compile().as_text(), f(x)
+
+    text, (loss, grad) = step()
+    assert " dot(" not in text
+    core_constants("_CPU_SMALL_ELEMENTS", 0)
+    text0, (loss0, grad0) = step()
+    assert " dot(" in text0
+    np.testing.assert_allclose(loss, loss0, rtol=2e-6)
+    np.testing.assert_allclose(grad, grad0, rtol=2e-5, atol=1e-8)
