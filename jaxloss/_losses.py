@@ -43,7 +43,7 @@ def _cpu_small(shape: tuple[int, ...]) -> bool:
     """Whether logits of ``shape`` are small on XLA:CPU: fewer than
     ``_CPU_SMALL_ELEMENTS``. Small inputs keep the formulations that XLA:CPU
     runs on one thread: not :func:`_row_group`'s grouped rows, not the float32
-    forward's class slices (:func:`_sliced_applies`).
+    channels-last forward's class slices (:func:`_sliced_applies`).
 
     XLA:CPU splits an elementwise pass over both cores once its cost model
     calls the pass compute-bound (more operations than bytes) and it touches
@@ -571,8 +571,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
     ``_SLICED_MAX_CLASSES`` classes for the forward (no gradient) and of 2
     for the fwd+bwd (``with_grad``), and bfloat16 logits of two classes
     along the last axis (either way), except channels-last chunks of the
-    chunked loop (``chunked``) and the float32 forward of a small input
-    (:func:`_cpu_small`).
+    chunked loop (``chunked``) and the float32 channels-last forward of a
+    small input (:func:`_cpu_small`).
 
     The row max, the exponentials' sum, its log, the target logit (a chain
     of selects instead of a gather) and the loss are then elementwise
@@ -610,7 +610,7 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
         return False
     if jnp.dtype(x.dtype) == jnp.bfloat16:
         return last and c == 2
-    if not with_grad and _cpu_small(x.shape):
+    if last and not with_grad and _cpu_small(x.shape):
         return False
     return jnp.dtype(x.dtype) == jnp.float32 and 2 <= c <= (2 if with_grad else _SLICED_MAX_CLASSES)
 

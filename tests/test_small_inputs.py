@@ -1,7 +1,7 @@
 """Small inputs on XLA:CPU (``_losses._cpu_small``): fewer logits than
 ``_losses._CPU_SMALL_ELEMENTS`` keep the plain formulations -- not the
-grouped rows (``_row_group``), not the float32 forward's class slices
-(``_sliced_applies``).
+grouped rows (``_row_group``), not the float32 channels-last forward's
+class slices (``_sliced_applies``).
 
 The rest of the suite runs with no input small (see ``conftest.py``); the
 tests here take the library's own threshold (the ``small_inputs``
@@ -56,21 +56,22 @@ def test_grouped_rows_from_the_threshold_up(small_inputs, small, large):
 
 
 @pytest.mark.parametrize(
-    "small,large,axis",
-    [((2048, 5), (8192, 5), -1), ((16, 16, 16), (128, 16, 16), -1),
-     ((4, 5, 32, 32), (8, 5, 32, 32), 1)],
-    ids=["5-last", "16-last", "5-axis1"],
+    "small,large",
+    [((2048, 5), (8192, 5)), ((16, 16, 16), (128, 16, 16))],
+    ids=["5", "16"],
 )
-def test_float32_forward_slices_from_the_threshold_up(small_inputs, small, large, axis):
+def test_float32_channels_last_forward_slices_from_the_threshold_up(small_inputs, small, large):
     assert np.prod(small) < small_inputs <= np.prod(large)
-    assert not _losses._sliced_applies(_spec(small), axis)
-    assert _losses._sliced_applies(_spec(large), axis)
+    assert not _losses._sliced_applies(_spec(small), -1)
+    assert _losses._sliced_applies(_spec(large), -1)
 
 
 def test_what_small_inputs_keep(small_inputs):
-    """The 2-class fwd+bwd by slices (no pass there that XLA:CPU splits at
-    these sizes), and bfloat16 pairs, forward too."""
+    """The 2-class fwd+bwd by slices, the forward's slices with the classes
+    on axis 1 (no pass there that XLA:CPU splits at these sizes), and
+    bfloat16 pairs, forward too."""
     assert _losses._sliced_applies(_spec((2048, 2)), -1, with_grad=True)
+    assert _losses._sliced_applies(_spec((4, 5, 32, 32)), 1)
     assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1)
     assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1, with_grad=True)
 
@@ -80,8 +81,9 @@ def _case(shape, axis, seed):
     return np.asarray(x), np.asarray(t), rng.uniform(0.3, 2.0, shape[axis]).astype(np.float32)
 
 
-# Each below the threshold; from it up, these class counts and layouts take
-# the grouped rows (10, 19, 33 last) or the forward's slices (5, 16).
+# Each below the threshold; from it up, these class counts take the grouped
+# rows (10, 19, 33) or the forward's slices (5, 16). And one with the
+# classes on axis 1 (class slices at every size).
 SHAPES = [((2048, 10), -1), ((16, 64, 19), -1), ((512, 33), -1), ((2048, 5), -1),
           ((16, 16, 16), -1), ((4, 5, 32, 32), 1)]
 
