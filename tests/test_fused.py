@@ -96,20 +96,20 @@ def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
     w = w if weighted else None
     eps = 0.1 if weighted else 0.0
     where = jnp.asarray(np.random.default_rng(7).random(t.shape) < 0.9)
-    got_v, got_g = jax.value_and_grad(
-        lambda x: jaxloss.cross_entropy(
+
+    def loss(x):
+        return jaxloss.cross_entropy(
             x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
             label_smoothing=eps, where=where,
         )
-    )(x)
+
+    # Loss and gradient, and the forward-only value, under one jit (as in a
+    # training step; one compilation instead of three).
+    (got_v, got_g), fwd = jax.jit(lambda x: (jax.value_and_grad(loss)(x), loss(x)))(x)
     ref_v, ref_g = _reference(x, t, w, reduction=reduction, axis=axis, eps=eps, where=where)
     np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
     # Forward-only gives the same value.
-    fwd = jaxloss.cross_entropy(
-        x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
-        label_smoothing=eps, where=where,
-    )
     np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
 
 
