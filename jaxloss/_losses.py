@@ -563,6 +563,11 @@ def _index_loss_and_grad(
 # Forward rows of at most this many classes take the sliced statistics (see
 # _sliced_applies).
 _SLICED_MAX_CLASSES = 16
+# A small channels-last float32 forward keeps the class slices where
+# positions * (C + 4) is below this: XLA:CPU then keeps their pass on one
+# thread (it split it from ~5000, about 20 KB touched: 1500x2, 768x5,
+# 384x10, 256x16; not 1000x2, 512x5, 256x10, 192x16).
+_SLICED_ONE_THREAD = 4096
 
 
 def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool = False) -> bool:
@@ -572,7 +577,7 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
     for the fwd+bwd (``with_grad``), and bfloat16 logits of two classes
     along the last axis (either way), except channels-last chunks of the
     chunked loop (``chunked``) and the float32 channels-last forward of a
-    small input (:func:`_cpu_small`).
+    small input (:func:`_cpu_small`) unless tiny (``_SLICED_ONE_THREAD``).
 
     The row max, the exponentials' sum, its log, the target logit (a chain
     of selects instead of a gather) and the loss are then elementwise
@@ -610,7 +615,12 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
         return False
     if jnp.dtype(x.dtype) == jnp.bfloat16:
         return last and c == 2
-    if last and not with_grad and _cpu_small(x.shape):
+    if (
+        last
+        and not with_grad
+        and _cpu_small(x.shape)
+        and (c + 4) * (math.prod(x.shape) // max(c, 1)) >= _SLICED_ONE_THREAD
+    ):
         return False
     return jnp.dtype(x.dtype) == jnp.float32 and 2 <= c <= (2 if with_grad else _SLICED_MAX_CLASSES)
 

@@ -68,10 +68,15 @@ def test_float32_channels_last_forward_slices_from_the_threshold_up(small_inputs
 
 def test_what_small_inputs_keep(small_inputs):
     """The 2-class fwd+bwd by slices, the forward's slices with the classes
-    on axis 1 (no pass there that XLA:CPU splits at these sizes), and
-    bfloat16 pairs, forward too."""
+    on axis 1 and channels-last where positions * (C + 4) is under
+    ``_SLICED_ONE_THREAD`` (no pass there that XLA:CPU splits at these
+    sizes), and bfloat16 pairs, forward too."""
     assert _losses._sliced_applies(_spec((2048, 2)), -1, with_grad=True)
     assert _losses._sliced_applies(_spec((4, 5, 32, 32)), 1)
+    assert _losses._SLICED_ONE_THREAD == 4096
+    for tiny, split in [((256, 10), (384, 10)), ((680, 2), (690, 2)), ((2, 102, 16), (2, 103, 16))]:
+        assert _losses._sliced_applies(_spec(tiny), -1)
+        assert not _losses._sliced_applies(_spec(split), -1)
     assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1)
     assert _losses._sliced_applies(_spec((2048, 2), jnp.bfloat16), -1, with_grad=True)
 
