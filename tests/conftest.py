@@ -3,7 +3,8 @@
 Four host-platform CPU devices are forced before JAX is imported so the
 sharding tests can run in the same session; single-device tests are
 unaffected (arrays default to device 0). Rank promotion raises, so an
-accidental broadcast in the library fails loudly.
+accidental broadcast in the library fails loudly. No input counts as
+small on XLA:CPU (``_losses._CPU_SMALL_ELEMENTS``, see below).
 """
 
 import os
