@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reference
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +127,16 @@ def torch_loss_and_grad(
         loss = F.cross_entropy(xt, tt, label_smoothing=label_smoothing, **kw)
     loss.backward(torch.tensor(np.asarray(cotangent, np.float64)).expand_as(loss).contiguous())
     return loss.detach().numpy(), xt.grad.numpy()
+
+
+def float64_oracles(x64, t, axis, cot, **kw) -> list:
+    """``[(loss, grad, name)]`` of PyTorch and the NumPy reference in float64
+    for cross-entropy, gradients in ``x64``'s layout (``kw``: the loss's
+    keyword arguments, ``cot`` the loss's cotangent)."""
+    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
+    tg = tg if np.ndim(x64) == 1 else np.moveaxis(tg, 1, axis)
+    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
+    return [(tl, tg, "pytorch"), (rl, rg, "numpy")]
 
 
 def jax_loss_and_grad(fn, x, target, cotangent, **kwargs) -> tuple:

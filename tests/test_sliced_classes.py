@@ -23,6 +23,7 @@ from oracles import (
     GRAD_TOL,
     LOSS_TOL,
     as_bfloat16,
+    float64_oracles,
     jax_loss_and_grad,
     rng_for,
     to_torch_layout,
@@ -79,15 +80,6 @@ def _case(shape, axis, seed):
 
 def _kw(w, reduction, smoothing):
     return dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
-
-
-def _oracles(x64, t, axis, cot, **kw):
-    """``[(loss, grad, name)]`` of PyTorch and the NumPy reference in float64,
-    gradients in ``x64``'s layout."""
-    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), t, cot, nll=False, **kw)
-    tg = tg if np.ndim(x64) == 1 else np.moveaxis(tg, 1, axis)
-    rl, rg = reference.loss_and_grad(x64, t, axis=axis, cotangent=cot, **kw)
-    return [(tl, tg, "pytorch"), (rl, rg, "numpy")]
 
 
 def _forward(x, t, axis, **kw):
@@ -231,7 +223,7 @@ def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis, reduction, smoot
     rng = rng_for("sliced-cot", shape, reduction)
     cot = rng.uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.7
     loss, g = _value_and_grad(x, t, axis, cot, **kw)
-    for want_l, want_g, name in _oracles(x, t, axis, cot, **kw):
+    for want_l, want_g, name in float64_oracles(x, t, axis, cot, **kw):
         np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
         np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
 
@@ -336,7 +328,7 @@ def test_bfloat16_pairs_match_float64_oracles(shape, axis, reduction, smoothing,
     assert graw.dtype == jnp.bfloat16 and graw.shape == xb.shape
     fwd = _forward(xb, t, axis, **kw)
     lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
-    for want_l, want_g, name in _oracles(x64, t, axis, cot, **kw):
+    for want_l, want_g, name in float64_oracles(x64, t, axis, cot, **kw):
         np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
         np.testing.assert_allclose(fwd, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
         np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
