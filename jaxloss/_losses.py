@@ -738,7 +738,7 @@ _target_shifted_exp.defjvp(functools.partial(_held_shift_jvp, _target_shifted_ex
 # Fewer logit elements than this keep the max shift: its pass costs next to
 # nothing there, and the fallback loop made compiling a small fwd+bwd ~10%
 # slower (the test suite 1.15x slower).
-_TARGET_SHIFT_MIN_ELEMENTS = 1 << 14
+_TARGET_SHIFT_MIN_ELEMENTS = 1 << 20
 
 
 def _target_shift_applies(shape: tuple[int, ...], axis: int, dtype: Any) -> bool:
@@ -769,6 +769,20 @@ def _target_shift_applies(shape: tuple[int, ...], axis: int, dtype: Any) -> bool
     1.09-1.20x faster (1.12-1.21x optax, before 0.94-1.10x), 8x19x128x128
     1.08-1.14x (1.46-1.52x optax), 4096x1000 1.26-2.0x, 16384x64 0.98-1.02x;
     ``--reduction none``: 1.09-1.11x.
+
+    Not below ``_TARGET_SHIFT_MIN_ELEMENTS`` = 2**20 logits, where the
+    fallback's finiteness check and loop cost more than the max pass (7
+    more operations in the compiled step at 8192x64, one more pass split
+    over the cores). The max shift against it, ``ab.py --base 50ac86a``
+    (same case, 2-core EPYC): at 2**17-2**19 logits (``--reps 21 --block
+    10``) 2048x256 1.36x faster (0.76x optax before, 1.03x now), 8192x64
+    1.56x (0.66x to 1.03x), 262x1000 1.40x, 524x1000 1.29x, 6990x150 1.08x,
+    32768x16 1.05x; at 2**14-2**16 (``--reps 9 --block 50``) 1600x19,
+    1700x10, 3000x10, 1200x24, 2000x12 1.06-1.11x (0.91-0.95x optax before,
+    0.97-1.02x now); ``--axis 1`` 8x19x12x12, 2x150x8x8, 16x5x16x16
+    1.06-1.07x. Around 2**20-2**21 the target shift was 1.10-1.14x faster
+    at 13982x150 in two processes; 4097x256, 1049x1000, 2098x1000, 16385x64
+    and 65537x16 scattered by 0.8-1.4x either way.
     """
     return (
         jax.default_backend() == "cpu"

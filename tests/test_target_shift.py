@@ -31,6 +31,8 @@ import jaxloss
 from jaxloss import _losses
 
 IGN = 255
+# read before the fixture below sets it to 0
+DEFAULT_MIN_ELEMENTS = _losses._TARGET_SHIFT_MIN_ELEMENTS
 
 
 @pytest.fixture(autouse=True)
@@ -85,12 +87,14 @@ def test_where_it_applies(shape, axis, dtype, applies):
     assert _losses._target_shift_applies(shape, axis, dtype) == applies
 
 
-def test_small_inputs_keep_the_max(monkeypatch):
-    monkeypatch.setattr(_losses, "_TARGET_SHIFT_MIN_ELEMENTS", 1 << 14)
-    assert not _losses._target_shift_applies((2, 8, 150), 2, jnp.float32)
-    assert _losses._target_shift_applies((16, 8, 150), 2, jnp.float32)
-    assert not _losses._target_shift_applies((109, 150), 1, jnp.float32)  # 16350
-    assert _losses._target_shift_applies((110, 150), 1, jnp.float32)  # 16500
+def test_inputs_under_a_million_logits_keep_the_max(core_constants):
+    """The library's own threshold (this file's fixture sets it to 0)."""
+    assert DEFAULT_MIN_ELEMENTS == 1 << 20
+    core_constants("_TARGET_SHIFT_MIN_ELEMENTS", DEFAULT_MIN_ELEMENTS)
+    assert not _losses._target_shift_applies((2048, 8, 63), 2, jnp.float32)  # 1032192
+    assert _losses._target_shift_applies((2048, 8, 64), 2, jnp.float32)  # 1048576
+    assert not _losses._target_shift_applies((6990, 150), 1, jnp.float32)  # 1048500
+    assert _losses._target_shift_applies((6991, 150), 1, jnp.float32)  # 1048650
 
 
 def _shift(x, t, axis):
