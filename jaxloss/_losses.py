@@ -983,6 +983,70 @@ def _cpu_exp_plan(x: Array, axis: int, reduced: bool = False) -> dict[str, Any]:
     return dict(grad_x=_upcast_apart(x))
 
 
+# XLA:CPU's per-position passes over an odd number of positions take them in
+# two parts, the first a multiple of this (see _aligned_rest).
+_POSITION_ALIGN = 16
+
+
+def _aligned_rest(shape: tuple[int, ...], axis: int, dtype: Any, with_grad: bool) -> int:
+    """How many trailing positions XLA:CPU takes apart from the rest (0: none):
+    channels-last logits of an odd number ``P`` of positions, ``P %
+    _POSITION_ALIGN`` of them, for the forward where the rest takes the class
+    slices (:func:`_sliced_applies`), for the fwd+bwd float32 rows of 2 to 41
+    classes.
+    The first ``P - rest`` positions (a multiple of 16) and the last ``rest``
+    are then computed apart (:func:`_position_parts`), and their sums added
+    or their losses and gradients joined.
+
+    XLA:CPU ran these passes several times slower over an odd number of
+    positions: the forward at 65537x16 took 2.8-3.2 ms against 0.5-0.6 ms at
+    65536x16 and 65538x16, the fwd+bwd at 104849x5 3.0 ms against 1.05 ms
+    (the same compiled HLO but for the size; 2-core EPYC, jax 0.10.2). A
+    multiple of 16 also lets the float32 rows of 9 to 41 classes group
+    (:func:`_row_group`). Not for more classes: 16385x64 measured 1.3-1.4x
+    slower in parts (the row reductions then read a copy of the slice), nor
+    the forward of rows that take no slices (26209x19: 1.5x slower), nor
+    small inputs (:func:`_cpu_small`; fwd+bwd 1000x19, 2001x10, 3001x5
+    0.93-0.95x in parts), nor even counts, which ran fast in one part
+    (fwd+bwd 65538x16, 104850x5, 52418x10, 26210x19, 200008x8 0.69-0.87x
+    in parts, the forward 0.78-1.16x).
+
+    Measured against one part, ``ab.py --base 20bc5d8 --reps 9 --block 10``
+    (weighted mean, 10% ignored, 2-core EPYC): forward 65537x16 3.35x faster
+    (0.38x optax before, 1.28x now), 104849x5 3.65x, 52417x10 4.66x, 65537x2
+    2.42x, 6553x10 5.1x; fwd+bwd 65537x2 3.82x (0.75x to 2.86x optax),
+    104849x5 1.86x, 26209x19 1.87x (0.98x to 1.83x optax), 3001x33 1.81x,
+    6553x10 1.51x, 65537x16 1.44x, 52417x10 1.44x.
+    """
+    if jax.default_backend() != "cpu" or len(shape) < 2 or axis % len(shape) != len(shape) - 1:
+        return 0
+    c = shape[-1]
+    positions = math.prod(shape[:-1])
+    rest = positions % _POSITION_ALIGN
+    if positions % 2 == 0 or positions < _POSITION_ALIGN or _cpu_small(shape):
+        return 0
+    if with_grad:
+        applies = jnp.dtype(dtype) == jnp.float32 and 2 <= c <= 41
+    else:
+        main = jax.ShapeDtypeStruct((positions - rest, c), dtype)
+        applies = _sliced_applies(main, 1)
+    return rest if applies else 0
+
+
+def _position_parts(rest: int, x: Array, *per_position: Array | None) -> list[tuple]:
+    """``[(x, *per_position)]`` for the first ``P - rest`` positions and for
+    the last ``rest`` (:func:`_aligned_rest`): ``x`` (classes last) as ``(P,
+    C)``, each per-position array (or ``None``) as ``(P,)``; views, then
+    slices that XLA fuses into their consumers."""
+    c = x.shape[-1]
+    flat = [x.reshape(-1, c)] + [None if v is None else v.reshape(-1) for v in per_position]
+    split = flat[0].shape[0] - rest
+    return [
+        tuple(None if v is None else v[:split] for v in flat),
+        tuple(None if v is None else v[split:] for v in flat),
+    ]
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _index_loss(
     x: Array,
@@ -996,6 +1060,13 @@ def _index_loss(
 ) -> Array:
     # Primal only: evaluation never pays for the gradient.
     def xla(x, t, valid, w):
+        rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=False)
+        if rest:
+            losses = [
+                _index_loss_and_grad(xp, tp, vp, w, eps, normalize, 1, with_grad=False)[0]
+                for xp, tp, vp in _position_parts(rest, x, t, valid)
+            ]
+            return jnp.concatenate(losses).reshape(t.shape)
         return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
 
     def kernel(x, t, valid, w):
@@ -1472,11 +1543,26 @@ def _pass(
         if _loop_writes_grad(x):
             return _fused_pass(x, t, where, w, scale, with_grad=with_grad, **config)
         if not with_grad:
-            valid = _valid_mask(t, where, ignore_index)
-            loss = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
-            s = scale.astype(loss.dtype)
-            return jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype)), None
-        total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
+            rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=False)
+            parts = _position_parts(rest, x, t, where) if rest else [(x, t, where)]
+            total = sum(
+                jnp.sum(
+                    _index_loss_and_grad(
+                        xp,
+                        tp,
+                        _valid_mask(tp, mp, ignore_index),
+                        w,
+                        eps,
+                        normalize,
+                        1 if rest else axis,
+                        with_grad=False,
+                    )[0]
+                )
+                for xp, tp, mp in parts
+            )
+            s = scale.astype(total.dtype)
+            return jnp.where(s != 0, s * total, jnp.zeros((), total.dtype)), None
+        total, grad = _parts_total_and_grad(x, t, where, w, scale, **config)
         return total, _to_dtype(grad, x.dtype)
 
     def kernel(x, t, where, w, scale):
@@ -1721,6 +1807,30 @@ def _plain_total_and_grad(
     return total, grad
 
 
+def _parts_total_and_grad(
+    x: Array,
+    t: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    ignore_index: int | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+) -> tuple[Array, Array]:
+    """:func:`_plain_total_and_grad`, over two parts of the positions where
+    :func:`_aligned_rest` says."""
+    rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=True)
+    if not rest:
+        return _plain_total_and_grad(x, t, where, w, scale, ignore_index, eps, normalize, axis)
+    parts = [
+        _plain_total_and_grad(xp, tp, mp, w, scale, ignore_index, eps, normalize, 1)
+        for xp, tp, mp in _position_parts(rest, x, t, where)
+    ]
+    grad = jnp.concatenate([g for _, g in parts]).reshape(x.shape)
+    return parts[0][0] + parts[1][0], grad
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _index_total(
     x: Array,
@@ -1758,7 +1868,7 @@ def _index_total_jvp(
     if pallas or _loop_writes_grad(primals[0]):
         total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
     else:
-        total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+        total, grad = _parts_total_and_grad(*primals, ignore_index, eps, normalize, axis)
     cdt = total.dtype
     return total, jnp.sum(grad.astype(cdt) * tangents[0].astype(cdt))
 
