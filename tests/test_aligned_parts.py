@@ -174,3 +174,21 @@ def test_vmap_and_second_order_in_parts():
     g = jax.grad(lambda a: loss(a, t[0]))
     fd = (np.asarray(g(x[0] + eps * v), np.float64) - np.asarray(g(x[0] - eps * v))) / (2 * eps)
     np.testing.assert_allclose(hvp, fd, rtol=2e-2, atol=2e-4)
+
+
+def test_a_broadcast_where_in_parts():
+    """``where`` of shape (7, 1) over positions (7, 9): as the full mask."""
+    x, t, rng = labelled_logits((7, 9, 5), -1, jnp.float32, 7, 0.1, IGN)
+    where = rng.random((7, 1)) < 0.6
+    where[0] = True
+    full = np.broadcast_to(where, (7, 9))
+    assert _losses._aligned_rest(x.shape, 2, jnp.float32, with_grad=True) == 15
+    for reduction in ("none", "mean"):
+        def f(v, m, r=reduction):
+            return jnp.sum(jaxloss.cross_entropy(v, t, ignore_index=IGN, where=m, reduction=r))
+
+        a = jax.jit(jax.value_and_grad(f))(x, where)
+        b = jax.jit(jax.value_and_grad(f))(x, full)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(jax.jit(f)(x, where), b[0], rtol=1e-6)
