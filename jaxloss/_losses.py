@@ -735,9 +735,8 @@ def _held_shift_jvp(
 _target_shifted_exp.defjvp(functools.partial(_held_shift_jvp, _target_shifted_exp))
 
 
-# Fewer logit elements than this keep the max shift: its pass costs next to
-# nothing there, and the fallback loop made compiling a small fwd+bwd ~10%
-# slower (the test suite 1.15x slower).
+# Fewer logit elements than this keep the max shift: the fallback's check and
+# loop cost more than the max pass there (see _target_shift_applies).
 _TARGET_SHIFT_MIN_ELEMENTS = 1 << 20
 
 
@@ -993,10 +992,9 @@ def _aligned_rest(shape: tuple[int, ...], axis: int, dtype: Any, with_grad: bool
     channels-last logits of an odd number ``P`` of positions, ``P %
     _POSITION_ALIGN`` of them, for the forward where the rest takes the class
     slices (:func:`_sliced_applies`), for the fwd+bwd float32 rows of 2 to 41
-    classes.
-    The first ``P - rest`` positions (a multiple of 16) and the last ``rest``
-    are then computed apart (:func:`_position_parts`), and their sums added
-    or their losses and gradients joined.
+    classes. The first ``P - rest`` positions (a multiple of 16) and the last
+    ``rest`` are then computed apart (:func:`_position_parts`), and their
+    sums added or their losses and gradients joined.
 
     XLA:CPU ran these passes several times slower over an odd number of
     positions: the forward at 65537x16 took 2.8-3.2 ms against 0.5-0.6 ms at
