@@ -192,3 +192,40 @@ def test_a_broadcast_where_in_parts():
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
         np.testing.assert_allclose(a[1], b[1], rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(jax.jit(f)(x, where), b[0], rtol=1e-6)
+
+
+def test_shard_map_and_gspmd_with_odd_counts():
+    """Inside ``shard_map`` each shard takes its own parts (37 positions a
+    shard); under GSPMD ``jit`` over 3 devices the odd global count (111) is
+    split in parts across the shards. Both as without sharding."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py forces 4 on the CPU)")
+    devices = np.array(jax.devices()[:4])
+    x, t, _ = labelled_logits((4, 37, 5), -1, jnp.float32, 8, 0.2, IGN)
+    assert _losses._aligned_rest((1, 37, 5), 2, jnp.float32, with_grad=True) == 5
+
+    def local(a, b):
+        return jax.lax.psum(jaxloss.cross_entropy(a, b, ignore_index=IGN, reduction="sum"), "d")
+
+    mesh = Mesh(devices, ("d",))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P())
+    got = jax.jit(jax.value_and_grad(sharded))(x, t)
+    whole = jax.jit(jax.value_and_grad(
+        lambda a, b: jaxloss.cross_entropy(a, b, ignore_index=IGN, reduction="sum")
+    ))
+    want = whole(x, t)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+
+    x3, t3 = x[:3], t[:3]
+    assert _losses._aligned_rest(x3.shape, 2, jnp.float32, with_grad=True) == 15
+    mesh3 = Mesh(devices[:3], ("d",))
+    x3s = jax.device_put(x3, NamedSharding(mesh3, P("d")))
+    got3, want3 = whole(x3s, t3), whole(x3, t3)
+    np.testing.assert_allclose(got3[0], want3[0], rtol=1e-6)
+    np.testing.assert_allclose(got3[1], want3[1], rtol=1e-5, atol=1e-7)
+    fwd = jax.jit(lambda a: jaxloss.cross_entropy(a, t3, ignore_index=IGN))
+    np.testing.assert_allclose(fwd(x3s), fwd(x3), rtol=1e-6)
