@@ -1048,6 +1048,21 @@ def _position_parts(rest: int, x: Array, *per_position: Array | None) -> list[tu
     ]
 
 
+def _by_parts(fn: Any, with_grad: bool, x: Array, axis: int, *per_position: Array | None) -> list:
+    """``[fn(x, *per_position, axis)]``, or that of each of the two parts
+    where :func:`_aligned_rest` says (class axis 1 then); join the results
+    with :func:`_joined`."""
+    rest = _aligned_rest(x.shape, axis, x.dtype, with_grad)
+    if not rest:
+        return [fn(x, *per_position, axis)]
+    return [fn(*part, 1) for part in _position_parts(rest, x, *per_position)]
+
+
+def _joined(values: list, shape: tuple[int, ...]) -> Array:
+    """:func:`_by_parts`'s per-position (or per-logit) results as one array of ``shape``."""
+    return values[0] if len(values) == 1 else jnp.concatenate(values).reshape(shape)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _index_loss(
     x: Array,
@@ -1061,14 +1076,10 @@ def _index_loss(
 ) -> Array:
     # Primal only: evaluation never pays for the gradient.
     def xla(x, t, valid, w):
-        rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=False)
-        if rest:
-            losses = [
-                _index_loss_and_grad(xp, tp, vp, w, eps, normalize, 1, with_grad=False)[0]
-                for xp, tp, vp in _position_parts(rest, x, t, valid)
-            ]
-            return jnp.concatenate(losses).reshape(t.shape)
-        return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+        def loss(x, t, valid, axis):
+            return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+
+        return _joined(_by_parts(loss, False, x, axis, t, valid), t.shape)
 
     def kernel(x, t, valid, w):
         return _kernel_stats_pass(x, t, valid, w, eps, axis)[0]
@@ -1089,7 +1100,7 @@ def _index_loss_jvp(
     x, t, valid, w = primals
     x_dot = tangents[0]
 
-    def one_part(x, t, valid, w, axis):
+    def one_part(x, t, valid, axis):
         on_cpu = normalize and jax.default_backend() == "cpu"
         plan = _cpu_exp_plan(x, axis) if on_cpu else {}
         # Reverse mode ends the gradient's pass with XLA's convert to
@@ -1103,12 +1114,8 @@ def _index_loss_jvp(
         )
 
     def xla(x, t, valid, w):
-        rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=True)
-        if not rest:
-            return one_part(x, t, valid, w, axis)
-        parts = [one_part(*p, w, 1) for p in _position_parts(rest, x, t, valid)]
-        loss = jnp.concatenate([v for v, _ in parts]).reshape(t.shape)
-        return loss, jnp.concatenate([g for _, g in parts]).reshape(x.shape)
+        parts = _by_parts(one_part, True, x, axis, t, valid)
+        return _joined([v for v, _ in parts], t.shape), _joined([g for _, g in parts], x.shape)
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
@@ -1552,26 +1559,16 @@ def _pass(
         if _loop_writes_grad(x):
             return _fused_pass(x, t, where, w, scale, with_grad=with_grad, **config)
         if not with_grad:
-            rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=False)
-            parts = _position_parts(rest, x, t, where) if rest else [(x, t, where)]
-            total = sum(
-                jnp.sum(
-                    _index_loss_and_grad(
-                        xp,
-                        tp,
-                        _valid_mask(tp, mp, ignore_index),
-                        w,
-                        eps,
-                        normalize,
-                        1 if rest else axis,
-                        with_grad=False,
-                    )[0]
-                )
-                for xp, tp, mp in parts
-            )
+
+            def loss_sum(x, t, where, axis):
+                valid = _valid_mask(t, where, ignore_index)
+                loss = _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)
+                return jnp.sum(loss[0])
+
+            total = functools.reduce(jnp.add, _by_parts(loss_sum, False, x, axis, t, where))
             s = scale.astype(total.dtype)
             return jnp.where(s != 0, s * total, jnp.zeros((), total.dtype)), None
-        total, grad = _parts_total_and_grad(x, t, where, w, scale, **config)
+        total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
         return total, _to_dtype(grad, x.dtype)
 
     def kernel(x, t, where, w, scale):
@@ -1785,7 +1782,16 @@ def _plain_total_and_grad(
 ) -> tuple[Array, Array]:
     """``_fused_pass``'s result by whole-array ops: ``(total, grad)``, grad in
     the compute dtype, left as an expression for XLA to fuse into its consumer
-    (except where :func:`_flat_view_applies`)."""
+    (except where :func:`_flat_view_applies`); over two parts of the
+    positions where :func:`_aligned_rest` says (``barrier``: not when the
+    gradient itself is differentiated)."""
+    if barrier and _aligned_rest(x.shape, axis, x.dtype, with_grad=True):
+
+        def part(x: Array, t: Array, where: Array | None, axis: int) -> tuple[Array, Array]:
+            return _plain_total_and_grad(x, t, where, w, scale, ignore_index, eps, normalize, axis)
+
+        parts = _by_parts(part, True, x, axis, t, where)
+        return parts[0][0] + parts[1][0], _joined([g for _, g in parts], x.shape)
     if barrier and _flat_view_applies(x.shape, axis, x.dtype):
         # The positions after the classes as one dimension: views, i.e. free.
         n = math.prod(x.shape[axis + 1 :])
@@ -1814,30 +1820,6 @@ def _plain_total_and_grad(
     assert grad is not None
     total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
     return total, grad
-
-
-def _parts_total_and_grad(
-    x: Array,
-    t: Array,
-    where: Array | None,
-    w: Array | None,
-    scale: Array,
-    ignore_index: int | None,
-    eps: float,
-    normalize: bool,
-    axis: int,
-) -> tuple[Array, Array]:
-    """:func:`_plain_total_and_grad`, over two parts of the positions where
-    :func:`_aligned_rest` says."""
-    rest = _aligned_rest(x.shape, axis, x.dtype, with_grad=True)
-    if not rest:
-        return _plain_total_and_grad(x, t, where, w, scale, ignore_index, eps, normalize, axis)
-    parts = [
-        _plain_total_and_grad(xp, tp, mp, w, scale, ignore_index, eps, normalize, 1)
-        for xp, tp, mp in _position_parts(rest, x, t, where)
-    ]
-    grad = jnp.concatenate([g for _, g in parts]).reshape(x.shape)
-    return parts[0][0] + parts[1][0], grad
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -1877,7 +1859,7 @@ def _index_total_jvp(
     if pallas or _loop_writes_grad(primals[0]):
         total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
     else:
-        total, grad = _parts_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+        total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
     cdt = total.dtype
     return total, jnp.sum(grad.astype(cdt) * tangents[0].astype(cdt))
 
