@@ -206,12 +206,21 @@ def _row_sum_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Arr
 _NATIVE_SUM_F32_ROW = 1 << 15
 # 16-bit logits take them from this many elements (see _native_row_sums).
 _NATIVE_SUM_MIN_16BIT = 1 << 15
+# Shorter float32 rows take them from _CPU_SMALL_ELEMENTS logits: rows of up
+# to _NATIVE_SUM_F32_SHORT_ROW classes under _NATIVE_SUM_F32_SHORT_MAX
+# logits, any row under _NATIVE_SUM_F32_ONE_THREAD (see _native_row_sums).
+_NATIVE_SUM_F32_SHORT_ROW = 48
+_NATIVE_SUM_F32_SHORT_MAX = 1 << 20
+_NATIVE_SUM_F32_ONE_THREAD = 1 << 17
 
 
 def _native_row_sums(x: Array, axis: int) -> bool:
     """Whether the row sums of ``x``'s exponentials take :func:`_row_sum`:
-    on XLA:CPU, classes along the last axis, 16-bit logits, and float32 rows of
-    ``_NATIVE_SUM_F32_ROW`` classes or more.
+    on XLA:CPU, classes along the last axis, 16-bit logits, float32 rows of
+    ``_NATIVE_SUM_F32_ROW`` classes or more, and, from ``_CPU_SMALL_ELEMENTS``
+    logits, float32 inputs of fewer than ``_NATIVE_SUM_F32_ONE_THREAD``
+    logits and float32 rows of at most ``_NATIVE_SUM_F32_SHORT_ROW`` classes
+    in inputs of fewer than ``_NATIVE_SUM_F32_SHORT_MAX`` logits.
 
     Not classes along another axis: XLA's own reduction over a strided
     class axis was 3-4x slower than YNNPACK's at 4x150x64x64 bfloat16
@@ -222,7 +231,27 @@ def _native_row_sums(x: Array, axis: int) -> bool:
     faster, 128x65536 2.6-2.8x, 64x128256 2.2x, 256x128256 1.6x (YNNPACK
     page-faulted 1.6 MB of scratch a call at the first two); at 512x32000
     0.93-1.06x, 1024x4096 0.88-0.97x and 2048x2500 0.78-1.22x, so shorter
-    float32 rows keep ``jnp.sum``.
+    float32 rows keep ``jnp.sum``, except in inputs of medium size.
+
+    There (the float32 forward's sums, :func:`_unshifted_row_stats`; the
+    float32 fwd+bwd sums its shared exponentials by ``jnp.sum``, unchanged)
+    YNNPACK's fusion cost more than the sum: 2354x17 took 0.17-0.25 ms
+    against 0.08 ms. Forward, both interleaved in one process, 2 processes,
+    2-core EPYC (weighted mean, 10% ignored), 2^15 to 2^20 logits, native
+    over YNNPACK, 17 to 48 classes: 1.2-3.0x faster at 26 of 33 shapes,
+    0.90-1.19x at the other 7, most near 2^20 logits (against optax:
+    0.79-1.20x before, 0.90-2.85x after); from 2^20 logits mixed
+    (0.76-1.35x), so not there. Longer rows gain under 2^17
+    logits (64 to 4000 classes: 1.2-2.4x but 26x4000 0.83x in one process),
+    where XLA:CPU runs the native reduction on one thread; above, split over
+    both cores, they lost (3126x64 0.73-0.89x, 2668x150 0.68-0.78x, 63
+    classes at 300K-600K logits 0.77-0.80x, 400x1000 0.66-0.69x). Under
+    ``_CPU_SMALL_ELEMENTS`` logits it made no difference (0.91-1.07x). On
+    other shapes, ``ab.py --base c51cd24 --reps 11 --block 10``: forward
+    3000x20 1.96x faster (0.89x to 1.75x optax), 120x1000 1.87x (0.68x to
+    1.27x), 700x180 1.82x, 1000x120 1.42x, 50x2000 1.34x, 1x100x100x21
+    1.31x, 8x16x16x48 1.21x, 20000x45 1.21x, 2x64x128x19 1.11x, 40000x20
+    1.06x, 4x32x32x33 and 12x50x50x30 1.0x.
 
     16-bit inputs of fewer than ``_NATIVE_SUM_MIN_16BIT`` logits keep
     ``jnp.sum`` too: XLA:CPU's cost model splits the variadic reduction over
@@ -238,7 +267,16 @@ def _native_row_sums(x: Array, axis: int) -> bool:
     size = jnp.dtype(x.dtype).itemsize
     if size == 2:
         return math.prod(x.shape) >= _NATIVE_SUM_MIN_16BIT
-    return size == 4 and x.shape[axis] >= _NATIVE_SUM_F32_ROW
+    if size != 4:
+        return False
+    c, n = x.shape[axis], math.prod(x.shape)
+    if c >= _NATIVE_SUM_F32_ROW:
+        return True
+    if _cpu_small(x.shape):
+        return False
+    return n < _NATIVE_SUM_F32_ONE_THREAD or (
+        c <= _NATIVE_SUM_F32_SHORT_ROW and n < _NATIVE_SUM_F32_SHORT_MAX
+    )
 
 
 def _exp_row_sums(e: Array, x: Array, axis: int) -> Array:

@@ -1,4 +1,5 @@
-"""XLA:CPU's row sums of 16-bit logits' exponentials (``_losses._row_sum``).
+"""XLA:CPU's row sums of 16-bit logits' exponentials (``_losses._row_sum``),
+and of float32 ones in long rows and in the forward of medium inputs.
 
 They run as XLA's own fused reduction (a variadic reduction that YNNPACK
 does not take: its fused reduction allocated a float32 copy of the logits on
@@ -13,7 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import assert_rows_match_pytorch, data_mesh, rng_for, torch_loss_and_grad
+from oracles import (
+    LOSS_TOL,
+    assert_close,
+    assert_rows_match_pytorch,
+    data_mesh,
+    float64_oracles,
+    labelled_logits,
+    rng_for,
+    torch_loss_and_grad,
+)
 
 import jaxloss
 from jaxloss import _losses
@@ -158,17 +168,66 @@ def test_bfloat16_long_rows_match_pytorch(core_constants, c, smoothing):
         (jnp.float16, (64, 1000), 1, True),
         (jnp.bfloat16, (2, 19), -1, False),  # under _NATIVE_SUM_MIN_16BIT logits
         (jnp.float16, (32, 1000), 1, False),
-        (jnp.float32, (2, 32767), -1, False),
+        (jnp.float32, (64, 32767), -1, False),
         (jnp.float32, (2, 32768), -1, True),
         (jnp.float64, (2, 65536), -1, False),
         (jnp.bfloat16, (2, 150, 8), 1, False),  # classes not last: YNNPACK's
         (jnp.float32, (2, 32768, 3), 1, False),
+        # Shorter float32 rows from _CPU_SMALL_ELEMENTS logits: up to 48
+        # classes under 2**20 logits, any row under 2**17.
+        (jnp.float32, (1000, 32), -1, False),  # small (32000 logits)
+        (jnp.float32, (1024, 32), -1, True),
+        (jnp.float32, (2, 64, 128, 19), -1, True),
+        (jnp.float32, (21845, 48), -1, True),  # 1048560 logits
+        (jnp.float32, (21846, 48), -1, False),  # 1048608
+        (jnp.float32, (2, 64, 128, 19), 1, False),  # classes not last
+        (jnp.float32, (1008, 130), -1, True),  # 131040
+        (jnp.float32, (1009, 130), -1, False),  # 131170
+        (jnp.float32, (2730, 49), -1, False),
+        (jnp.float64, (2048, 19), -1, False),
     ],
 )
-def test_which_rows_take_it(dtype, shape, axis, native):
+def test_which_rows_take_it(small_inputs, dtype, shape, axis, native):
     x = jax.ShapeDtypeStruct(shape, dtype)
     on_cpu = jax.default_backend() == "cpu"  # other backends keep jnp.sum
     assert _losses._native_row_sums(x, axis) == (native and on_cpu)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
+@pytest.mark.parametrize("shape", [(2354, 17), (2, 64, 128, 19), (3000, 33), (120, 1000)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_medium_float32_forward(small_inputs, core_constants, shape, reduction):
+    """The float32 forward of medium inputs (up to 48 classes under 2**20
+    logits, any row under 2**17) sums its exponentials by ``_row_sum``
+    (``iota_reduce`` in the compiled step; not once the two thresholds are
+    0), weighted and smoothed, against PyTorch and NumPy in float64, with
+    ignored positions and a bad label (NaN)."""
+    x, t, rng = labelled_logits(shape, -1, jnp.float32, 7, 0.1, IGN)
+    t = np.asarray(t)
+    bad = t.copy()
+    bad.reshape(-1)[5] = shape[-1]  # out of range: NaN, not a clamped class
+    w = rng.uniform(0.5, 2.0, shape[-1]).astype(np.float32)
+    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
+
+    def forward(labels=t):
+        f = jax.jit(lambda v, tv: jaxloss.cross_entropy(v, tv, **kw))
+        return f.lower(x, labels).compile().as_text(), np.asarray(f(x, labels), np.float64)
+
+    text, loss = forward()
+    assert "iota_reduce" in text
+    cot = np.ones(loss.shape)
+    for want, _, name in float64_oracles(np.asarray(x, np.float64), t, -1, cot, **kw):
+        assert_close(loss, want, LOSS_TOL["float32"], f"loss vs {name}")
+    _, with_bad = forward(bad)
+    nan = np.isnan(with_bad)
+    assert nan.reshape(-1)[5 if reduction == "none" else 0] and np.sum(nan) == 1
+    if reduction == "none":
+        np.testing.assert_array_equal(with_bad[~nan], loss[~nan])
+    core_constants("_NATIVE_SUM_F32_SHORT_MAX", 0)
+    core_constants("_NATIVE_SUM_F32_ONE_THREAD", 0)
+    text0, loss0 = forward()
+    assert "iota_reduce" not in text0
+    assert_close(loss0, loss, LOSS_TOL["float32"], "jnp.sum vs _row_sum")
 
 
 @pytest.mark.parametrize("c", [50304, 65536])
