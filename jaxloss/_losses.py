@@ -214,13 +214,15 @@ _NATIVE_SUM_F32_SHORT_MAX = 1 << 20
 _NATIVE_SUM_F32_ONE_THREAD = 1 << 17
 
 
-def _native_row_sums(x: Array, axis: int) -> bool:
+def _native_row_sums(x: Array, axis: int, forward: bool = False) -> bool:
     """Whether the row sums of ``x``'s exponentials take :func:`_row_sum`:
     on XLA:CPU, classes along the last axis, 16-bit logits, float32 rows of
     ``_NATIVE_SUM_F32_ROW`` classes or more, and, from ``_CPU_SMALL_ELEMENTS``
     logits, float32 inputs of fewer than ``_NATIVE_SUM_F32_ONE_THREAD``
     logits and float32 rows of at most ``_NATIVE_SUM_F32_SHORT_ROW`` classes
-    in inputs of fewer than ``_NATIVE_SUM_F32_SHORT_MAX`` logits.
+    in inputs of fewer than ``_NATIVE_SUM_F32_SHORT_MAX`` logits; for the
+    ``forward`` (:func:`_unshifted_row_stats`) the latter only where the
+    positions are one dimension of an even count.
 
     Not classes along another axis: XLA's own reduction over a strided
     class axis was 3-4x slower than YNNPACK's at 4x150x64x64 bfloat16
@@ -249,9 +251,15 @@ def _native_row_sums(x: Array, axis: int) -> bool:
     ``_CPU_SMALL_ELEMENTS`` logits it made no difference (0.91-1.07x). On
     other shapes, ``ab.py --base c51cd24 --reps 11 --block 10``: forward
     3000x20 1.96x faster (0.89x to 1.75x optax), 120x1000 1.87x (0.68x to
-    1.27x), 700x180 1.82x, 1000x120 1.42x, 50x2000 1.34x, 1x100x100x21
-    1.31x, 8x16x16x48 1.21x, 20000x45 1.21x, 2x64x128x19 1.11x, 40000x20
-    1.06x, 4x32x32x33 and 12x50x50x30 1.0x.
+    1.27x), 700x180 1.82x, 1000x120 1.42x, 50x2000 1.34x, 8x16x16x48 1.21x,
+    20000x45 1.21x, 40000x20 1.06x. Above ``_NATIVE_SUM_F32_ONE_THREAD``
+    logits, where XLA:CPU splits the reduction over the cores, the forward
+    keeps ``jnp.sum`` for an odd number of positions (26209x19, 13107x33,
+    20001x45: 2.0-3.3x slower natively, ``ab.py --base 8f8d03e``) and for
+    positions over several dimensions (10x37x37x27 0.85-0.92x, 6x50x50x33
+    0.77-0.97x, 4x64x64x32 0.83-1.04x in 2-3 processes; 2x64x128x19
+    1.11x, 12x50x50x30 1.0x). The fwd+bwd's recomputed exponentials
+    (:func:`_recomputed_exp`) sum natively there.
 
     16-bit inputs of fewer than ``_NATIVE_SUM_MIN_16BIT`` logits keep
     ``jnp.sum`` too: XLA:CPU's cost model splits the variadic reduction over
@@ -274,15 +282,20 @@ def _native_row_sums(x: Array, axis: int) -> bool:
         return True
     if _cpu_small(x.shape):
         return False
-    return n < _NATIVE_SUM_F32_ONE_THREAD or (
-        c <= _NATIVE_SUM_F32_SHORT_ROW and n < _NATIVE_SUM_F32_SHORT_MAX
-    )
+    if n < _NATIVE_SUM_F32_ONE_THREAD:
+        return True
+    if c > _NATIVE_SUM_F32_SHORT_ROW or n >= _NATIVE_SUM_F32_SHORT_MAX:
+        return False
+    # Split over the cores: the forward's sums only over one even dimension
+    # of positions.
+    return not forward or (x.ndim == 2 and x.shape[0] % 2 == 0)
 
 
-def _exp_row_sums(e: Array, x: Array, axis: int) -> Array:
+def _exp_row_sums(e: Array, x: Array, axis: int, forward: bool = False) -> Array:
     """The row sums (no keepdims) of ``e``, exponentials of logits ``x``: by
     :func:`_row_sum` where :func:`_native_row_sums` says, else ``jnp.sum``."""
-    return _row_sum(e, axis) if _native_row_sums(x, axis) else jnp.sum(e, axis=axis)
+    native = _native_row_sums(x, axis, forward)
+    return _row_sum(e, axis) if native else jnp.sum(e, axis=axis)
 
 
 def _sum_block(c: int) -> int | None:
@@ -382,7 +395,7 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     """
     cdt = _compute_dtype(x.dtype)
     e = jnp.exp(x.astype(cdt))
-    s0 = _exp_row_sums(e, x, axis)
+    s0 = _exp_row_sums(e, x, axis, forward=True)
     lo, hi = _UNSHIFTED_RANGE
     ok = jnp.all((s0 >= lo) & (s0 <= hi))
 

@@ -193,8 +193,28 @@ def test_which_rows_take_it(small_inputs, dtype, shape, axis, native):
     assert _losses._native_row_sums(x, axis) == (native and on_cpu)
 
 
+@pytest.mark.parametrize(
+    "shape,forward",
+    [
+        ((26210, 19), True),
+        ((26209, 19), False),  # an odd count, split over the cores
+        ((2, 64, 128, 19), False),  # positions over several dimensions
+        ((1001, 100), True),  # under 2**17 logits: on one thread
+        ((2, 25, 25, 33), True),
+    ],
+)
+def test_which_forward_rows_take_it(small_inputs, shape, forward):
+    """Above 2**17 logits the forward's short rows sum natively only where
+    the positions are one dimension of an even count; the fwd+bwd's (the
+    recomputed exponentials) wherever they are short."""
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    on_cpu = jax.default_backend() == "cpu"
+    assert _losses._native_row_sums(x, -1, forward=True) == (forward and on_cpu)
+    assert _losses._native_row_sums(x, -1) == on_cpu
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
-@pytest.mark.parametrize("shape", [(2354, 17), (2, 64, 128, 19), (3000, 33), (120, 1000)])
+@pytest.mark.parametrize("shape", [(2354, 17), (2, 16, 32, 40), (10000, 40), (120, 1000)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_medium_float32_forward(small_inputs, core_constants, shape, reduction):
     """The float32 forward of medium inputs (up to 48 classes under 2**20
