@@ -222,7 +222,7 @@ def _native_row_sums(x: Array, axis: int, forward: bool = False) -> bool:
     logits and float32 rows of at most ``_NATIVE_SUM_F32_SHORT_ROW`` classes
     in inputs of fewer than ``_NATIVE_SUM_F32_SHORT_MAX`` logits; for the
     ``forward`` (:func:`_unshifted_row_stats`) the latter only where the
-    positions are one dimension of an even count.
+    positions are one dimension of an even count and not in rows of 32.
 
     Not classes along another axis: XLA's own reduction over a strided
     class axis was 3-4x slower than YNNPACK's at 4x150x64x64 bfloat16
@@ -258,8 +258,11 @@ def _native_row_sums(x: Array, axis: int, forward: bool = False) -> bool:
     20001x45: 2.0-3.3x slower natively, ``ab.py --base 8f8d03e``) and for
     positions over several dimensions (10x37x37x27 0.85-0.92x, 6x50x50x33
     0.77-0.97x, 4x64x64x32 0.83-1.04x in 2-3 processes; 2x64x128x19
-    1.11x, 12x50x50x30 1.0x). The fwd+bwd's recomputed exponentials
-    (:func:`_recomputed_exp`) sum natively there.
+    1.11x, 12x50x50x30 1.0x), and rows of 32 classes (8192x32 0.77-1.16x,
+    median 0.92x, over 6 processes; 16384x32 0.74-1.07x, 4096x32
+    0.91-0.93x; 24, 33, 35, 40 and 48 classes there 1.0-1.6x). The
+    fwd+bwd's recomputed exponentials (:func:`_recomputed_exp`) sum
+    natively there.
 
     16-bit inputs of fewer than ``_NATIVE_SUM_MIN_16BIT`` logits keep
     ``jnp.sum`` too: XLA:CPU's cost model splits the variadic reduction over
@@ -287,8 +290,8 @@ def _native_row_sums(x: Array, axis: int, forward: bool = False) -> bool:
     if c > _NATIVE_SUM_F32_SHORT_ROW or n >= _NATIVE_SUM_F32_SHORT_MAX:
         return False
     # Split over the cores: the forward's sums only over one even dimension
-    # of positions.
-    return not forward or (x.ndim == 2 and x.shape[0] % 2 == 0)
+    # of positions, and not in rows of 32 classes.
+    return not forward or (x.ndim == 2 and x.shape[0] % 2 == 0 and c != 32)
 
 
 def _exp_row_sums(e: Array, x: Array, axis: int, forward: bool = False) -> Array:

@@ -200,13 +200,15 @@ def test_which_rows_take_it(small_inputs, dtype, shape, axis, native):
         ((26209, 19), False),  # an odd count, split over the cores
         ((2, 64, 128, 19), False),  # positions over several dimensions
         ((1001, 100), True),  # under 2**17 logits: on one thread
+        ((8192, 32), False),  # rows of 32 classes
+        ((2048, 32), True),
         ((2, 25, 25, 33), True),
     ],
 )
 def test_which_forward_rows_take_it(small_inputs, shape, forward):
     """Above 2**17 logits the forward's short rows sum natively only where
-    the positions are one dimension of an even count; the fwd+bwd's (the
-    recomputed exponentials) wherever they are short."""
+    the positions are one dimension of an even count, not rows of 32; the
+    fwd+bwd's (the recomputed exponentials) wherever they are short."""
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     on_cpu = jax.default_backend() == "cpu"
     assert _losses._native_row_sums(x, -1, forward=True) == (forward and on_cpu)
