@@ -1067,9 +1067,10 @@ def _cpu_exp_plan(x: Array, axis: int, reduced: bool = False) -> dict[str, Any]:
     32-bit and wider: one ``exp(x - m)`` shared by the row sum and the
     gradient (grouped where :func:`_row_group` says, else shifted by the
     target logit where :func:`_target_shift_applies`), except the float32
-    rows that :func:`_recomputed_exp` recomputes (no keyword). Unshared, the gradient
-    pass recomputes it with every per-position factor broadcast along the
-    classes (reduction="none": 4.4 of the step's 6.5 ms at 8x128x128x19).
+    rows that :func:`_recomputed_exp` recomputes (no keyword). Elsewhere,
+    unshared, the gradient pass recomputes it with every per-position factor
+    broadcast along the classes (reduction="none": 4.4 of the step's 6.5 ms
+    at 8x128x128x19).
     16-bit: the gradient reads its own float32 view of ``x``; a conversion
     shared with the row reductions is materialised as a full-size float32
     temporary. Except (``reduced``: the "mean"/"sum" step) bfloat16 rows that

@@ -64,11 +64,12 @@ def test_where_it_applies(small_inputs, shape, dtype, axis, recomputed):
 
 
 def _full_size_outputs(text: str, shape: tuple[int, ...]) -> list[str]:
-    """The entry computation's instructions whose result is a float32 array
-    of ``shape`` (the logits' shape, in XLA's layout-less spelling)."""
+    """The entry computation's instructions, parameters aside, whose result
+    is a float32 array of ``shape`` (the logits' shape, in XLA's
+    layout-less spelling)."""
     entry = text[text.index("\nENTRY") :]
-    spelled = "f32[" + ",".join(map(str, shape)) + "]"
-    return [ln for ln in entry.splitlines()[1:] if re.search(r"= " + re.escape(spelled), ln)]
+    full = re.compile(r"= " + re.escape("f32[" + ",".join(map(str, shape)) + "]"))
+    return [ln for ln in entry.splitlines()[1:] if full.search(ln) and "parameter(" not in ln]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's formulation")
@@ -82,10 +83,10 @@ def test_the_gradient_is_the_only_full_size_array(small_inputs, core_constants):
         f = jax.value_and_grad(lambda v: jaxloss.cross_entropy(v, t, ignore_index=IGN))
         return jax.jit(f).lower(x).compile().as_text()
 
-    full = [ln for ln in _full_size_outputs(text(), x.shape) if "parameter(" not in ln]
+    full = _full_size_outputs(text(), x.shape)
     assert len(full) == 1, full
     core_constants("_RECOMPUTED_EXP_CLASSES", range(0))
-    shared = [ln for ln in _full_size_outputs(text(), x.shape) if "parameter(" not in ln]
+    shared = _full_size_outputs(text(), x.shape)
     assert len(shared) == 2, shared
 
 
