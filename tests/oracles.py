@@ -195,3 +195,22 @@ def plant_non_finite_rows(x: np.ndarray, t: np.ndarray, ignore_index: int) -> No
     t[1, 4] = ignore_index
     x[1, 6, 2] = np.inf
     t[1, 6] = 2
+
+
+def under_transforms(fn, x, t, where, dx, **kw) -> tuple:
+    """``fn`` (a jaxloss loss taking ``where``, ``x`` batched along its first
+    axis) under the transforms a training loop uses, each jitted:
+    ``value_and_grad`` of the reduced loss with the mask ``where``, ``jvp``
+    of the per-position losses along ``dx``, ``vmap`` of ``value_and_grad``
+    over the first axis, and a Hessian-vector product of the first item."""
+
+    def reduced(v, tt, wh):
+        return fn(v, tt, where=wh, **kw)
+
+    vg = jax.jit(jax.value_and_grad(reduced))(x, t, where)
+    per = jax.jit(lambda v, d: jax.jvp(
+        lambda a: fn(a, t, reduction="none", **kw), (v,), (d,)))(x, dx)
+    batched = jax.jit(jax.vmap(jax.value_and_grad(reduced)))(x, t, where)
+    hvp = jax.jit(lambda v, d: jax.jvp(
+        jax.grad(lambda a: reduced(a, t[0], where[0])), (v,), (d,))[1])(x[0], dx[0])
+    return vg, per, batched, hvp
