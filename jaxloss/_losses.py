@@ -659,9 +659,9 @@ def _target_by_scatter(x: Array, axis: int, normalize: bool = True) -> bool:
 
     fwd+bwd, weighted mean, 10% ignored, 2-core EPYC, jax 0.10.2,
     ``ab.py --base a83c250 --dtype bfloat16 --reps 21 --block 10``, 2
-    processes: bfloat16 cross-entropy 1.45-2.57x faster at 11 shapes of
-    3-4096 classes and 10K-16K logits (0.39-0.79x optax before, 0.94-1.09x
-    after), ``reduction="none"`` 1.6-2.1x. NLL against its unscattered step
+    processes: bfloat16 cross-entropy 1.27-2.57x faster at 10 shapes of
+    3-4096 classes and 10K-16K logits (0.39-0.79x optax before, 0.97-1.11x
+    after), ``reduction="none"`` 1.54-2.14x (0.93-1.07x optax after). NLL against its unscattered step
     (switched off by patching, both compiled in one process, 2 processes),
     8 shapes of 3-30000 classes: bfloat16 1.1-2.4x faster (0.41-0.86x a
     plain ``take_along_axis`` NLL before, 0.96-1.08x after), float32
