@@ -423,6 +423,36 @@ def _wide_labels(t: Array) -> Array:
     return t.astype(jnp.int32) if t.dtype.itemsize < 4 else t
 
 
+def _take_in_range(a: Array, idx: Array, axis: int | None, shape: tuple[int, ...]) -> Array:
+    """``jnp.take_along_axis(a, idx, axis)`` (``a[idx]`` where ``axis`` is
+    None) for indices known to lie in range. 16-bit ``a`` is gathered as raw
+    bits (XLA:CPU would convert the whole input to float32 to gather from it).
+
+    For a small input on XLA:CPU (logits of ``shape``, :func:`_cpu_small`)
+    the gather takes unsigned indices, which JAX does not wrap from the end,
+    and no bounds handling: some ten integer operations per position fewer.
+    XLA:CPU's cost model had counted the forward's per-position pass
+    compute-bound and split it over both cores: the bfloat16 forward at
+    41x128x3 and 3200x5 measured 1.44-1.59x faster (0.74-0.91x optax
+    before, 1.17-1.30x after; ``ab.py --base 9154b45 --reps 21 --block 10``,
+    2 processes), other small shapes 0.99-1.01x. The same change at every
+    size measured 0.73-1.10x on the four ``bench.py --small`` cases, within
+    their scatter between processes; larger inputs keep the plain gather.
+    """
+    dtype = a.dtype
+    if dtype.itemsize == 2:
+        a = jax.lax.bitcast_convert_type(a, jnp.uint16)
+    if _cpu_small(shape):
+        idx = idx.astype(jnp.uint32 if idx.dtype.itemsize <= 4 else jnp.uint64)
+        if axis is None:
+            out = a.at[idx].get(mode="promise_in_bounds")
+        else:
+            out = jnp.take_along_axis(a, idx, axis, mode="promise_in_bounds")
+    else:
+        out = a[idx] if axis is None else jnp.take_along_axis(a, idx, axis)
+    return jax.lax.bitcast_convert_type(out, dtype) if dtype.itemsize == 2 else out
+
+
 def _class_iota(shape: tuple[int, ...], axis: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -505,19 +535,12 @@ def _index_loss_and_grad(
     # A forward over few classes: every class as an array of the positions.
     sliced = normalize and stats is None and _sliced_applies(x, axis, chunked, with_grad)
     xs = _class_slices(x, axis) if sliced else []
-    # Take the target logit rather than building a full log_softmax. 16-bit
-    # logits are gathered as raw bits: XLA:CPU would convert the whole input
-    # to float32 to gather from it.
+    # Take the target logit rather than building a full log_softmax.
     if sliced:
         x_t = _pick_class(xs, t_safe)
     else:
-        if x.dtype.itemsize == 2:
-            bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-            x_t = jax.lax.bitcast_convert_type(jnp.take_along_axis(bits, t_keep, axis), x.dtype)
-        else:
-            x_t = jnp.take_along_axis(x, t_keep, axis=axis)
-        x_t = jnp.squeeze(x_t, axis).astype(cdt)
-    w_t = jnp.ones((), cdt) if w is None else w[t_safe]
+        x_t = jnp.squeeze(_take_in_range(x, t_keep, axis, x.shape), axis).astype(cdt)
+    w_t = jnp.ones((), cdt) if w is None else _take_in_range(w, t_safe, None, x.shape)
 
     if normalize:
         if stats is not None:
@@ -661,15 +684,16 @@ def _target_by_scatter(x: Array, axis: int, normalize: bool = True) -> bool:
     ``ab.py --base a83c250 --dtype bfloat16 --reps 21 --block 10``, 2
     processes: bfloat16 cross-entropy 1.27-2.57x faster at 10 shapes of
     3-4096 classes and 10K-16K logits (0.39-0.79x optax before, 0.97-1.11x
-    after), ``reduction="none"`` 1.54-2.14x (0.93-1.07x optax after). NLL against its unscattered step
-    (switched off by patching, both compiled in one process, 2 processes),
-    8 shapes of 3-30000 classes: bfloat16 1.1-2.4x faster (0.41-0.86x a
-    plain ``take_along_axis`` NLL before, 0.96-1.08x after), float32
-    1.4-5.7x. Not taken: 2 classes, which measured the same either
-    way, and float32 cross-entropy, whose shared-exponential gradient
-    pass XLA:CPU already keeps on one thread (0.90-0.94x scattered). One
-    row of 20000-32000 classes stays at 0.68-0.74x optax either way (the
-    unscattered step measured 0.62-1.16x, bimodal, between processes).
+    after), ``reduction="none"`` 1.54-2.14x (0.93-1.07x optax after). NLL
+    against its unscattered step (switched off by patching, both compiled
+    in one process, 2 processes), 8 shapes of 3-30000 classes: bfloat16
+    1.1-2.4x faster (0.41-0.86x a plain ``take_along_axis`` NLL before,
+    0.96-1.08x after), float32 1.4-5.7x. Not taken: 2 classes, which
+    measured the same either way, and float32 cross-entropy, whose
+    shared-exponential gradient pass XLA:CPU already keeps on one thread
+    (0.90-0.94x scattered). One row of 20000-32000 classes stays at
+    0.68-0.74x optax either way (the unscattered step measured 0.62-1.16x,
+    bimodal, between processes).
     """
     return (x.dtype.itemsize == 2 or not normalize) and x.shape[axis] > 2 and _cpu_small(x.shape)
 

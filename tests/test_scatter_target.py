@@ -123,8 +123,11 @@ def test_cross_entropy_matches_float64_oracles(
         jaxloss.cross_entropy, xb, t, np.float32(cot), axis=axis, **kw
     )
     assert g.dtype == jnp.bfloat16
+    # and the forward alone (its gathers: see test_forward_gathers_in_range)
+    forward = jax.jit(lambda v: jaxloss.cross_entropy(v, t, axis=axis, **kw))(xb)
     for want_loss, want_grad, name in float64_oracles(x64, np.asarray(t), axis, cot, **kw):
         assert_close(loss, want_loss, LOSS_TOL["bfloat16"], f"loss vs {name}")
+        assert_close(forward, want_loss, LOSS_TOL["bfloat16"], f"forward vs {name}")
         assert_close(grad, want_grad, GRAD_TOL["bfloat16"], f"grad vs {name}")
 
 
@@ -160,6 +163,8 @@ def test_a_bad_label_is_nan(small_inputs, fn):
     step = jax.jit(jax.value_and_grad(lambda v, tt: loss_fn(v, tt, ignore_index=IGN)))
     loss, grad = step(x, bad)
     assert np.isnan(loss) and np.all(np.isnan(np.asarray(grad[700], np.float32)))
+    assert np.isnan(jax.jit(lambda v, tt: loss_fn(v, tt, ignore_index=IGN))(x, bad))
+    assert not np.isnan(jax.jit(lambda v, tt: loss_fn(v, tt, ignore_index=IGN))(x, t))
 
     def rows_and_grad(v, tt):
         per_row, vjp = jax.vjp(lambda a: loss_fn(a, tt, ignore_index=IGN, reduction="none"), v)
@@ -223,3 +228,31 @@ def test_agrees_with_the_unscattered_path(small_inputs, core_constants, fn):
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-6
         )
+
+
+@pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's formulation")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_gathers_in_range(small_inputs, core_constants, dtype):
+    """A small input's gathers of the target logit and weight take unsigned
+    indices and no bounds handling (``_take_in_range``): the compiled
+    bfloat16 forward at 3200x5 splits no per-position pass over threads,
+    where the plain gathers' pass was split; the losses agree."""
+    x, t, rng = labelled_logits((3200, 5), -1, dtype, 12, 0.1, IGN)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 5), jnp.float32)
+
+    def forward():  # (labels and weights as arguments: constants would be folded)
+        f = jax.jit(lambda v, tt, ww: jaxloss.cross_entropy(v, tt, weight=ww, ignore_index=IGN))
+        return f.lower(x, t, w).compile().as_text(), f(x, t, w)
+
+    text, loss = forward()
+    assert _split_full_size_passes(text, (3200,)) == []
+    in_range = _losses._take_in_range
+
+    def plain(a, idx, axis, shape):  # the gathers of inputs that are not small
+        return in_range(a, idx, axis, (small_inputs,))
+
+    core_constants("_take_in_range", plain)
+    text0, loss0 = forward()
+    if dtype == jnp.bfloat16:
+        assert len(_split_full_size_passes(text0, (3200,))) == 1
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
