@@ -433,9 +433,9 @@ def _take_in_range(a: Array, idx: Array, axis: int | None, shape: tuple[int, ...
     and no bounds handling: some ten integer operations per position fewer.
     XLA:CPU's cost model had counted the forward's per-position pass
     compute-bound and split it over both cores: the bfloat16 forward at
-    41x128x3 and 3200x5 measured 1.44-1.59x faster (0.74-0.91x optax
-    before, 1.17-1.30x after; ``ab.py --base 9154b45 --reps 21 --block 10``,
-    2 processes), other small shapes 0.99-1.01x. The same change at every
+    41x128x3 and 3200x5 measured 1.40-1.60x faster (0.74-0.97x optax
+    before, 1.17-1.36x after; ``ab.py --base 9154b45 --reps 21 --block 10``,
+    3 processes), other small shapes 0.99-1.15x. The same change at every
     size measured 0.73-1.10x on the four ``bench.py --small`` cases, within
     their scatter between processes; larger inputs keep the plain gather.
     """
