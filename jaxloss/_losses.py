@@ -1157,9 +1157,9 @@ def _cpu_exp_plan(x: Array, axis: int, reduced: bool = False) -> dict[str, Any]:
     at 8x128x128x19).
     16-bit: the gradient reads its own float32 view of ``x``; a conversion
     shared with the row reductions is materialised as a full-size float32
-    temporary. Except small inputs (:func:`_target_by_scatter`), which
-    share their float32 exponentials, and (``reduced``: the "mean"/"sum" step) bfloat16 rows that
-    :func:`_grouped_16bit` groups: their float32 exponentials are shared.
+    temporary. Except where the float32 exponentials are shared: small
+    inputs (:func:`_target_by_scatter`), and (``reduced``: the "mean"/"sum"
+    step) bfloat16 rows that :func:`_grouped_16bit` groups.
     """
     if _recomputed_exp(x, axis):
         return {}
