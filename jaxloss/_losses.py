@@ -631,15 +631,13 @@ def _index_loss_and_grad(
             else:  # shares no subexpression with the row reductions
                 q = exp(grad_x - (m + log_s))
         if fold:
-            a_t, b_t, eps_c = grad_scale * a_t, grad_scale * b_t, grad_scale * eps_c
+            a_t, eps_c = grad_scale * a_t, grad_scale * eps_c
         grad = q * along(a_t)
         if not scatter_target:
             grad = grad - jnp.where(is_t, along(b_t), zero)
         if eps > 0.0:
             grad = grad - eps_c * (1.0 if w is None else wb)
     else:
-        if fold:
-            b_t = grad_scale * b_t
         at_t = jnp.zeros(x.shape, cdt) if scatter_target else jnp.where(is_t, -along(b_t), zero)
         grad = jnp.where(along(in_range), at_t, nan)
     if not by_group and _select_by_iota(x.shape, axis, x.dtype):
@@ -648,7 +646,8 @@ def _index_loss_and_grad(
         keep = along(valid)
     grad = jnp.where(keep, grad, zero)
     if scatter_target:
-        grad = _add_at_target(grad, t_safe, -jnp.where(valid, b_t, zero), axis)
+        minus_b = -jnp.where(valid, b_t, zero)
+        grad = _add_at_target(grad, t_safe, grad_scale * minus_b if fold else minus_b, axis)
     return loss, grad if grad_scale is None or fold else grad_scale * grad
 
 
