@@ -124,3 +124,38 @@ if os.environ.get("JAXLOSS_TEST_TARGET_SHIFT", "").strip() not in ("", "0"):
     @pytest.fixture(autouse=True)
     def _target_shift(target_shift_everywhere):
         yield
+
+
+# The public losses trace the Pallas kernel too where it may apply (index
+# targets): ``jax.lax.platform_dependent`` traces every branch,
+# and the CPU lowering drops the CUDA one. That trace costs ~0.06-0.1 s per loss
+# traced (of ~0.15 s tracing the loss takes), and the compiled CPU program
+# is the same without it (test_kernels.py::
+# test_cpu_program_is_the_same_without_the_kernel_traced). So on a host
+# without a GPU, ``_kernels.dispatch`` takes the XLA branch alone -- the
+# path, the switches and everything else unchanged -- except:
+#   * in tests marked ``traces_kernel`` (they lower for CUDA, or check the
+#     switch); the traces cached without the kernel are dropped first;
+#   * in tests that route the losses through the kernel (``kernel_everywhere``
+#     sets its own dispatch);
+#   * in every test, with
+#       JAXLOSS_TEST_TRACE_KERNEL=1 python -m pytest -n 2 -q
+TRACE_KERNEL = os.environ.get("JAXLOSS_TEST_TRACE_KERNEL", "").strip() not in ("", "0")
+
+
+def xla_branch_only(use_pallas, kernel, xla, *args):
+    """``_kernels.dispatch`` without the CUDA branch: what XLA:CPU runs."""
+    return xla(*args)
+
+
+@pytest.fixture(autouse=True)
+def _no_kernel_trace_on_cpu(request, monkeypatch):
+    if TRACE_KERNEL or jax.default_backend() != "cpu":
+        yield
+    elif request.node.get_closest_marker("traces_kernel") is not None:
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
+        yield
+    else:
+        monkeypatch.setattr(_kernels, "dispatch", xla_branch_only)
+        yield

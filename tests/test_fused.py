@@ -7,6 +7,8 @@ the loop take many steps, with a shifted last chunk along both the position
 axes before and after the class axis.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,14 +90,27 @@ CASES = [
 ]
 
 
+def _matched_case(shape, axis, weighted):
+    """Inputs of test_fused_matches_per_position: ``x, t, w, eps, where``."""
+    x, t, w = _data(shape, axis)
+    where = jnp.asarray(np.random.default_rng(7).random(t.shape) < 0.9)
+    return x, t, (w if weighted else None), (0.1 if weighted else 0.0), where
+
+
+@functools.cache
+def _matched_reference(shape, axis, weighted, reduction):
+    """test_fused_matches_per_position's reference, computed once for its three
+    chunk settings: the per-position path does not read them (only "mean" and
+    "sum" take the loop)."""
+    x, t, w, eps, where = _matched_case(shape, axis, weighted)
+    return _reference(x, t, w, reduction=reduction, axis=axis, eps=eps, where=where)
+
+
 @pytest.mark.parametrize("shape,axis", CASES, ids=[f"{s}-ax{a}" for s, a in CASES])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
 def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
-    x, t, w = _data(shape, axis)
-    w = w if weighted else None
-    eps = 0.1 if weighted else 0.0
-    where = jnp.asarray(np.random.default_rng(7).random(t.shape) < 0.9)
+    x, t, w, eps, where = _matched_case(shape, axis, weighted)
 
     def loss(x):
         return jaxloss.cross_entropy(
@@ -106,7 +121,7 @@ def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
     # Loss and gradient, and the forward-only value, under one jit (as in a
     # training step; one compilation instead of three).
     (got_v, got_g), fwd = jax.jit(lambda x: (jax.value_and_grad(loss)(x), loss(x)))(x)
-    ref_v, ref_g = _reference(x, t, w, reduction=reduction, axis=axis, eps=eps, where=where)
+    ref_v, ref_g = _matched_reference(shape, axis, weighted, reduction)
     np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
     # Forward-only gives the same value.

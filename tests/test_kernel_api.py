@@ -397,6 +397,7 @@ def test_float32_logits_under_x64_through_the_kernel(kernel_everywhere, shape, a
     "shape,axis", [((64, 64, 19), -1), ((4, 19, 32, 32), 1), ((64, 32003), -1)], ids=str
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.traces_kernel
 def test_narrow_labels_lower_for_cuda(shape, axis, reduction):
     """The Triton kernel loads uint8 labels as they are (widened after the
     load): the CUDA lowering accepts it in every layout and the two-read loop,

@@ -5,10 +5,13 @@ Triton lowering does not, so the kernel masks every load and store -- the odd
 class counts and position counts below exercise those edges.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_branch_only
 from oracles import labelled_logits
 
 import jaxloss
@@ -222,6 +225,7 @@ def test_kernel_bad_label_and_zero_scale(normalize, config):
     assert lk == 0.0 and not np.asarray(gk).any()
 
 
+@pytest.mark.traces_kernel
 def test_escape_hatch(monkeypatch):
     assert _kernels.pallas_enabled()
     with jaxloss.disable_pallas():
@@ -229,6 +233,68 @@ def test_escape_hatch(monkeypatch):
     assert _kernels.pallas_enabled()
     monkeypatch.setenv("JAXLOSS_DISABLE_PALLAS", "1")
     assert not _kernels.pallas_enabled()
+
+
+def _cpu_program(text: str) -> str:
+    """A compiled CPU program's HLO without its source locations (metadata and
+    the stack-frame tables name the lines that traced each operation), its
+    instructions and computations renamed in order of appearance (numbering
+    follows the trace: which of two equal constants CSE keeps, for one)."""
+    kept, tables = [], False
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            tables = True
+        elif tables and line.startswith(("%", "ENTRY", "HloModule")):
+            tables = False
+        if not tables:
+            kept.append(re.sub(r", metadata=\{[^}]*\}", "", line))
+    names: dict[str, str] = {}
+
+    def rename(m: re.Match) -> str:
+        return names.setdefault(m.group(1), f"n{len(names)}")
+
+    return re.sub(r"%?\b([A-Za-z_][\w\-]*\.\d+|(?<=%)[A-Za-z_][\w\-]*)", rename, "\n".join(kept))
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dtype",
+    [((37, 19), -1, jnp.float32), ((2, 19, 3, 5), 1, jnp.float32), ((3, 1000), -1, jnp.bfloat16)],
+)
+@pytest.mark.traces_kernel
+def test_cpu_program_is_the_same_without_the_kernel_traced(monkeypatch, shape, axis, dtype):
+    """On CPU the public losses trace the kernel as well (``platform_dependent``
+    traces every branch), and the CPU lowering drops it: the compiled program
+    equals the one traced with ``dispatch`` taking the XLA branch alone, as
+    the rest of the suite does on a host without a GPU (conftest.py)."""
+    x, t, where, w = _data(shape, axis, dtype)
+
+    def make_step():  # a new function each time: jit caches traces by function
+        def step(x):  # fwd+bwd of every reduction, and the forward alone
+            out = []
+            for reduction in ("mean", "sum", "none"):
+                for fn, kw in [
+                    (jaxloss.cross_entropy, dict(weight=w, label_smoothing=0.1, where=where)),
+                    (jaxloss.cross_entropy, {}),
+                    (jaxloss.nll_loss, dict(weight=w)),
+                ]:
+                    def loss(x, fn=fn, kw=kw, reduction=reduction):
+                        return jnp.sum(
+                            fn(x, t, ignore_index=IGN, axis=axis, reduction=reduction, **kw)
+                        )
+
+                    out += [jax.value_and_grad(loss)(x), loss(x)]
+            return out
+
+        return step
+
+    traced = jax.jit(make_step()).trace(x)
+    assert "pallas_call" in str(traced.jaxpr)
+    with_kernel = _cpu_program(traced.lower().compile().as_text())
+    monkeypatch.setattr(_kernels, "dispatch", xla_branch_only)
+    _losses._index_impl.clear_cache()  # the core's traces above had the kernel
+    traced = jax.jit(make_step()).trace(x)
+    assert "pallas_call" not in str(traced.jaxpr)
+    assert _cpu_program(traced.lower().compile().as_text()) == with_kernel
 
 
 def _cuda_lowering(fn, *args):
@@ -255,6 +321,7 @@ def _cuda_lowering(fn, *args):
     ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.traces_kernel
 def test_cuda_lowering_uses_the_kernel(shape, axis, dtype, reduction):
     """The whole public loss (fwd+bwd) lowers for CUDA with the Triton kernel in it."""
     s = jax.ShapeDtypeStruct

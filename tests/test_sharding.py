@@ -149,6 +149,7 @@ def test_mean_of_local_means_would_be_wrong(data):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.traces_kernel
 def test_shard_map_body_lowers_with_the_kernel_for_cuda(data, reduction):
     """Inside ``shard_map`` the CUDA branch holds the Triton kernel (its
     outputs typed as varying over the mesh axis); on this CPU the XLA branch
@@ -305,6 +306,7 @@ def test_gspmd_vmap_and_hessian_through_the_kernel(kernel_everywhere, reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.traces_kernel
 def test_gspmd_jit_lowers_a_partitioned_kernel_for_cuda(reduction):
     """For CUDA, sharded ``jit`` lowers the kernel call as a custom
     partitioning (the partitioner calls back per shard at compile time); on
