@@ -81,23 +81,25 @@ if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
         yield
 
 
+def clear_traces() -> None:
+    """Drop the core's jit traces and JAX's: a trace keeps the module
+    constants and the dispatch it was made with."""
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+
+
 @pytest.fixture
 def core_constants(monkeypatch):
     """``set(name, value)``: a module constant of ``jaxloss._losses`` for one
     test. The core's jit cache misses module constants, so its traces (and
     JAX's) are cleared on setting and again before the constant is restored."""
-    from jaxloss import _losses
-
-    def clear():
-        _losses._index_impl.clear_cache()
-        jax.clear_caches()
 
     def set_constant(name, value):
         monkeypatch.setattr(_losses, name, value)
-        clear()
+        clear_traces()
 
     yield set_constant
-    clear()
+    clear_traces()
 
 
 @pytest.fixture
@@ -153,8 +155,7 @@ def _no_kernel_trace_on_cpu(request, monkeypatch):
     if TRACE_KERNEL or jax.default_backend() != "cpu":
         yield
     elif request.node.get_closest_marker("traces_kernel") is not None:
-        _losses._index_impl.clear_cache()
-        jax.clear_caches()
+        clear_traces()
         yield
     else:
         monkeypatch.setattr(_kernels, "dispatch", xla_branch_only)
