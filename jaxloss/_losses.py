@@ -1528,7 +1528,7 @@ def _balanced(n: int, want: int, stride: int) -> int:
     On XLA:CPU the chunk's slice and the elementwise code reading it run far
     slower from unaligned starts: at 16x256x256x19 float32, fwd+bwd took
     81-91 ms with 13797-position chunks against 57-73 ms with 13120 (20
-    interleaved repetitions, same process; README, "Performance"). Equal
+    interleaved repetitions, same process; ``benchmarks/PERFORMANCE.md``). Equal
     chunks also keep the shifted last chunk's overlap small. Small chunks
     (tests) are only balanced.
     """

@@ -129,7 +129,8 @@ def test_default_launch_configs():
     from jaxloss._kernels import cross_entropy as ce
 
     # The defaults at the benchmark shapes are the configurations timed on the
-    # H200 (README, Performance): a change of the rule must be re-measured.
+    # H200 (benchmarks/PERFORMANCE.md, "GPU timings"): a change of the rule
+    # must be re-measured.
     assert ce.launch_config("last", 19, 1 << 23, True) == (32, 128, 4, 1, 1)
     assert ce.launch_config("last", 19, 1 << 23, False) == (20, 128, 2, 1, 1)
     assert ce.launch_config("mid", 19, 1 << 19, True) == (20, 64, 1, 1, 0)

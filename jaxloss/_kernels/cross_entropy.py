@@ -103,8 +103,8 @@ def launch_config(layout: str, c: int, n_pos: int, with_grad: bool) -> Config:
     """``(block_c, block_p, num_warps, num_stages, gather)`` for one call.
 
     The defaults come from timing candidates at the benchmark shapes on an
-    H200 (``benchmarks/gpu_check.py``; jax 0.11.2; the README's Performance
-    section has the runs):
+    H200 (``benchmarks/gpu_check.py``; jax 0.11.2; the runs are in
+    ``benchmarks/PERFORMANCE.md``, "GPU timings"):
 
     * 32 to 64 logits per thread, 1 to 4 warps; bigger tiles starved the
       SM of resident programs (C = 19 channels-last fwd+bwd: 0.67 ms at 4
