@@ -27,9 +27,24 @@ def _data(shape, axis, dtype, seed=0):
     return x, t, where, jnp.linspace(0.5, 2.0, shape[axis], dtype=jnp.float32)
 
 
+def _kernel_and_xla(x, t, where, w, scale, variants=({},), **kw):
+    """The kernel in interpret mode once per entry of ``variants`` (keyword
+    arguments over ``kw``) and the XLA path's ``_fused_pass(**kw)``, all under
+    one ``jit``: eagerly, every call compiles a program of its own (0.3-1 s
+    each on a 2-core CPU). Returns ``([kernel results], xla result)``."""
+
+    def run(x, t, where, w, scale):
+        got = [
+            cross_entropy_pallas(x, t, where, w, scale, interpret=True, **{**kw, **v})
+            for v in variants
+        ]
+        return got, _losses._fused_pass(x, t, where, w, scale, **kw)
+
+    return jax.jit(run)(x, t, where, w, scale)
+
+
 def _both(x, t, where, w, scale, **kw):
-    got = cross_entropy_pallas(x, t, where, w, scale, interpret=True, **kw)
-    want = _losses._fused_pass(x, t, where, w, scale, **kw)
+    (got,), want = _kernel_and_xla(x, t, where, w, scale, **kw)
     return got, want
 
 
@@ -63,7 +78,11 @@ def test_kernel_matches_xla(shape, axis, dtype, variant):
     else:
         kw["normalize"] = False
     scale = jnp.float32(0.37)
-    (lk, gk), (lx, gx) = _both(x, t, where, w, scale, **kw)
+    # fwd+bwd, forward only, and per-position losses ("none").
+    variants = ({}, {"with_grad": False}, {"with_grad": False, "per_position": True})
+    ((lk, gk), (lf, none), (lp, _)), (lx, gx) = _kernel_and_xla(
+        x, t, where, w, scale, variants, **kw
+    )
     assert gk.dtype == x.dtype and gk.shape == x.shape
     np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
     if dtype == jnp.float32:
@@ -72,14 +91,8 @@ def test_kernel_matches_xla(shape, axis, dtype, variant):
         np.testing.assert_allclose(
             np.asarray(gk, np.float32), np.asarray(gx, np.float32), rtol=2.0**-7, atol=1e-6
         )
-    # Forward only, and per-position losses ("none").
-    fwd_kw = {**kw, "with_grad": False}
-    lf, none = cross_entropy_pallas(x, t, where, w, scale, interpret=True, **fwd_kw)
     assert none is None
     np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
-    lp, _ = cross_entropy_pallas(
-        x, t, where, w, scale, interpret=True, per_position=True, **fwd_kw
-    )
     np.testing.assert_allclose(scale * jnp.sum(lp), lx, rtol=2e-5, atol=1e-6)
 
 
@@ -115,13 +128,10 @@ def test_kernel_configs_match_xla(shape, config, variant):
     elif variant == "nll":
         kw["normalize"] = False
     scale = jnp.float32(0.37)
-    lk, gk = cross_entropy_pallas(x, t, where, w, scale, interpret=True, config=config, **kw)
-    lx, gx = _losses._fused_pass(x, t, where, w, scale, **kw)
+    variants = ({"config": config}, {"config": config, "with_grad": False})
+    ((lk, gk), (lf, _)), (lx, gx) = _kernel_and_xla(x, t, where, w, scale, variants, **kw)
     np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
-    lf, _ = cross_entropy_pallas(
-        x, t, where, w, scale, interpret=True, config=config, **{**kw, "with_grad": False}
-    )
     np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
 
 
