@@ -72,9 +72,14 @@ def as_float_input(x: Any, name: str) -> jax.Array:
     return arr
 
 
+def check_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {_describe(value)}.")
+    return int(value)
+
+
 def canonical_axis(axis: Any, ndim: int, name: str = "axis") -> int:
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {_describe(axis)}.")
+    axis = check_int(axis, name)
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{name}={axis} is out of range for an input with {ndim} dimension(s); "

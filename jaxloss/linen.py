@@ -7,7 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxloss._losses import cross_entropy, log_softmax, nll_loss
+from jaxloss._losses import log_softmax
+from jaxloss._shells import call_cross_entropy, call_nll_loss
 
 
 class NLLLoss(nn.Module):
@@ -37,16 +38,7 @@ class NLLLoss(nn.Module):
     axis_name: Any = None
 
     def __call__(self, inputs: Any, targets: Any, *, where: Any = None) -> jax.Array:
-        return nll_loss(
-            inputs,
-            targets,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            axis=self.axis,
-            where=where,
-            axis_name=self.axis_name,
-        )
+        return call_nll_loss(self, inputs, targets, where)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -79,17 +71,7 @@ class CrossEntropyLoss(nn.Module):
     axis_name: Any = None
 
     def __call__(self, inputs: Any, targets: Any, *, where: Any = None) -> jax.Array:
-        return cross_entropy(
-            inputs,
-            targets,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            axis=self.axis,
-            where=where,
-            axis_name=self.axis_name,
-        )
+        return call_cross_entropy(self, inputs, targets, where)
 
 
 class LogSoftmax(nn.Module):

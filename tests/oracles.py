@@ -97,6 +97,35 @@ def to_torch_layout(x: np.ndarray, axis: int) -> np.ndarray:
     return x if x.ndim == 1 else np.moveaxis(x, axis, 1)
 
 
+# The seed's 2-D example: N=5 images of 16 channels on 10x10, a 3x3 VALID
+# convolution to C=4 classes on 8x8, log-softmax, NLL.
+SEED_2D = {"N": 5, "C_IN": 16, "HW": 10, "C": 4}
+
+
+def seed_2d_data() -> tuple:
+    """``x_nchw, target, w_oihw, b`` of the seed's 2-D example (PyTorch layouts)."""
+    n, c_in, hw, c = SEED_2D["N"], SEED_2D["C_IN"], SEED_2D["HW"], SEED_2D["C"]
+    rng = rng_for("seed-2d")
+    x_nchw = rng.standard_normal((n, c_in, hw, hw)).astype(np.float32)
+    target = rng.integers(0, c, (n, hw - 2, hw - 2)).astype(np.int64)
+    w_oihw = (0.2 * rng.standard_normal((c, c_in, 3, 3))).astype(np.float32)
+    b = (0.1 * rng.standard_normal(c)).astype(np.float32)
+    return x_nchw, target, w_oihw, b
+
+
+def torch_seed_2d(x_nchw, target, w_oihw, b) -> tuple:
+    """PyTorch: conv2d -> LogSoftmax(dim=1) -> NLLLoss, in float64; the loss
+    and the gradients of the convolution's weight (OIHW) and bias."""
+    w = torch.tensor(w_oihw, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(torch.tensor(x_nchw, dtype=torch.float64), w, bias)
+    hw = SEED_2D["HW"] - 2
+    assert y.shape == (SEED_2D["N"], SEED_2D["C"], hw, hw)
+    loss = torch.nn.NLLLoss()(torch.nn.LogSoftmax(dim=1)(y), torch.tensor(target))
+    loss.backward()
+    return loss.item(), w.grad.numpy(), bias.grad.numpy()
+
+
 def torch_loss_and_grad(
     x: np.ndarray,
     target: np.ndarray,

@@ -9,9 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from oracles import rng_for
+from oracles import SEED_2D, rng_for, seed_2d_data, torch_seed_2d
 
 import jaxloss
 import jaxloss.linen
@@ -104,27 +102,7 @@ def test_as_a_submodule_inside_a_model():
 # the seed's 2-D example
 # ---------------------------------------------------------------------------
 
-N, C_IN, HW, C = 5, 16, 10, 4
-
-
-def seed_data():
-    rng = rng_for("seed-2d")
-    x_nchw = rng.standard_normal((N, C_IN, HW, HW)).astype(np.float32)
-    target = rng.integers(0, C, (N, HW - 2, HW - 2)).astype(np.int64)
-    w_oihw = (0.2 * rng.standard_normal((C, C_IN, 3, 3))).astype(np.float32)
-    b = (0.1 * rng.standard_normal(C)).astype(np.float32)
-    return x_nchw, target, w_oihw, b
-
-
-def torch_seed_example(x_nchw, target, w_oihw, b):
-    """PyTorch: conv2d -> LogSoftmax(dim=1) -> NLLLoss, in float64."""
-    w = torch.tensor(w_oihw, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(b, dtype=torch.float64, requires_grad=True)
-    y = F.conv2d(torch.tensor(x_nchw, dtype=torch.float64), w, bias)
-    assert y.shape == (N, C, HW - 2, HW - 2)
-    loss = torch.nn.NLLLoss()(torch.nn.LogSoftmax(dim=1)(y), torch.tensor(target))
-    loss.backward()
-    return loss.item(), w.grad.numpy(), bias.grad.numpy()
+N, C_IN, HW, C = (SEED_2D[k] for k in ("N", "C_IN", "HW", "C"))
 
 
 class SeedHead(nn.Module):
@@ -136,7 +114,7 @@ class SeedHead(nn.Module):
 
 
 def test_seed_2d_example_flax_channels_last():
-    x_nchw, target, w_oihw, b = seed_data()
+    x_nchw, target, w_oihw, b = seed_2d_data()
     x_nhwc = np.moveaxis(x_nchw, 1, -1)
     head = SeedHead()
     params = head.init(jax.random.key(0), x_nhwc, target)
@@ -145,7 +123,7 @@ def test_seed_2d_example_flax_channels_last():
     params = {"params": {"Conv_0": {"kernel": jnp.asarray(w_oihw.transpose(2, 3, 1, 0)),
                                     "bias": jnp.asarray(b)}}}
     loss, grads = jax.value_and_grad(lambda p: head.apply(p, x_nhwc, target))(params)
-    t_loss, t_gw, t_gb = torch_seed_example(x_nchw, target, w_oihw, b)
+    t_loss, t_gw, t_gb = torch_seed_2d(x_nchw, target, w_oihw, b)
     np.testing.assert_allclose(loss, t_loss, rtol=1e-5)
     g = grads["params"]["Conv_0"]
     np.testing.assert_allclose(g["kernel"], t_gw.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-6)
@@ -153,7 +131,7 @@ def test_seed_2d_example_flax_channels_last():
 
 
 def test_seed_2d_example_torch_compat_channels_first():
-    x_nchw, target, w_oihw, b = seed_data()
+    x_nchw, target, w_oihw, b = seed_2d_data()
 
     def loss_fn(w, bias):
         y = jax.lax.conv_general_dilated(x_nchw, w, (1, 1), "VALID",
@@ -164,7 +142,7 @@ def test_seed_2d_example_torch_compat_channels_first():
 
     loss, (gw, gb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(jnp.asarray(w_oihw),
                                                                   jnp.asarray(b))
-    t_loss, t_gw, t_gb = torch_seed_example(x_nchw, target, w_oihw, b)
+    t_loss, t_gw, t_gb = torch_seed_2d(x_nchw, target, w_oihw, b)
     np.testing.assert_allclose(loss, t_loss, rtol=1e-5)
     np.testing.assert_allclose(gw, t_gw, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gb, t_gb, rtol=1e-4, atol=1e-6)

@@ -4,7 +4,7 @@ conftest.py forces 4 host CPU devices. Each shard holds a very different
 fraction of ignored positions, so a mean of per-device means would be wrong:
 only a global sum of numerators and of (weighted) denominators is right.
 Covered: GSPMD ``jit`` with ``NamedSharding``, ``shard_map`` with
-``axis_name`` (functions and the linen module), ``reduction="sum"``.
+``axis_name`` (functions, the linen and the NNX modules), ``reduction="sum"``.
 """
 
 import functools
@@ -130,6 +130,24 @@ def test_linen_module_axis_name(data):
 
     def module_loss(module, proj, feats, labels):
         return module.apply({}, feats @ proj, labels)
+
+    want = _value_and_grads(functools.partial(module_loss, global_module), proj, feats, labels)
+    sharded = _shard_mapped(functools.partial(module_loss, sharded_module))
+    got = jax.jit(functools.partial(_value_and_grads, sharded))(proj, feats, labels)
+    _assert_close(got, want)
+
+
+def test_nnx_module_axis_name(data):
+    """The NNX module with its class weights as an array attribute."""
+    from jaxloss import nnx as jnnx
+
+    feats, proj, labels = data
+    kw = dict(weight=WEIGHT, ignore_index=IGNORE, label_smoothing=0.1)
+    global_module = jnnx.CrossEntropyLoss(**kw)
+    sharded_module = jnnx.CrossEntropyLoss(axis_name="data", **kw)
+
+    def module_loss(module, proj, feats, labels):
+        return module(feats @ proj, labels)
 
     want = _value_and_grads(functools.partial(module_loss, global_module), proj, feats, labels)
     sharded = _shard_mapped(functools.partial(module_loss, sharded_module))
