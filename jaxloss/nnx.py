@@ -21,6 +21,10 @@ from jaxloss import _checks
 from jaxloss._losses import log_softmax
 from jaxloss._shells import call_cross_entropy, call_nll_loss
 
+# Marks an attribute as pytree data (flax >= 0.11); older NNX takes a JAX
+# array attribute as state by itself.
+_as_data = getattr(nnx, "data", lambda value: value)
+
 
 def _weight(weight: Any) -> Any:
     """``None``, a tuple (static), or an array (NNX state; lists and NumPy
@@ -28,7 +32,7 @@ def _weight(weight: Any) -> Any:
     against the inputs' classes."""
     if weight is None or isinstance(weight, tuple):
         return weight
-    return jnp.asarray(weight)
+    return _as_data(jnp.asarray(weight))
 
 
 class NLLLoss(nnx.Module):
