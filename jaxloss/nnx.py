@@ -21,8 +21,8 @@ from jaxloss import _checks
 from jaxloss._losses import log_softmax
 from jaxloss._shells import call_cross_entropy, call_nll_loss
 
-# Marks an attribute as pytree data (flax >= 0.11); older NNX takes a JAX
-# array attribute as state by itself.
+# Marks an attribute as pytree data (flax >= 0.11, tested with 0.12); an older
+# flax applies its own rule for array attributes (untested here).
 _as_data = getattr(nnx, "data", lambda value: value)
 
 
