@@ -6,7 +6,7 @@ Configuration is checked when the module is built. A ``weight`` given as an
 array is kept as an array attribute, which NNX treats as state but not as an
 :class:`flax.nnx.Param`, so optimizers and ``nnx.grad`` (``wrt=nnx.Param``)
 leave it alone (PyTorch keeps it as a buffer); a tuple is kept as static
-configuration.
+configuration. Tested with flax 0.12.
 """
 
 from __future__ import annotations
