@@ -200,3 +200,19 @@ def test_seed_2d_example_nnx_channels_last():
     np.testing.assert_allclose(g["kernel"][...], t_gw.transpose(2, 3, 1, 0), rtol=1e-4,
                                atol=1e-6)
     np.testing.assert_allclose(g["bias"][...], t_gb, rtol=1e-4, atol=1e-6)
+
+
+def test_submodules_are_attributes_of_the_package():
+    import importlib
+    import subprocess
+    import sys
+
+    assert jaxloss.nnx is jnnx
+    assert jaxloss.torch_compat is importlib.import_module("jaxloss.torch_compat")
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        jaxloss.nothing  # noqa: B018
+    # In a fresh process, after a bare ``import jaxloss``.
+    code = "import jaxloss; print(jaxloss.nnx.CrossEntropyLoss.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "jaxloss.nnx"
