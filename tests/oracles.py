@@ -97,6 +97,19 @@ def to_torch_layout(x: np.ndarray, axis: int) -> np.ndarray:
     return x if x.ndim == 1 else np.moveaxis(x, axis, 1)
 
 
+def module_case(name: str, axis: int, reduction: str) -> tuple:
+    """``x, t, where`` of the module tests (linen and NNX): logits (3, 5, 4)
+    with 5 classes on ``axis`` (1, or -1 moved last), uint8 labels ~30%
+    void (255), a ``where`` mask keeping ~80%."""
+    rng = rng_for(name, axis, reduction)
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    pos = (3, 4)
+    x = x if axis == 1 else np.moveaxis(x, 1, -1)
+    t = np.where(rng.random(pos) < 0.3, 255, rng.integers(0, 5, pos)).astype(np.uint8)
+    where = rng.random(pos) < 0.8
+    return x, t, where
+
+
 # The seed's 2-D example: N=5 images of 16 channels on 10x10, a 3x3 VALID
 # convolution to C=4 classes on 8x8, log-softmax, NLL.
 SEED_2D = {"N": 5, "C_IN": 16, "HW": 10, "C": 4}

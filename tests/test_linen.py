@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import SEED_2D, rng_for, seed_2d_data, torch_seed_2d
+from oracles import SEED_2D, module_case, rng_for, seed_2d_data, torch_seed_2d
 
 import jaxloss
 import jaxloss.linen
@@ -27,12 +27,7 @@ def test_modules_are_reexported():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_modules_equal_the_functions(axis, reduction):
-    rng = rng_for("linen", axis, reduction)
-    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
-    pos = (3, 4)
-    x = x if axis == 1 else np.moveaxis(x, 1, -1)
-    t = np.where(rng.random(pos) < 0.3, 255, rng.integers(0, 5, pos)).astype(np.uint8)
-    where = rng.random(pos) < 0.8
+    x, t, where = module_case("linen", axis, reduction)
     w = (0.5, 1.0, 2.0, 1.5, 0.7)  # a hashable tuple, as a module field should be
     common = dict(weight=w, ignore_index=255, reduction=reduction, axis=axis)
 

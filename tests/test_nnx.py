@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from oracles import SEED_2D, rng_for, seed_2d_data, torch_seed_2d
+from oracles import SEED_2D, module_case, rng_for, seed_2d_data, torch_seed_2d
 
 import jaxloss
 from jaxloss import nnx as jnnx
@@ -27,21 +27,11 @@ def test_modules_are_nnx_modules_apart_from_the_linen_ones():
     assert jnnx.CrossEntropyLoss is not jaxloss.CrossEntropyLoss
 
 
-def _case(axis, reduction):
-    rng = rng_for("nnx", axis, reduction)
-    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
-    pos = (3, 4)
-    x = x if axis == 1 else np.moveaxis(x, 1, -1)
-    t = np.where(rng.random(pos) < 0.3, 255, rng.integers(0, 5, pos)).astype(np.uint8)
-    where = rng.random(pos) < 0.8
-    return x, t, where
-
-
 @pytest.mark.parametrize("weight_kind", ["tuple", "array"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_modules_equal_the_functions(axis, reduction, weight_kind):
-    x, t, where = _case(axis, reduction)
+    x, t, where = module_case("nnx", axis, reduction)
     w = WEIGHT if weight_kind == "tuple" else np.array(WEIGHT, np.float32)
     common = dict(ignore_index=255, reduction=reduction, axis=axis)
     want_w = jnp.asarray(WEIGHT, jnp.float32)

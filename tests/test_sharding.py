@@ -122,33 +122,29 @@ def test_shard_map_nll_loss_axis_name(data):
     _assert_close(got, want)
 
 
-def test_linen_module_axis_name(data):
+@pytest.mark.parametrize("layer", ["linen", "nnx"])
+def test_module_axis_name(data, layer):
+    """The linen module (class weights a tuple field) and the NNX module
+    (class weights an array attribute)."""
     feats, proj, labels = data
-    kw = dict(weight=tuple(float(w) for w in WEIGHT), ignore_index=IGNORE, label_smoothing=0.1)
-    global_module = jaxloss.CrossEntropyLoss(**kw)
-    sharded_module = jaxloss.CrossEntropyLoss(axis_name="data", **kw)
+    if layer == "linen":
+        kw = dict(weight=tuple(float(w) for w in WEIGHT), ignore_index=IGNORE,
+                  label_smoothing=0.1)
+        make = jaxloss.CrossEntropyLoss
 
-    def module_loss(module, proj, feats, labels):
-        return module.apply({}, feats @ proj, labels)
+        def module_loss(module, proj, feats, labels):
+            return module.apply({}, feats @ proj, labels)
+    else:
+        from jaxloss import nnx as jnnx
 
-    want = _value_and_grads(functools.partial(module_loss, global_module), proj, feats, labels)
-    sharded = _shard_mapped(functools.partial(module_loss, sharded_module))
-    got = jax.jit(functools.partial(_value_and_grads, sharded))(proj, feats, labels)
-    _assert_close(got, want)
+        kw = dict(weight=WEIGHT, ignore_index=IGNORE, label_smoothing=0.1)
+        make = jnnx.CrossEntropyLoss
 
+        def module_loss(module, proj, feats, labels):
+            return module(feats @ proj, labels)
 
-def test_nnx_module_axis_name(data):
-    """The NNX module with its class weights as an array attribute."""
-    from jaxloss import nnx as jnnx
-
-    feats, proj, labels = data
-    kw = dict(weight=WEIGHT, ignore_index=IGNORE, label_smoothing=0.1)
-    global_module = jnnx.CrossEntropyLoss(**kw)
-    sharded_module = jnnx.CrossEntropyLoss(axis_name="data", **kw)
-
-    def module_loss(module, proj, feats, labels):
-        return module(feats @ proj, labels)
-
+    global_module = make(**kw)
+    sharded_module = make(axis_name="data", **kw)
     want = _value_and_grads(functools.partial(module_loss, global_module), proj, feats, labels)
     sharded = _shard_mapped(functools.partial(module_loss, sharded_module))
     got = jax.jit(functools.partial(_value_and_grads, sharded))(proj, feats, labels)
