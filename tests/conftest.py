@@ -67,9 +67,9 @@ def kernel_everywhere(monkeypatch):
 
     monkeypatch.setattr(_ce, "cross_entropy_pallas", counting)
     monkeypatch.setattr(_kernels, "dispatch", dispatch)
-    jax.clear_caches()  # traces made without the kernel must not be reused
+    clear_traces()  # traces made without the kernel must not be reused
     yield calls
-    jax.clear_caches()
+    clear_traces()
 
 
 if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
@@ -81,42 +81,103 @@ if os.environ.get("JAXLOSS_TEST_THROUGH_KERNEL", "").strip() not in ("", "0"):
         yield
 
 
+# The traces JAX and the core's jit cache hold were made under the module
+# constants that ``core_constants`` sets and under ``_kernels.dispatch``. A
+# trace keeps them, so a test must not reuse a trace made under other values;
+# but every clear costs the next test all its compilations again (its eager
+# conversions included: ~45 ms each here). So the traces are cleared when a
+# test's values differ from those they were made under (``sync_traces``),
+# not around every test that sets a constant.
+_SET_NAMES: set[str] = set()  # every name core_constants has set in this process
+
+
+def _traced_state() -> tuple:
+    return (_kernels.dispatch, _ce.cross_entropy_pallas,
+            tuple((name, getattr(_losses, name)) for name in sorted(_SET_NAMES)))
+
+
+def _same(a, b) -> bool:
+    """Equal states: numbers, ranges and strings by value, the rest (functions,
+    closures) by identity."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b, strict=True))
+    if type(a) is type(b) and isinstance(a, (int, float, range, str)):
+        return a == b
+    return a is b
+
+
+_traced_under = _traced_state()
+
+
 def clear_traces() -> None:
     """Drop the core's jit traces and JAX's: a trace keeps the module
     constants and the dispatch it was made with."""
+    global _traced_under
     _losses._index_impl.clear_cache()
     jax.clear_caches()
+    _traced_under = _traced_state()
+
+
+def sync_traces() -> None:
+    """Clear the traces if they were made under other constants or another
+    dispatch than those in effect now."""
+    if not _same(_traced_state(), _traced_under):
+        clear_traces()
+
+
+def set_core_constant(monkeypatch, name: str, value) -> None:
+    """``_losses.<name> = value`` until ``monkeypatch`` undoes it, and the
+    traces synced to it."""
+    monkeypatch.setattr(_losses, name, value)
+    _SET_NAMES.add(name)
+    sync_traces()
 
 
 @pytest.fixture
 def core_constants(monkeypatch):
     """``set(name, value)``: a module constant of ``jaxloss._losses`` for one
-    test. The core's jit cache misses module constants, so its traces (and
-    JAX's) are cleared on setting and again before the constant is restored."""
+    test. The core's jit cache misses module constants, so the traces are
+    synced (``sync_traces``) on setting; the next test syncs them to the
+    restored value before it traces."""
 
-    def set_constant(name, value):
-        monkeypatch.setattr(_losses, name, value)
-        clear_traces()
+    return functools.partial(set_core_constant, monkeypatch)
 
-    yield set_constant
-    clear_traces()
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Before an item that this file's autouse fixture does not reach (the
+    library's doctests), the traces are synced here instead, once the test's
+    constants are restored."""
+    yield
+    if nextitem is not None and "_no_kernel_trace_on_cpu" not in getattr(
+        nextitem, "fixturenames", ()
+    ):
+        sync_traces()
 
 
 @pytest.fixture
-def small_inputs(core_constants):
+def constants_at_setup(core_constants):
+    """``core_constants`` for a fixture that sets its constants as it is set
+    up: the test's traces are synced then, not before (as for every other
+    test), which would clear them for the restored values in between."""
+    return core_constants
+
+
+@pytest.fixture
+def small_inputs(constants_at_setup):
     """The library's own threshold for small inputs on XLA:CPU
     (``_losses._CPU_SMALL_ELEMENTS``), which this file sets to 0 for the
     rest of the suite."""
-    core_constants("_CPU_SMALL_ELEMENTS", CPU_SMALL_ELEMENTS)
+    constants_at_setup("_CPU_SMALL_ELEMENTS", CPU_SMALL_ELEMENTS)
     return CPU_SMALL_ELEMENTS
 
 
 @pytest.fixture
-def target_shift_everywhere(core_constants):
+def target_shift_everywhere(constants_at_setup):
     """XLA:CPU's target-shifted fwd+bwd (``_losses._target_shift_applies``) at
     every size: below ``_TARGET_SHIFT_MIN_ELEMENTS`` logits it is not taken
     (the suite's inputs are mostly that small)."""
-    core_constants("_TARGET_SHIFT_MIN_ELEMENTS", 0)
+    constants_at_setup("_TARGET_SHIFT_MIN_ELEMENTS", 0)
 
 
 if os.environ.get("JAXLOSS_TEST_TARGET_SHIFT", "").strip() not in ("", "0"):
@@ -152,11 +213,11 @@ def xla_branch_only(use_pallas, kernel, xla, *args):
 
 @pytest.fixture(autouse=True)
 def _no_kernel_trace_on_cpu(request, monkeypatch):
-    if TRACE_KERNEL or jax.default_backend() != "cpu":
-        yield
-    elif request.node.get_closest_marker("traces_kernel") is not None:
-        clear_traces()
-        yield
-    else:
+    """The dispatch above, then the traces synced to it and to the module
+    constants (after the fixtures that set constants, for their tests)."""
+    cpu_only = not TRACE_KERNEL and jax.default_backend() == "cpu"
+    if cpu_only and request.node.get_closest_marker("traces_kernel") is None:
         monkeypatch.setattr(_kernels, "dispatch", xla_branch_only)
-        yield
+    if "constants_at_setup" not in request.fixturenames:
+        sync_traces()
+    yield

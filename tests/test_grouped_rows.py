@@ -288,9 +288,9 @@ def test_which_bfloat16_shapes_group(shape, dtype, k):
 
 
 @pytest.fixture
-def small_bf16_groups(core_constants):
+def small_bf16_groups(constants_at_setup):
     """bfloat16 grouping for test-sized inputs."""
-    core_constants("_GROUPED_16BIT_MIN_ELEMENTS", 0)
+    constants_at_setup("_GROUPED_16BIT_MIN_ELEMENTS", 0)
 
 
 def _bf16_case(shape, seed, spread=20.0):
