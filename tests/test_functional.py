@@ -4,6 +4,8 @@ weights, ignore indices, reductions, label smoothing and target kinds."""
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,7 +17,9 @@ from oracles import (
     GRAD_TOL,
     LOSS_TOL,
     assert_close,
+    check_each,
     jax_loss_and_grad,
+    jax_losses_and_grads,
     rng_for,
     to_torch_layout,
     torch_loss_and_grad,
@@ -70,23 +74,40 @@ def cotangent_for(rng, reduction, pos_shape):
     return np.float32(1.7)
 
 
-def check_against_oracles(
-    fn_name, x, t, axis, reduction, *, weight=None, ignore_index=-100,
-    label_smoothing=0.0, where=None, cotangent=None, torch_too=True, dtype_key=None,
-):
-    rng = rng_for(fn_name, x.shape, reduction)
-    if cotangent is None:
-        cotangent = cotangent_for(rng, reduction, positions(x, axis))
+def default_cotangent(fn_name, x, axis, reduction):
+    return cotangent_for(rng_for(fn_name, x.shape, reduction), reduction, positions(x, axis))
+
+
+def jaxloss_call(fn_name, axis, reduction, *, weight=None, ignore_index=-100,
+                 label_smoothing=0.0, where=None):
+    """``(fn, kwargs)`` of jaxloss for one configuration."""
     nll = fn_name == "nll"
-    fn = jaxloss.nll_loss if nll else jaxloss.cross_entropy
     kw = {"weight": None if weight is None else jnp.asarray(weight),
           "ignore_index": ignore_index, "reduction": reduction, "axis": axis}
     if not nll:
         kw["label_smoothing"] = label_smoothing
     if where is not None:
         kw["where"] = jnp.asarray(where)
-    loss, grad, raw_loss, raw_grad = jax_loss_and_grad(fn, jnp.asarray(x), jnp.asarray(t),
-                                                       cotangent, **kw)
+    return (jaxloss.nll_loss if nll else jaxloss.cross_entropy), kw
+
+
+def check_against_oracles(
+    fn_name, x, t, axis, reduction, *, weight=None, ignore_index=-100,
+    label_smoothing=0.0, where=None, cotangent=None, torch_too=True, dtype_key=None,
+    computed=None,
+):
+    """jaxloss's loss and gradient (or ``computed``, those of
+    ``jax_loss_and_grad`` for the same call) against the NumPy reference and
+    PyTorch."""
+    if cotangent is None:
+        cotangent = default_cotangent(fn_name, x, axis, reduction)
+    nll = fn_name == "nll"
+    if computed is None:
+        fn, kw = jaxloss_call(fn_name, axis, reduction, weight=weight,
+                              ignore_index=ignore_index, label_smoothing=label_smoothing,
+                              where=where)
+        computed = jax_loss_and_grad(fn, jnp.asarray(x), jnp.asarray(t), cotangent, **kw)
+    loss, grad, raw_loss, raw_grad = computed
     key = dtype_key or str(np.asarray(x).dtype)
     x64 = np.asarray(x).astype(np.float64)
 
@@ -129,27 +150,55 @@ def check_against_oracles(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+SWEEP_WEIGHTED = (False, True)
 # ignore_index: None (nothing ignored), 1 (inside [0, C)), 255 (outside, void);
 # the default -100 is exercised by the tests further below.
-@pytest.mark.parametrize("ignore_index", [None, 1, 255], ids=lambda v: f"ign{v}")
-@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
-@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=SHAPE_LAYOUT_IDS)
-@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
-def test_index_targets_sweep(fn, shape, layout, weighted, ignore_index, reduction):
+SWEEP_IGNORE = (None, 1, 255)
+
+
+def _sweep_case(fn, shape, layout, weighted, ignore_index, reduction):
+    """One configuration's inputs and keyword arguments."""
     rng = rng_for(fn, shape, layout, weighted, ignore_index, reduction)
     x, axis = make_input(rng, SHAPES[shape], layout)
     num_classes = x.shape[axis]
-    pos_shape = positions(x, axis)
-    t = make_targets(rng, pos_shape, num_classes, ignore_index)
+    t = make_targets(rng, positions(x, axis), num_classes, ignore_index)
     weight = rng.uniform(0.2, 2.0, num_classes).astype(np.float32) if weighted else None
-    loss, grad = check_against_oracles(
-        "nll" if fn == "nll" else "ce", x, t, axis, reduction, weight=weight,
-        ignore_index=ignore_index, label_smoothing=0.15 if fn == "ce_ls" else 0.0,
+    name = "nll" if fn == "nll" else "ce"
+    kw = dict(weight=weight, ignore_index=ignore_index,
+              label_smoothing=0.15 if fn == "ce_ls" else 0.0)
+    return name, x, t, axis, kw, default_cotangent(name, x, axis, reduction)
+
+
+@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=SHAPE_LAYOUT_IDS)
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_index_targets_sweep(fn, shape, layout):
+    """Every weighting, ``ignore_index`` and reduction (18 configurations) of
+    one loss, shape and layout. jaxloss's losses and gradients for all of
+    them are computed under one ``jit`` (``oracles.jax_losses_and_grads``:
+    one compilation, not 18), then each is checked on its own; a failure
+    names every configuration that failed."""
+    keys = list(itertools.product(SWEEP_WEIGHTED, SWEEP_IGNORE, REDUCTIONS))
+    cases = [_sweep_case(fn, shape, layout, *key) for key in keys]
+    calls = []
+    for (_, _, reduction), (name, x, t, axis, kw, cot) in zip(keys, cases, strict=True):
+        loss_fn, kwargs = jaxloss_call(name, axis, reduction, **kw)
+        calls.append((loss_fn, jnp.asarray(x), jnp.asarray(t), cot, kwargs))
+    results = jax_losses_and_grads(calls)
+
+    def check(reduction, case, computed):
+        name, x, t, axis, kw, cot = case
+        loss, grad = check_against_oracles(
+            name, x, t, axis, reduction, cotangent=cot, computed=computed, **kw
+        )
+        assert loss.dtype == jnp.float32 and grad.dtype == jnp.float32
+        assert loss.shape == (positions(x, axis) if reduction == "none" else ())
+        assert grad.shape == x.shape
+
+    check_each(
+        {f"weighted={w} ignore_index={i} reduction={r}": (r, case, computed)
+         for (w, i, r), case, computed in zip(keys, cases, results, strict=True)},
+        check,
     )
-    assert loss.dtype == jnp.float32 and grad.dtype == jnp.float32
-    assert loss.shape == (pos_shape if reduction == "none" else ())
-    assert grad.shape == x.shape
 
 
 @pytest.mark.parametrize("shape", ["2d", "4d", "5d"])
