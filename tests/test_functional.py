@@ -255,25 +255,44 @@ def test_label_smoothing_with_weight_and_ignore(label_smoothing, reduction):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.2], ids=["ls0", "ls0.2"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
 @pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=SHAPE_LAYOUT_IDS)
-def test_probability_targets(shape, layout, weighted, label_smoothing, reduction):
-    rng = rng_for("soft", shape, layout, weighted, label_smoothing, reduction)
-    x, axis = make_input(rng, SHAPES[shape], layout)
-    q = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis=axis)).astype(np.float32)
-    weight = rng.uniform(0.2, 2.0, x.shape[axis]).astype(np.float32) if weighted else None
-    loss, _ = check_against_oracles("ce", x, q, axis, reduction, weight=weight,
-                                    label_smoothing=label_smoothing)
-    assert loss.dtype == jnp.float32
-    # ignore_index does not apply to probability targets (PyTorch refuses a
-    # non-default one; jaxloss's native API accepts and disregards it).
-    other = jaxloss.cross_entropy(x, q, weight=weight, reduction=reduction, axis=axis,
-                                  label_smoothing=label_smoothing, ignore_index=0)
-    # Equal up to rounding: another static argument is another compiled
-    # program (XLA:GPU summed in another order, 1 ulp apart).
-    np.testing.assert_allclose(other, loss, rtol=1e-6)
+def test_probability_targets(shape, layout):
+    """Every weighting, label smoothing and reduction (12 configurations) of
+    one shape and layout, computed under one ``jit`` and checked each on its
+    own (as ``test_index_targets_sweep``)."""
+    keys = list(itertools.product((False, True), (0.0, 0.2), REDUCTIONS))
+    cases, calls = [], []
+    for weighted, label_smoothing, reduction in keys:
+        rng = rng_for("soft", shape, layout, weighted, label_smoothing, reduction)
+        x, axis = make_input(rng, SHAPES[shape], layout)
+        q = np.exp(reference.log_softmax(rng.standard_normal(x.shape), axis=axis))
+        q = q.astype(np.float32)
+        weight = rng.uniform(0.2, 2.0, x.shape[axis]).astype(np.float32) if weighted else None
+        kw = dict(weight=weight, label_smoothing=label_smoothing)
+        cot = default_cotangent("ce", x, axis, reduction)
+        cases.append((x, q, axis, reduction, kw, cot))
+        # ignore_index does not apply to probability targets (PyTorch refuses
+        # a non-default one; jaxloss's native API accepts and disregards it).
+        for ignore_index in (-100, 0):
+            fn, kwargs = jaxloss_call("ce", axis, reduction, ignore_index=ignore_index, **kw)
+            calls.append((fn, jnp.asarray(x), jnp.asarray(q), cot, kwargs))
+    results = jax_losses_and_grads(calls)
+
+    def check(case, computed, other):
+        x, q, axis, reduction, kw, cot = case
+        loss, _ = check_against_oracles(
+            "ce", x, q, axis, reduction, cotangent=cot, computed=computed, **kw
+        )
+        assert loss.dtype == jnp.float32
+        # Equal up to rounding: another static argument is another program
+        # (XLA:GPU summed in another order, 1 ulp apart).
+        np.testing.assert_allclose(other[0], loss, rtol=1e-6)
+
+    check_each(
+        {f"weighted={w} label_smoothing={ls} reduction={r}": (case, *results[2 * i : 2 * i + 2])
+         for i, ((w, ls, r), case) in enumerate(zip(keys, cases, strict=True))},
+        check,
+    )
 
 
 def test_probability_targets_that_are_one_hot_match_index_targets():
