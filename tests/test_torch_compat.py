@@ -17,6 +17,8 @@ from oracles import (
     GRAD_TOL,
     LOSS_TOL,
     assert_close,
+    check_each,
+    jax_losses_and_grads,
     rng_for,
     torch_loss_and_grad,
     warnings_as_errors,
@@ -51,45 +53,59 @@ def compat_loss_and_grad(fn, x, t, cotangent, **kw):
     return loss, g
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(
-    "weighted,ignore_index", [(False, -100), (True, 2), (True, 255)],
-    ids=["nw-ign-100", "w-ign2", "w-ign255"],
-)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
 @pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
-def test_functions_match_torch(fn, shape, weighted, ignore_index, reduction):
-    check_function(fn, shape, weighted, ignore_index, reduction)
+def test_functions_match_torch(fn, shape):
+    """Unweighted with PyTorch's default ignore_index, weighted with an
+    ignore_index inside and outside [0, C), every reduction (9
+    configurations), under one ``jit``."""
+    weighting = [(False, -100), (True, 2), (True, 255)]
+    check_functions(fn, shape, [(*w, r) for w, r in itertools.product(weighting, REDUCTIONS)])
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
-def test_probability_targets_match_torch(shape, weighted, reduction):
+def test_probability_targets_match_torch(shape):
     # Probability targets take no ignore_index (see the test further below).
-    check_function("soft", shape, weighted, -100, reduction)
+    check_functions(
+        "soft", shape, list(itertools.product((False, True), (-100,), REDUCTIONS))
+    )
 
 
-def check_function(fn, shape, weighted, ignore_index, reduction):
-    key = (fn, shape, weighted, ignore_index, reduction)
-    x, t = make(key, shape, ignore_index, soft=fn == "soft")
-    rng = rng_for("ct", key)
-    c = shape[0] if len(shape) == 1 else shape[1]
-    w = rng.uniform(0.3, 2.0, c).astype(np.float32) if weighted else None
-    pos = () if len(shape) == 1 else shape[:1] + shape[2:]
-    ct = rng.uniform(0.5, 2.0, pos) if reduction == "none" else 1.3
-    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction)
+def check_functions(fn, shape, keys):
+    """torch_compat's ``fn`` against PyTorch for every ``(weighted,
+    ignore_index, reduction)`` in ``keys``, its losses and gradients computed
+    under one ``jit`` (``oracles.jax_losses_and_grads``)."""
+    compat = torch_compat.nll_loss if fn == "nll" else torch_compat.cross_entropy
     ls = 0.2 if fn in ("ce_ls", "soft") else 0.0
-    if fn == "nll":
-        loss, g = compat_loss_and_grad(torch_compat.nll_loss, x, t, ct, **kw)
-    else:
-        loss, g = compat_loss_and_grad(torch_compat.cross_entropy, x, t, ct,
-                                       label_smoothing=ls, **kw)
-    t_loss, t_g = torch_loss_and_grad(x, t, ct, nll=fn == "nll", label_smoothing=ls, **kw)
-    assert loss.shape == t_loss.shape
-    assert_close(loss, t_loss, LOSS_TOL["float32"], "loss")
-    if not np.isnan(t_loss).any():  # a 1-D input whose one target is ignored: see below
-        assert_close(g, t_g, GRAD_TOL["float32"], "grad")
+    cases, calls = [], []
+    for weighted, ignore_index, reduction in keys:
+        key = (fn, shape, weighted, ignore_index, reduction)
+        x, t = make(key, shape, ignore_index, soft=fn == "soft")
+        rng = rng_for("ct", key)
+        c = shape[0] if len(shape) == 1 else shape[1]
+        w = rng.uniform(0.3, 2.0, c).astype(np.float32) if weighted else None
+        pos = () if len(shape) == 1 else shape[:1] + shape[2:]
+        ct = rng.uniform(0.5, 2.0, pos) if reduction == "none" else 1.3
+        kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction)
+        cases.append((x, t, ct, kw))
+        extra = {} if fn == "nll" else {"label_smoothing": ls}
+        calls.append((compat, jnp.asarray(x), jnp.asarray(t), ct, {**kw, **extra}))
+    results = jax_losses_and_grads(calls)
+
+    def check(case, computed):
+        x, t, ct, kw = case
+        loss, g = computed[:2]
+        t_loss, t_g = torch_loss_and_grad(x, t, ct, nll=fn == "nll", label_smoothing=ls, **kw)
+        assert loss.shape == t_loss.shape
+        assert_close(loss, t_loss, LOSS_TOL["float32"], "loss")
+        if not np.isnan(t_loss).any():  # a 1-D input whose one target is ignored: see below
+            assert_close(g, t_g, GRAD_TOL["float32"], "grad")
+
+    check_each(
+        {f"weighted={w} ignore_index={i} reduction={r}": (case, computed)
+         for (w, i, r), case, computed in zip(keys, cases, results, strict=True)},
+        check,
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
