@@ -8,12 +8,13 @@ axes before and after the class axis.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import labelled_logits
+from oracles import check_each, labelled_logits
 
 import jaxloss
 from jaxloss import _losses
@@ -50,8 +51,8 @@ def _data(shape, axis, dtype=jnp.float32, seed=0, ignore=0.2, bad=False):
     return x, t, w
 
 
-def _reference(x, t, w, *, reduction, axis, eps=0.0, where=None, normalize=True):
-    """Mean/sum built from the per-position path, differentiated by JAX."""
+def _reference_fn(t, w, *, reduction, axis, eps=0.0, where=None, normalize=True):
+    """Mean/sum of logits ``x`` built from the per-position path."""
     fn = jaxloss.cross_entropy if normalize else jaxloss.nll_loss
     kw = {"label_smoothing": eps} if normalize else {}
 
@@ -66,9 +67,14 @@ def _reference(x, t, w, *, reduction, axis, eps=0.0, where=None, normalize=True)
         denom = jnp.sum(jnp.where(valid, wt, 0.0))
         return jnp.where(denom != 0, jnp.sum(loss) / jnp.where(denom != 0, denom, 1), 0.0)
 
-    # One jit: eagerly, each operation above compiles on its own (~50 ms each
-    # on a 2-core CPU).
-    return jax.jit(jax.value_and_grad(f))(x)
+    return f
+
+
+def _reference(x, t, w, **kw):
+    """Value and gradient of ``_reference_fn``, differentiated by JAX."""
+    # One jit: eagerly, each operation compiles on its own (~50 ms each on a
+    # 2-core CPU).
+    return jax.jit(jax.value_and_grad(_reference_fn(t, w, **kw)))(x)
 
 
 CASES = [
@@ -90,42 +96,76 @@ CASES = [
 ]
 
 
+MATCHED = list(itertools.product((False, True), ("mean", "sum")))  # (weighted, reduction)
+
+
 def _matched_case(shape, axis, weighted):
-    """Inputs of test_fused_matches_per_position: ``x, t, w, eps, where``."""
+    """Arrays of test_fused_matches_per_position: ``x, t, w, where``."""
     x, t, w = _data(shape, axis)
     where = jnp.asarray(np.random.default_rng(7).random(t.shape) < 0.9)
-    return x, t, (w if weighted else None), (0.1 if weighted else 0.0), where
+    return x, t, (w if weighted else None), where
 
 
 @functools.cache
-def _matched_reference(shape, axis, weighted, reduction):
-    """test_fused_matches_per_position's reference, computed once for its three
-    chunk settings: the per-position path does not read them (only "mean" and
+def _matched_references(shape, axis):
+    """test_fused_matches_per_position's references (value and gradient of
+    each of ``MATCHED``), under one jit and computed once for the three chunk
+    settings: the per-position path does not read them (only "mean" and
     "sum" take the loop)."""
-    x, t, w, eps, where = _matched_case(shape, axis, weighted)
-    return _reference(x, t, w, reduction=reduction, axis=axis, eps=eps, where=where)
+    def refs(cases):
+        return [
+            jax.value_and_grad(
+                _reference_fn(t, w, reduction=reduction, axis=axis, eps=eps, where=where)
+            )(x)
+            for (x, t, w, where), (eps, reduction) in zip(cases, _matched_statics(), strict=True)
+        ]
+
+    return jax.jit(refs)(_matched_arrays(shape, axis))
+
+
+def _matched_arrays(shape, axis):
+    """Each configuration's own arrays ``(x, t, w, where)``: no value is
+    shared between them in the one program that computes them all."""
+    return [_matched_case(shape, axis, weighted) for weighted, _ in MATCHED]
+
+
+def _matched_statics():
+    """``(label_smoothing, reduction)`` of each of ``MATCHED``."""
+    return [(0.1 if weighted else 0.0, reduction) for weighted, reduction in MATCHED]
 
 
 @pytest.mark.parametrize("shape,axis", CASES, ids=[f"{s}-ax{a}" for s, a in CASES])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["nw", "w"])
-def test_fused_matches_per_position(chunk, shape, axis, reduction, weighted):
-    x, t, w, eps, where = _matched_case(shape, axis, weighted)
+def test_fused_matches_per_position(chunk, shape, axis):
+    """Unweighted, and weighted with label smoothing; "mean" and "sum": the
+    loss and gradient, and the forward-only value, of the four under one jit
+    (as in a training step; one compilation instead of four)."""
+    def run(cases):
+        out = []
+        for (x, t, w, where), (eps, reduction) in zip(cases, _matched_statics(), strict=True):
 
-    def loss(x):
-        return jaxloss.cross_entropy(
-            x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
-            label_smoothing=eps, where=where,
-        )
+            def loss(x, t=t, w=w, eps=eps, where=where, reduction=reduction):
+                return jaxloss.cross_entropy(
+                    x, t, weight=w, ignore_index=IGN, reduction=reduction, axis=axis,
+                    label_smoothing=eps, where=where,
+                )
 
-    # Loss and gradient, and the forward-only value, under one jit (as in a
-    # training step; one compilation instead of three).
-    (got_v, got_g), fwd = jax.jit(lambda x: (jax.value_and_grad(loss)(x), loss(x)))(x)
-    ref_v, ref_g = _matched_reference(shape, axis, weighted, reduction)
-    np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
-    np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
-    # Forward-only gives the same value.
-    np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
+            out.append((jax.value_and_grad(loss)(x), loss(x)))
+        return out
+
+    def check(got, want):
+        (got_v, got_g), fwd = got
+        ref_v, ref_g = want
+        np.testing.assert_allclose(got_v, ref_v, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(got_g, ref_g, rtol=2e-5, atol=1e-7)
+        # Forward-only gives the same value.
+        np.testing.assert_allclose(fwd, ref_v, rtol=2e-6, atol=1e-6)
+
+    got = jax.jit(run)(_matched_arrays(shape, axis))
+    check_each(
+        {f"weighted={w} reduction={r}": pair
+         for (w, r), *pair in zip(MATCHED, got, _matched_references(shape, axis), strict=True)},
+        check,
+    )
 
 
 @pytest.mark.parametrize("shape,axis", CASES[6:], ids=[f"{s}-ax{a}" for s, a in CASES[6:]])
