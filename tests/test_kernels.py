@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import clear_traces, xla_branch_only
-from oracles import labelled_logits
+from oracles import check_each, labelled_logits
 
 import jaxloss
 from jaxloss import _kernels, _losses
@@ -43,6 +43,38 @@ def _kernel_and_xla(x, t, where, w, scale, variants=({},), **kw):
     return jax.jit(run)(x, t, where, w, scale)
 
 
+def _variant(name, axis, where, w):
+    """``(where, w, kw)`` of a named variant of the pass's arguments:
+    "weighted" (weights and ``where``), "weighted-where-smooth" (and label
+    smoothing), "nll" (weighted NLL), "plain" (neither weights nor ``where``)."""
+    kw = dict(ignore_index=IGN, eps=0.0, normalize=True, axis=axis, with_grad=True)
+    if name == "plain":
+        where, w = None, None
+    elif name == "weighted-where-smooth":
+        kw["eps"] = 0.1
+    elif name == "nll":
+        kw["normalize"] = False
+    return where, w, kw
+
+
+def _variants_kernel_and_xla(x, t, where, w, scale, names, axis, variants=({},)):
+    """``_kernel_and_xla`` for each variant in ``names`` (``_variant``), all
+    under one ``jit``: ``{name: ([kernel results], xla result)}``."""
+
+    def run(x, t, where, w, scale):
+        out = {}
+        for name in names:
+            wh, ww, kw = _variant(name, axis, where, w)
+            got = [
+                cross_entropy_pallas(x, t, wh, ww, scale, interpret=True, **{**kw, **v})
+                for v in variants
+            ]
+            out[name] = got, _losses._fused_pass(x, t, wh, ww, scale, **kw)
+        return out
+
+    return jax.jit(run)(x, t, where, w, scale)
+
+
 CASES = [
     ((5, 1), -1, jnp.float32),
     ((37, 19), -1, jnp.float32),
@@ -60,35 +92,32 @@ CASES = [
 @pytest.mark.parametrize(
     "shape,axis,dtype", CASES, ids=[f"{s}-ax{a}-{d.__name__}" for s, a, d in CASES]
 )
-@pytest.mark.parametrize(
-    "variant", ["plain", "weighted-where-smooth", "nll"],
-)
-def test_kernel_matches_xla(shape, axis, dtype, variant):
+def test_kernel_matches_xla(shape, axis, dtype):
+    """Unweighted, weighted with ``where`` and smoothing, and NLL: the
+    kernel's fwd+bwd, forward only and per-position losses against the XLA
+    path, the three variants under one ``jit``."""
     x, t, where, w = _data(shape, axis, dtype)
-    kw = dict(ignore_index=IGN, eps=0.0, normalize=True, axis=axis % len(shape), with_grad=True)
-    if variant == "plain":
-        where, w = None, None
-    elif variant == "weighted-where-smooth":
-        kw["eps"] = 0.1
-    else:
-        kw["normalize"] = False
     scale = jnp.float32(0.37)
     # fwd+bwd, forward only, and per-position losses ("none").
     variants = ({}, {"with_grad": False}, {"with_grad": False, "per_position": True})
-    ((lk, gk), (lf, none), (lp, _)), (lx, gx) = _kernel_and_xla(
-        x, t, where, w, scale, variants, **kw
-    )
-    assert gk.dtype == x.dtype and gk.shape == x.shape
-    np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
-    if dtype == jnp.float32:
-        np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
-    else:  # within one rounding of the 16-bit dtype
-        np.testing.assert_allclose(
-            np.asarray(gk, np.float32), np.asarray(gx, np.float32), rtol=2.0**-7, atol=1e-6
-        )
-    assert none is None
-    np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(scale * jnp.sum(lp), lx, rtol=2e-5, atol=1e-6)
+    names = ["plain", "weighted-where-smooth", "nll"]
+    results = _variants_kernel_and_xla(x, t, where, w, scale, names, axis % len(shape), variants)
+
+    def check(got):
+        ((lk, gk), (lf, none), (lp, _)), (lx, gx) = got
+        assert gk.dtype == x.dtype and gk.shape == x.shape
+        np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
+        else:  # within one rounding of the 16-bit dtype
+            np.testing.assert_allclose(
+                np.asarray(gk, np.float32), np.asarray(gx, np.float32), rtol=2.0**-7, atol=1e-6
+            )
+        assert none is None
+        np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(scale * jnp.sum(lp), lx, rtol=2e-5, atol=1e-6)
+
+    check_each({name: (results[name],) for name in names}, check)
 
 
 # Launch configurations other than the default: channels-last "flat"
@@ -112,22 +141,23 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("shape,config", CONFIGS, ids=[f"{s}-{c}" for s, c in CONFIGS])
-@pytest.mark.parametrize("variant", ["weighted", "weighted-where-smooth", "nll", "plain"])
-def test_kernel_configs_match_xla(shape, config, variant):
+def test_kernel_configs_match_xla(shape, config):
+    """Weighted, weighted with smoothing, NLL and unweighted, each fwd+bwd and
+    forward only, at a launch configuration other than the default, against
+    the XLA path; the four variants under one ``jit``."""
     x, t, where, w = _data(shape, -1, jnp.float32, seed=3)
-    kw = dict(ignore_index=IGN, eps=0.0, normalize=True, axis=len(shape) - 1, with_grad=True)
-    if variant == "plain":
-        where, w = None, None
-    elif variant == "weighted-where-smooth":
-        kw["eps"] = 0.1
-    elif variant == "nll":
-        kw["normalize"] = False
     scale = jnp.float32(0.37)
     variants = ({"config": config}, {"config": config, "with_grad": False})
-    ((lk, gk), (lf, _)), (lx, gx) = _kernel_and_xla(x, t, where, w, scale, variants, **kw)
-    np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
-    np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
+    names = ["weighted", "weighted-where-smooth", "nll", "plain"]
+    results = _variants_kernel_and_xla(x, t, where, w, scale, names, len(shape) - 1, variants)
+
+    def check(got):
+        ((lk, gk), (lf, _)), (lx, gx) = got
+        np.testing.assert_allclose(lk, lx, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(gk, gx, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(lf, lx, rtol=2e-5, atol=1e-6)
+
+    check_each({name: (results[name],) for name in names}, check)
 
 
 def test_default_launch_configs():
