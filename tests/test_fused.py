@@ -382,19 +382,24 @@ def test_fused_narrow_labels_equal_int32_labels(chunk, dtype, ignore, shape, axi
     each use) give the int32 labels' loss and gradient, "mean" and "none"."""
     x, t, w = _data(shape, axis)
     t = jnp.where(t == IGN, ignore, t)
-    for reduction in ("mean", "none"):
 
-        def f(x, labels, reduction=reduction):
-            out = jaxloss.cross_entropy(
-                x, labels, weight=w, ignore_index=ignore, reduction=reduction, axis=axis
-            )
-            return jnp.sum(out * out) if reduction == "none" else out
+    def f(x, labels, reduction):
+        out = jaxloss.cross_entropy(
+            x, labels, weight=w, ignore_index=ignore, reduction=reduction, axis=axis
+        )
+        return jnp.sum(out * out) if reduction == "none" else out
 
-        step = jax.jit(jax.value_and_grad(f))  # one compilation per label dtype
-        want = step(x, t.astype(jnp.int32))
-        got = step(x, t.astype(dtype))
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-        np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
+    def run(x32, t32, x_narrow, t_narrow):
+        # Each label dtype with its own copy of x: two programs that share
+        # nothing, under one jit (one compilation, not four).
+        return {
+            r: (jax.value_and_grad(f)(x32, t32, r), jax.value_and_grad(f)(x_narrow, t_narrow, r))
+            for r in ("mean", "none")
+        }
+
+    for reduction, (want, got) in jax.jit(run)(x, t.astype(jnp.int32), x, t.astype(dtype)).items():
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6, err_msg=reduction)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9, err_msg=reduction)
 
 
 def test_fused_int8_label_is_not_taken_for_ignore_index_255(chunk):
