@@ -7,6 +7,7 @@ at collection, it never skips.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -244,6 +245,57 @@ def check_each(cases: dict, check) -> None:
         except AssertionError as e:
             failed.append(f"--- {name}:\n{e}")
     assert not failed, f"{len(failed)} of {len(cases)} failed\n" + "\n".join(failed)
+
+
+def weightings_and_reductions(smoothing: float) -> dict:
+    """``{name: (weighted, label_smoothing, reduction)}``: unweighted and
+    unsmoothed, or weighted with ``smoothing``; every reduction."""
+    return {
+        f"weighted={w} label_smoothing={ls} reduction={r}": (w, ls, r)
+        for (w, ls), r in itertools.product(
+            [(False, 0.0), (True, smoothing)], ["none", "mean", "sum"]
+        )
+    }
+
+
+def check_cross_entropy_configs(
+    x, x64, t, axis, configs: dict, dtype_key: str, forward: bool = False
+) -> None:
+    """jaxloss.cross_entropy of logits ``x`` (the same values in float64:
+    ``x64``) and labels ``t`` for every ``name: (kwargs, cotangent)`` in
+    ``configs``: its loss and gradient for the cotangent (and, with
+    ``forward``, its forward-only value) for all of them under one ``jit``,
+    each call with its own copy of ``x`` (no value shared), then each (the
+    gradient in ``x``'s dtype) against PyTorch and NumPy in float64 (``float64_oracles``) within the
+    tolerances of ``dtype_key``; a failure names every configuration that
+    failed (``check_each``)."""
+    items = list(configs.values())
+
+    def run(xs, t):
+        out = []
+        for (xg, xf), (kw, cot) in zip(xs, items, strict=True):
+            f = lambda a, kw=kw: jaxloss.cross_entropy(a, t, axis=axis, **kw)  # noqa: E731
+            loss, vjp = jax.vjp(f, xg)
+            ct = jnp.asarray(cot, jnp.float32).astype(loss.dtype)
+            (g,) = vjp(jnp.broadcast_to(ct, loss.shape))
+            out.append((loss, g, f(xf) if forward else None))
+        return out
+
+    results = jax.jit(run)([(x, x)] * len(items), t)
+
+    def check(kw, cot, loss, g, fwd):
+        assert g.dtype == x.dtype, f"gradient dtype {g.dtype}, logits {x.dtype}"
+        g = g.astype(jnp.float32) if g.dtype == jnp.bfloat16 else g
+        for want_loss, want_grad, name in float64_oracles(x64, np.asarray(t), axis, cot, **kw):
+            assert_close(loss, want_loss, LOSS_TOL[dtype_key], f"loss vs {name}")
+            assert_close(g, want_grad, GRAD_TOL[dtype_key], f"grad vs {name}")
+            if forward:
+                assert_close(fwd, want_loss, LOSS_TOL[dtype_key], f"forward vs {name}")
+
+    check_each(
+        {name: (*item, *res) for name, item, res in zip(configs, items, results, strict=True)},
+        check,
+    )
 
 
 def assert_close(actual, expected, tol, what: str = "") -> None:

@@ -28,7 +28,7 @@ from oracles import (
     LOSS_TOL,
     as_bfloat16,
     assert_close,
-    float64_oracles,
+    check_cross_entropy_configs,
     jax_loss_and_grad,
     labelled_logits,
     plant_non_finite_rows,
@@ -36,6 +36,7 @@ from oracles import (
     to_torch_layout,
     torch_loss_and_grad,
     under_transforms,
+    weightings_and_reductions,
 )
 
 import jaxloss
@@ -105,30 +106,23 @@ def test_no_full_size_pass_is_split(small_inputs, core_constants, loss):
 SHAPES = [((1600, 10), -1), ((8, 50, 19), -1), ((16, 1000), -1), ((4, 10, 16, 16), 1)]
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2)], ids=["plain", "w-ls"])
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{s}-ax{a}" for s, a in SHAPES])
-def test_cross_entropy_matches_float64_oracles(
-    small_inputs, shape, axis, weighted, smoothing, reduction
-):
+def test_cross_entropy_matches_float64_oracles(small_inputs, shape, axis):
+    """bfloat16 logits, unweighted, and weighted with label smoothing; every
+    reduction: loss, gradient and forward-only value (its gathers: see
+    test_forward_gathers_in_range), the six under one ``jit``."""
     assert _losses._target_by_scatter(jax.ShapeDtypeStruct(shape, jnp.bfloat16), axis % len(shape))
     x, t, rng = labelled_logits(shape, axis, jnp.float32, 5, 0.2, IGN)
     xb, x64 = as_bfloat16(x)
     w = rng.uniform(0.3, 2.0, shape[axis]).astype(np.float32)
-    kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
-              label_smoothing=smoothing)
-    crng = rng_for("scatter-cot", shape, reduction)
-    cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-    loss, grad, _, g = jax_loss_and_grad(
-        jaxloss.cross_entropy, xb, t, np.float32(cot), axis=axis, **kw
-    )
-    assert g.dtype == jnp.bfloat16
-    # and the forward alone (its gathers: see test_forward_gathers_in_range)
-    forward = jax.jit(lambda v: jaxloss.cross_entropy(v, t, axis=axis, **kw))(xb)
-    for want_loss, want_grad, name in float64_oracles(x64, np.asarray(t), axis, cot, **kw):
-        assert_close(loss, want_loss, LOSS_TOL["bfloat16"], f"loss vs {name}")
-        assert_close(forward, want_loss, LOSS_TOL["bfloat16"], f"forward vs {name}")
-        assert_close(grad, want_grad, GRAD_TOL["bfloat16"], f"grad vs {name}")
+    configs = {}
+    for name, (weighted, smoothing, reduction) in weightings_and_reductions(0.2).items():
+        kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
+                  label_smoothing=smoothing)
+        crng = rng_for("scatter-cot", shape, reduction)
+        cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
+        configs[name] = (kw, cot)
+    check_cross_entropy_configs(xb, x64, t, axis, configs, "bfloat16", forward=True)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
