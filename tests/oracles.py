@@ -247,15 +247,22 @@ def check_each(cases: dict, check) -> None:
     assert not failed, f"{len(failed)} of {len(cases)} failed\n" + "\n".join(failed)
 
 
-def weightings_and_reductions(smoothing: float) -> dict:
-    """``{name: (weighted, label_smoothing, reduction)}``: unweighted and
-    unsmoothed, or weighted with ``smoothing``; every reduction."""
-    return {
-        f"weighted={w} label_smoothing={ls} reduction={r}": (w, ls, r)
-        for (w, ls), r in itertools.product(
-            [(False, 0.0), (True, smoothing)], ["none", "mean", "sum"]
-        )
-    }
+def weighting_configs(w, smoothing: float, ignore_index: int, cot_key: tuple, cot_shape) -> dict:
+    """``{name: (kwargs, cotangent)}`` for ``check_cross_entropy_configs``:
+    unweighted and unsmoothed, or weighted by ``w`` with label smoothing
+    ``smoothing``; every reduction. A "none" cotangent is drawn uniform in
+    [0.5, 1.5) of ``cot_shape`` from ``rng_for(*cot_key, reduction)``; the
+    others are 1."""
+    configs = {}
+    for (weighted, ls), reduction in itertools.product(
+        [(False, 0.0), (True, smoothing)], ["none", "mean", "sum"]
+    ):
+        kw = dict(weight=w if weighted else None, ignore_index=ignore_index,
+                  reduction=reduction, label_smoothing=ls)
+        rng = rng_for(*cot_key, reduction)
+        cot = rng.uniform(0.5, 1.5, cot_shape).astype(np.float32) if reduction == "none" else 1.0
+        configs[f"weighted={weighted} label_smoothing={ls} reduction={reduction}"] = (kw, cot)
+    return configs
 
 
 def check_cross_entropy_configs(

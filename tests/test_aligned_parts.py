@@ -19,8 +19,7 @@ from oracles import (
     as_bfloat16,
     check_cross_entropy_configs,
     labelled_logits,
-    rng_for,
-    weightings_and_reductions,
+    weighting_configs,
 )
 
 import jaxloss
@@ -93,13 +92,7 @@ def test_matches_float64_oracles(shape, dtype):
     else:
         x64 = np.asarray(x, np.float64)
     w = rng.uniform(0.3, 2.0, shape[-1]).astype(np.float32)
-    configs = {}
-    for name, (weighted, smoothing, reduction) in weightings_and_reductions(0.2).items():
-        kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
-                  label_smoothing=smoothing)
-        crng = rng_for("aligned-cot", shape, reduction)
-        cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-        configs[name] = (kw, cot)
+    configs = weighting_configs(w, 0.2, IGN, ("aligned-cot", shape), t.shape)
     check_cross_entropy_configs(x, x64, t, axis, configs, jnp.dtype(dtype).name, forward=True)
 
 

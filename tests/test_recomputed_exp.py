@@ -21,9 +21,8 @@ import pytest
 from oracles import (
     check_cross_entropy_configs,
     labelled_logits,
-    rng_for,
     under_transforms,
-    weightings_and_reductions,
+    weighting_configs,
 )
 
 import jaxloss
@@ -98,13 +97,7 @@ def test_matches_float64_oracles(small_inputs, shape):
     assert _losses._recomputed_exp(jax.ShapeDtypeStruct(shape, jnp.float32), -1)
     x, t, rng = labelled_logits(shape, -1, jnp.float32, 8, 0.2, IGN)
     w = rng.uniform(0.3, 2.0, shape[-1]).astype(np.float32)
-    configs = {}
-    for name, (weighted, smoothing, reduction) in weightings_and_reductions(0.2).items():
-        kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
-                  label_smoothing=smoothing)
-        crng = rng_for("recomputed-cot", shape, reduction)
-        cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-        configs[name] = (kw, cot)
+    configs = weighting_configs(w, 0.2, IGN, ("recomputed-cot", shape), t.shape)
     check_cross_entropy_configs(x, np.asarray(x, np.float64), t, -1, configs, "float32")
 
 

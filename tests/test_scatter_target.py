@@ -36,7 +36,7 @@ from oracles import (
     to_torch_layout,
     torch_loss_and_grad,
     under_transforms,
-    weightings_and_reductions,
+    weighting_configs,
 )
 
 import jaxloss
@@ -115,13 +115,7 @@ def test_cross_entropy_matches_float64_oracles(small_inputs, shape, axis):
     x, t, rng = labelled_logits(shape, axis, jnp.float32, 5, 0.2, IGN)
     xb, x64 = as_bfloat16(x)
     w = rng.uniform(0.3, 2.0, shape[axis]).astype(np.float32)
-    configs = {}
-    for name, (weighted, smoothing, reduction) in weightings_and_reductions(0.2).items():
-        kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
-                  label_smoothing=smoothing)
-        crng = rng_for("scatter-cot", shape, reduction)
-        cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-        configs[name] = (kw, cot)
+    configs = weighting_configs(w, 0.2, IGN, ("scatter-cot", shape), t.shape)
     check_cross_entropy_configs(xb, x64, t, axis, configs, "bfloat16", forward=True)
 
 

@@ -17,8 +17,7 @@ import pytest
 from oracles import (
     check_cross_entropy_configs,
     labelled_logits,
-    rng_for,
-    weightings_and_reductions,
+    weighting_configs,
 )
 
 import jaxloss
@@ -94,13 +93,7 @@ def test_matches_float64_oracles(small_inputs, shape, axis):
     gradient and forward-only value (the six under one ``jit``)."""
     assert _losses._cpu_small(shape)
     x, t, w = _case(shape, axis, 0)
-    configs = {}
-    for name, (weighted, smoothing, reduction) in weightings_and_reductions(0.1).items():
-        kw = dict(weight=w if weighted else None, ignore_index=IGN, reduction=reduction,
-                  label_smoothing=smoothing)
-        rng = rng_for("small-cot", shape, reduction)
-        cot = rng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-        configs[name] = (kw, cot)
+    configs = weighting_configs(w, 0.1, IGN, ("small-cot", shape), t.shape)
     check_cross_entropy_configs(
         jnp.asarray(x), x.astype(np.float64), jnp.asarray(t), axis, configs, "float32",
         forward=True,
