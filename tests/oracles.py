@@ -272,10 +272,10 @@ def check_cross_entropy_configs(
     ``x64``) and labels ``t`` for every ``name: (kwargs, cotangent)`` in
     ``configs``: its loss and gradient for the cotangent (and, with
     ``forward``, its forward-only value) for all of them under one ``jit``,
-    each call with its own copy of ``x`` (no value shared), then each (the
-    gradient in ``x``'s dtype) against PyTorch and NumPy in float64 (``float64_oracles``) within the
-    tolerances of ``dtype_key``; a failure names every configuration that
-    failed (``check_each``)."""
+    each call with its own copy of ``x`` (no value shared); then each, the
+    gradient in ``x``'s dtype, against PyTorch and NumPy in float64
+    (``float64_oracles``) within the tolerances of ``dtype_key``. A failure
+    names every configuration that failed (``check_each``)."""
     items = list(configs.values())
 
     def run(xs, t):
