@@ -185,22 +185,11 @@ def float64_oracles(x64, t, axis, cot, **kw) -> list:
 def jax_loss_and_grad(fn, x, target, cotangent, **kwargs) -> tuple:
     """jaxloss loss and ``vjp`` with ``cotangent``; returns numpy copies and the raw arrays.
 
-    Loss and ``vjp`` under one ``jit``: one compilation per call, where an
-    eager ``vjp`` compiles its forward and its transpose apart (the suite's
-    most frequent helper; 2x its time)."""
-
-    def loss_and_grad(x_, target_, cotangent_):
-        loss, vjp = jax.vjp(lambda a: fn(a, target_, **kwargs), x_)
-        (g,) = vjp(jnp.broadcast_to(cotangent_.astype(loss.dtype), loss.shape))
-        return loss, g
-
-    loss, g = jax.jit(loss_and_grad)(x, target, jnp.asarray(cotangent))
-    return (
-        np.asarray(loss, np.float64),
-        np.asarray(g.astype(jnp.float32) if g.dtype == jnp.bfloat16 else g, np.float64),
-        loss,
-        g,
-    )
+    Loss and ``vjp`` under one ``jit`` (``jax_losses_and_grads`` of one
+    call): one compilation per call, where an eager ``vjp`` compiles its
+    forward and its transpose apart (the suite's most frequent helper; 2x
+    its time)."""
+    return jax_losses_and_grads([(fn, x, target, cotangent, kwargs)])[0]
 
 
 def jax_losses_and_grads(calls: list) -> list:

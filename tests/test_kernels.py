@@ -27,20 +27,21 @@ def _data(shape, axis, dtype, seed=0):
     return x, t, where, jnp.linspace(0.5, 2.0, shape[axis], dtype=jnp.float32)
 
 
-def _kernel_and_xla(x, t, where, w, scale, variants=({},), **kw):
+def _kernel_and_xla_calls(x, t, where, w, scale, variants, kw):
     """The kernel in interpret mode once per entry of ``variants`` (keyword
-    arguments over ``kw``) and the XLA path's ``_fused_pass(**kw)``, all under
-    one ``jit``: eagerly, every call compiles a program of its own (0.3-1 s
-    each on a 2-core CPU). Returns ``([kernel results], xla result)``."""
+    arguments over ``kw``) and the XLA path's ``_fused_pass(**kw)``:
+    ``([kernel results], xla result)``, to be traced under one ``jit``."""
+    got = [
+        cross_entropy_pallas(x, t, where, w, scale, interpret=True, **{**kw, **v})
+        for v in variants
+    ]
+    return got, _losses._fused_pass(x, t, where, w, scale, **kw)
 
-    def run(x, t, where, w, scale):
-        got = [
-            cross_entropy_pallas(x, t, where, w, scale, interpret=True, **{**kw, **v})
-            for v in variants
-        ]
-        return got, _losses._fused_pass(x, t, where, w, scale, **kw)
 
-    return jax.jit(run)(x, t, where, w, scale)
+def _kernel_and_xla(x, t, where, w, scale, variants=({},), **kw):
+    """``_kernel_and_xla_calls`` under one ``jit``: eagerly, every call
+    compiles a program of its own (0.3-1 s each on a 2-core CPU)."""
+    return jax.jit(lambda *a: _kernel_and_xla_calls(*a, variants, kw))(x, t, where, w, scale)
 
 
 def _variant(name, axis, where, w):
@@ -58,18 +59,14 @@ def _variant(name, axis, where, w):
 
 
 def _variants_kernel_and_xla(x, t, where, w, scale, names, axis, variants=({},)):
-    """``_kernel_and_xla`` for each variant in ``names`` (``_variant``), all
-    under one ``jit``: ``{name: ([kernel results], xla result)}``."""
+    """``_kernel_and_xla_calls`` for each variant in ``names`` (``_variant``),
+    all under one ``jit``: ``{name: ([kernel results], xla result)}``."""
 
     def run(x, t, where, w, scale):
         out = {}
         for name in names:
             wh, ww, kw = _variant(name, axis, where, w)
-            got = [
-                cross_entropy_pallas(x, t, wh, ww, scale, interpret=True, **{**kw, **v})
-                for v in variants
-            ]
-            out[name] = got, _losses._fused_pass(x, t, wh, ww, scale, **kw)
+            out[name] = _kernel_and_xla_calls(x, t, wh, ww, scale, variants, kw)
         return out
 
     return jax.jit(run)(x, t, where, w, scale)
