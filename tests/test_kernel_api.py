@@ -163,55 +163,74 @@ def test_forward_mode_second_order_and_vmap_through_the_kernel(kernel_everywhere
 
 
 @pytest.mark.parametrize("through", ["xla", "kernel"])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize(
     "dtype,c,ignore",
     [(np.uint8, 19, 255), (np.uint8, 300, 255), (np.int8, 19, -100), (np.int16, 300, -100)],
     ids=["uint8", "uint8-C300", "int8", "int16-C300"],
 )
-def test_narrow_labels_match_pytorch(request, through, reduction, dtype, c, ignore):
+def test_narrow_labels_match_pytorch(request, through, dtype, c, ignore):
     """8- and 16-bit labels travel through the core as they are (no int32
     copy) and are widened at each use: losses and gradients equal PyTorch's,
-    with 300 classes too (a uint8 comparison with 300 would wrap) and with
-    ignore_index 255 (uint8) or -100 (signed); a label out of range gives a
-    NaN row."""
+    every reduction, with 300 classes too (a uint8 comparison with 300 would
+    wrap) and with ignore_index 255 (uint8) or -100 (signed); a label out of
+    range gives a NaN row. The three reductions (each with its own data) are
+    computed under one ``jit``, then each is checked (``check_each``)."""
     calls = request.getfixturevalue("kernel_everywhere") if through == "kernel" else None
-    rng = rng_for("narrow", dtype.__name__, c, reduction)
-    x = (2.0 * rng.standard_normal((3, 7, c))).astype(np.float32)
-    t = rng.integers(0, min(c, np.iinfo(dtype).max + 1), (3, 7)).astype(dtype)
-    t[0, 0] = ignore
     w = np.linspace(0.5, 2.0, c).astype(np.float32)
-    ct = rng.standard_normal((3, 7)) if reduction == "none" else 1.0
+    out_of_range = np.iinfo(dtype).max >= c  # a label c can be written
+    cases = {}
+    for reduction in ("none", "mean", "sum"):
+        rng = rng_for("narrow", dtype.__name__, c, reduction)
+        x = (2.0 * rng.standard_normal((3, 7, c))).astype(np.float32)
+        t = rng.integers(0, min(c, np.iinfo(dtype).max + 1), (3, 7)).astype(dtype)
+        t[0, 0] = ignore
+        ct = rng.standard_normal((3, 7)) if reduction == "none" else 1.0
+        bad = t.copy()
+        if out_of_range:
+            bad[1, 2] = c
+        cases[reduction] = (x, t, ct, bad)
 
-    def f(v):
-        out = jaxloss.cross_entropy(
-            v, jnp.asarray(t), weight=jnp.asarray(w), ignore_index=ignore, reduction=reduction
-        )
-        return jnp.sum(out * ct)
+    def run(args):
+        out = {}
+        for reduction, (x, t, ct, bad) in args.items():
 
-    got_v, got_g = jax.jit(jax.value_and_grad(f))(jnp.asarray(x))
-    want_l, want_g = torch_loss_and_grad(
-        to_torch_layout(x, -1),
-        t,
-        ct,
-        nll=False,
-        weight=w,
-        ignore_index=ignore,
-        reduction=reduction,
+            def f(v, t=t, ct=ct, reduction=reduction):
+                out = jaxloss.cross_entropy(
+                    v, t, weight=jnp.asarray(w), ignore_index=ignore, reduction=reduction
+                )
+                return jnp.sum(out * ct)
+
+            per = jaxloss.cross_entropy(x, bad, ignore_index=ignore, reduction="none")
+            out[reduction] = (*jax.value_and_grad(f)(x), per)
+        return out
+
+    results = jax.jit(run)(
+        {r: tuple(jnp.asarray(a) for a in case) for r, case in cases.items()}
     )
-    assert_close(got_v, np.sum(want_l * ct), LOSS_TOL["float32"], "loss")
-    assert_close(got_g, np.moveaxis(want_g, 1, -1), GRAD_TOL["float32"], "grad")
+
+    def check(reduction, x, t, ct, got_v, got_g, per):
+        want_l, want_g = torch_loss_and_grad(
+            to_torch_layout(x, -1),
+            t,
+            ct,
+            nll=False,
+            weight=w,
+            ignore_index=ignore,
+            reduction=reduction,
+        )
+        assert_close(got_v, np.sum(want_l * ct), LOSS_TOL["float32"], "loss")
+        assert_close(got_g, np.moveaxis(want_g, 1, -1), GRAD_TOL["float32"], "grad")
+        if out_of_range:  # NaN, never clamped
+            per = np.asarray(per)
+            assert np.isnan(per[1, 2]) and np.isfinite(np.delete(per.reshape(-1), 7 + 2)).all()
+
+    check_each(
+        {r: (r, *cases[r][:3], *results[r]) for r in cases},
+        check,
+    )
     assert calls is None or calls, "the kernel was not reached"
     if calls:
         assert jnp.dtype(dtype) in {k.get("label_dtype") for k in calls}
-    if np.iinfo(dtype).max >= c:  # a label out of range: NaN, never clamped
-        bad = t.copy()
-        bad[1, 2] = c
-        per = jax.jit(
-            lambda v, b: jaxloss.cross_entropy(v, b, ignore_index=ignore, reduction="none")
-        )
-        loss = np.asarray(per(jnp.asarray(x), jnp.asarray(bad)))
-        assert np.isnan(loss[1, 2]) and np.isfinite(np.delete(loss.reshape(-1), 7 + 2)).all()
 
 
 @pytest.mark.parametrize("through", ["xla", "kernel"])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import data_mesh, rng_for, torch_loss_and_grad
+from oracles import check_each, data_mesh, rng_for, torch_loss_and_grad
 
 import jaxloss
 from jaxloss import _losses
@@ -181,39 +181,69 @@ def test_under_shard_map_each_shard_takes_its_own_branch():
     np.testing.assert_allclose(got, tl, rtol=RTOL, atol=1e-7)
 
 
+CHANNELS_LAST_CASES = {  # name: (offset, one logit set to this value or None)
+    "offset=0": (0.0, None),
+    "offset=40": (40.0, None),
+    "offset=-45": (-45.0, None),
+    "one-logit-70": (0.0, 70.0),
+}
+
+
 @pytest.mark.parametrize("loop", [False, True], ids=["whole-array", "chunked-loop"])
-@pytest.mark.parametrize("offset,bad", [(0.0, None), (40.0, None), (-45.0, None), (0.0, 70.0)])
 @pytest.mark.parametrize("c", [19, 150])
-def test_channels_last_rows(monkeypatch, loop, offset, bad, c):
+def test_channels_last_rows(monkeypatch, loop, c):
     """Float32 channels-last rows of 19 and 150 classes (Cityscapes' and
     ADE20K's sizes): the fast branch (its ``m`` an integer) or, with one logit beyond the
     range, the fallback, in the whole-array forward and in the chunked loop
     (forced, tiny chunks: some fall back, some not), against PyTorch in
-    float64 and the NumPy reference, every reduction."""
-    x, t, w = _case((3, c, 7), 7, offset=offset)
-    x, t = np.ascontiguousarray(np.moveaxis(x, 1, -1)), t  # (3, 7, c)
-    if bad is not None:
-        x[2, 5, 11] = bad
-    m, _ = _stats(x, -1)
-    if bad is None:
-        np.testing.assert_array_equal(m, np.round(m))
-    else:
-        np.testing.assert_array_equal(m, np.max(x, axis=-1, keepdims=True))
+    float64 and the NumPy reference, every reduction. Every case's row
+    statistics and losses are computed under one ``jit`` (each call with its
+    own inputs), then each is checked (``check_each``)."""
+    xs = {}
+    for name, (offset, bad) in CHANNELS_LAST_CASES.items():
+        x, t, w = _case((3, c, 7), 7, offset=offset)
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))  # (3, 7, c)
+        if bad is not None:
+            x[2, 5, 11] = bad
+        xs[name] = x
+    reductions = ("none", "mean", "sum")
+    kws = {
+        r: dict(weight=w, ignore_index=IGN, reduction=r, label_smoothing=0.1) for r in reductions
+    }
     if loop:
         monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", c * 4)
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     _losses._index_impl.clear_cache()
+
+    def run(xs, t):
+        out = {}
+        for name, v in xs.items():
+            stats = _losses._unshifted_row_stats(v, -1)[0]
+            out[name] = (stats, {r: jaxloss.cross_entropy(v, t, **kws[r]) for r in reductions})
+        return out
+
     try:
-        for reduction in ("none", "mean", "sum"):
-            kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=0.1)
-            loss = jax.jit(lambda v, kw=kw: jaxloss.cross_entropy(v, jnp.asarray(t), **kw))(x)
+        results = jax.jit(run)(xs, jnp.asarray(t))
+    finally:
+        _losses._index_impl.clear_cache()
+
+    def check(x, bad, m, losses):
+        if bad is None:
+            np.testing.assert_array_equal(m, np.round(m))
+        else:
+            np.testing.assert_array_equal(m, np.max(x, axis=-1, keepdims=True))
+        for reduction, loss in losses.items():
+            kw = kws[reduction]
             ones = np.ones(np.shape(loss))
             tl, _ = torch_loss_and_grad(np.moveaxis(x, -1, 1), t, ones, nll=False, **kw)
             rl, _ = reference.loss_and_grad(x, t, **kw)  # channels-last
-            np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=1e-7)
-            np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=1e-7)
-    finally:
-        _losses._index_impl.clear_cache()
+            np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=1e-7, err_msg=reduction)
+            np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=1e-7, err_msg=reduction)
+
+    check_each(
+        {name: (xs[name], bad, *results[name]) for name, (_, bad) in CHANNELS_LAST_CASES.items()},
+        check,
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
