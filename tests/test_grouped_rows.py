@@ -22,6 +22,8 @@ from oracles import (
     LOSS_TOL,
     as_bfloat16,
     assert_rows_match_pytorch,
+    check_each,
+    jax_losses_and_grads,
     plant_non_finite_rows,
     rng_for,
     to_torch_layout,
@@ -112,23 +114,39 @@ def test_the_check_reads_valid_targets():
     assert np.any(_row_maxima_of_e(x, t) < 0.5)  # that row ignored: grouped
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(2, 2, 16, 19), (64, 10), (4, 2, 40)])
-def test_grouped_rows_match_float64_oracles(shape, reduction, smoothing):
+def test_grouped_rows_match_float64_oracles(shape):
+    """With and without label smoothing, every reduction: the six losses and
+    gradients under one ``jit`` (``jax_losses_and_grads``), then each against
+    PyTorch and NumPy in float64 (``check_each``)."""
     x, t, w = _case(shape, 1)
-    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
-    loss, vjp = jax.vjp(lambda v: jaxloss.cross_entropy(v, jnp.asarray(t), **kw), jnp.asarray(x))
-    ct = rng_for("grouped-ct", shape).standard_normal(loss.shape)
-    (g,) = vjp(jnp.asarray(ct, jnp.float32))
-    tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, ct, nll=False, **kw)
-    tg = np.moveaxis(tg, 1, -1) if x.ndim > 2 else tg
-    tg[t == IGN] = 0.0
-    np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
-    np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL)
-    rl, rg = reference.loss_and_grad(x, t, cotangent=ct, **kw)
-    np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
-    np.testing.assert_allclose(g, rg, rtol=RTOL, atol=GRAD_ATOL)
+    configs = {}
+    for smoothing in (0.0, 0.1):
+        for reduction in ("none", "mean", "sum"):
+            kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+            ct = rng_for("grouped-ct", shape).standard_normal(
+                shape[:-1] if reduction == "none" else ()
+            )
+            configs[f"label_smoothing={smoothing} reduction={reduction}"] = (kw, ct)
+    results = jax_losses_and_grads(
+        [(jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), ct, kw)
+         for kw, ct in configs.values()]
+    )
+
+    def check(kw, ct, loss, g):
+        tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, ct, nll=False, **kw)
+        tg = np.moveaxis(tg, 1, -1) if x.ndim > 2 else tg
+        tg[t == IGN] = 0.0
+        np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+        np.testing.assert_allclose(g, tg, rtol=RTOL, atol=GRAD_ATOL)
+        rl, rg = reference.loss_and_grad(x, t, cotangent=ct, **kw)
+        np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
+        np.testing.assert_allclose(g, rg, rtol=RTOL, atol=GRAD_ATOL)
+
+    check_each(
+        {name: (*configs[name], *res[:2]) for name, res in zip(configs, results, strict=True)},
+        check,
+    )
 
 
 def test_fallback_and_non_finite_rows_match_pytorch():
@@ -308,31 +326,51 @@ def _bf16_step(xb, t, **kw):
     return np.asarray(loss, np.float64), np.asarray(g.astype(jnp.float32), np.float64), text
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("weighted,smoothing", [(True, 0.0), (True, 0.1), (False, 0.0)])
 @pytest.mark.parametrize("shape", [(4, 32, 10), (2, 2, 16, 9), (8, 4, 12)])
-def test_bfloat16_grouped_rows_match_float64_oracles(
-    small_bf16_groups, shape, reduction, weighted, smoothing
-):
+def test_bfloat16_grouped_rows_match_float64_oracles(small_bf16_groups, shape):
     """The loss against PyTorch and NumPy in float64 on the same values, the
     gradient within bfloat16 rounding, through the grouped path (the compiled
-    step holds its fallback loop)."""
+    step holds one fallback loop per configuration): weighted or not, with or
+    without label smoothing, "mean" and "sum", the six steps under one
+    ``jit``, then each checked (``check_each``)."""
     xb, x64, t, w = _bf16_case(shape, 7)
-    kw = dict(
-        weight=w if weighted else None,
-        ignore_index=IGN,
-        reduction=reduction,
-        label_smoothing=smoothing,
-    )
-    loss, g, text = _bf16_step(xb, t, **kw)
-    assert " while(" in text
-    tl, tg = torch_loss_and_grad(to_torch_layout(x64, -1), t, 1.0, nll=False, **kw)
-    tg = np.moveaxis(tg, 1, -1)
-    rl, rg = reference.loss_and_grad(x64, t, **kw)
+    configs = {
+        f"weighted={weighted} label_smoothing={smoothing} reduction={reduction}": dict(
+            weight=w if weighted else None,
+            ignore_index=IGN,
+            reduction=reduction,
+            label_smoothing=smoothing,
+        )
+        for reduction in ("mean", "sum")
+        for weighted, smoothing in ((True, 0.0), (True, 0.1), (False, 0.0))
+    }
+
+    def steps(xs, t):
+        return [
+            jax.value_and_grad(lambda v, kw=kw: jaxloss.cross_entropy(v, t, **kw))(v)
+            for v, kw in zip(xs, configs.values(), strict=True)
+        ]
+
+    args = ([xb] * len(configs), jnp.asarray(t))
+    compiled = jax.jit(steps).lower(*args).compile()
+    assert compiled.as_text().count(" while(") == len(configs)
+    results = compiled(*args)
     lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
-    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
-        np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
-        np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
+
+    def check(kw, loss, g):
+        assert g.dtype == jnp.bfloat16
+        loss, g = np.asarray(loss, np.float64), np.asarray(g.astype(jnp.float32), np.float64)
+        tl, tg = torch_loss_and_grad(to_torch_layout(x64, -1), t, 1.0, nll=False, **kw)
+        tg = np.moveaxis(tg, 1, -1)
+        rl, rg = reference.loss_and_grad(x64, t, **kw)
+        for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+            np.testing.assert_allclose(loss, want_l, rtol=lt[0], atol=lt[1], err_msg=name)
+            np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=name)
+
+    check_each(
+        {name: (kw, *res) for (name, kw), res in zip(configs.items(), results, strict=True)},
+        check,
+    )
 
 
 @pytest.mark.parametrize("case", ["served", "far", "non-finite"])
