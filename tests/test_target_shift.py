@@ -20,7 +20,9 @@ import reference
 import torch
 from oracles import (
     assert_rows_match_pytorch,
+    check_each,
     data_mesh,
+    jax_losses_and_grads,
     plant_non_finite_rows,
     rng_for,
     to_torch_layout,
@@ -129,29 +131,45 @@ def test_each_branch_runs():
     np.testing.assert_array_equal(m, x_t)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("shape,axis", [((3, 6, 150), -1), ((3, 40, 5, 4), 1), ((32, 1000), -1)])
-def test_matches_float64_oracles(shape, axis, reduction, smoothing):
+def test_matches_float64_oracles(shape, axis):
+    """With and without label smoothing, every reduction: the six losses and
+    gradients under one ``jit`` (``jax_losses_and_grads``), then each against
+    PyTorch and NumPy in float64, the gradient within the derived bound
+    (``check_each``)."""
     x, t, w = _case(shape, axis, 1)
     assert _losses._target_shift_applies(shape, axis % len(shape), jnp.float32)
-    kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+    pos = np.shape(t)
+    configs = {}
+    for smoothing in (0.0, 0.1):
+        for reduction in ("none", "mean", "sum"):
+            kw = dict(weight=w, ignore_index=IGN, reduction=reduction, label_smoothing=smoothing)
+            ct = rng_for("target-shift-ct", shape).standard_normal(
+                pos if reduction == "none" else ()
+            )
+            configs[f"label_smoothing={smoothing} reduction={reduction}"] = (kw, ct)
+    results = jax_losses_and_grads(
+        [(jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), ct, dict(kw, axis=axis))
+         for kw, ct in configs.values()]
+    )
 
-    def f(v):
-        return jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw)
+    def check(kw, ct, loss, g):
+        scale = 1.0 if kw["reduction"] != "mean" else 1.0 / np.sum(w[t[t != IGN]])
+        atol = _grad_atol(x, t, axis, ct) * scale
+        tl, tg = torch_loss_and_grad(to_torch_layout(x, axis), t, ct, nll=False, **kw)
+        tg = np.moveaxis(tg, 1, axis % x.ndim)
+        tg[np.broadcast_to(np.expand_dims(t == IGN, axis), tg.shape)] = 0.0
+        rl, rg = reference.loss_and_grad(x, t, cotangent=ct, axis=axis, **kw)
+        for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
+            np.testing.assert_allclose(
+                loss, want_l, rtol=LOSS_RTOL, atol=LOSS_ATOL, err_msg=name
+            )
+            np.testing.assert_allclose(g, want_g, rtol=0, atol=atol, err_msg=name)
 
-    loss, vjp = jax.vjp(jax.jit(f), jnp.asarray(x))
-    ct = rng_for("target-shift-ct", shape).standard_normal(loss.shape)
-    (g,) = vjp(jnp.asarray(ct, jnp.float32))
-    scale = 1.0 if reduction != "mean" else 1.0 / np.sum(w[t[t != IGN]])
-    atol = _grad_atol(x, t, axis, ct) * scale
-    tl, tg = torch_loss_and_grad(to_torch_layout(x, axis), t, ct, nll=False, **kw)
-    tg = np.moveaxis(tg, 1, axis % x.ndim)
-    tg[np.broadcast_to(np.expand_dims(t == IGN, axis), tg.shape)] = 0.0
-    rl, rg = reference.loss_and_grad(x, t, cotangent=ct, axis=axis, **kw)
-    for want_l, want_g, name in ((tl, tg, "pytorch"), (rl, rg, "numpy")):
-        np.testing.assert_allclose(loss, want_l, rtol=LOSS_RTOL, atol=LOSS_ATOL, err_msg=name)
-        np.testing.assert_allclose(g, want_g, rtol=0, atol=atol, err_msg=name)
+    check_each(
+        {name: (*configs[name], *res[:2]) for name, res in zip(configs, results, strict=True)},
+        check,
+    )
 
 
 def test_large_margins_stay_within_the_bound():
