@@ -145,6 +145,33 @@ def check_against_oracles(
     return raw_loss, raw_grad
 
 
+def check_configs_against_oracles(configs: dict, also=None) -> None:
+    """``check_against_oracles`` for every ``name: (fn_name, x, t, axis,
+    reduction, kwargs, cotangent)`` in ``configs``, jaxloss's losses and
+    gradients for all of them computed under one ``jit``
+    (``oracles.jax_losses_and_grads``: one compilation, not one each); then
+    each checked on its own, and ``also(reduction, x, axis, loss, grad)`` if
+    given. A failure names every configuration that failed (``check_each``)."""
+    calls = []
+    for fn_name, x, t, axis, reduction, kw, cot in configs.values():
+        loss_fn, kwargs = jaxloss_call(fn_name, axis, reduction, **kw)
+        calls.append((loss_fn, jnp.asarray(x), jnp.asarray(t), cot, kwargs))
+    results = jax_losses_and_grads(calls)
+
+    def check(fn_name, x, t, axis, reduction, kw, cot, computed):
+        loss, grad = check_against_oracles(
+            fn_name, x, t, axis, reduction, cotangent=cot, computed=computed, **kw
+        )
+        if also is not None:
+            also(reduction, x, axis, loss, grad)
+
+    check_each(
+        {name: (*config, computed)
+         for (name, config), computed in zip(configs.items(), results, strict=True)},
+        check,
+    )
+
+
 # ---------------------------------------------------------------------------
 # the main sweep: index targets
 # ---------------------------------------------------------------------------
@@ -177,28 +204,17 @@ def test_index_targets_sweep(fn, shape, layout):
     them are computed under one ``jit`` (``oracles.jax_losses_and_grads``:
     one compilation, not 18), then each is checked on its own; a failure
     names every configuration that failed."""
-    keys = list(itertools.product(SWEEP_WEIGHTED, SWEEP_IGNORE, REDUCTIONS))
-    cases = [_sweep_case(fn, shape, layout, *key) for key in keys]
-    calls = []
-    for (_, _, reduction), (name, x, t, axis, kw, cot) in zip(keys, cases, strict=True):
-        loss_fn, kwargs = jaxloss_call(name, axis, reduction, **kw)
-        calls.append((loss_fn, jnp.asarray(x), jnp.asarray(t), cot, kwargs))
-    results = jax_losses_and_grads(calls)
+    configs = {}
+    for w, i, r in itertools.product(SWEEP_WEIGHTED, SWEEP_IGNORE, REDUCTIONS):
+        name, x, t, axis, kw, cot = _sweep_case(fn, shape, layout, w, i, r)
+        configs[f"weighted={w} ignore_index={i} reduction={r}"] = (name, x, t, axis, r, kw, cot)
 
-    def check(reduction, case, computed):
-        name, x, t, axis, kw, cot = case
-        loss, grad = check_against_oracles(
-            name, x, t, axis, reduction, cotangent=cot, computed=computed, **kw
-        )
+    def dtypes_and_shapes(reduction, x, axis, loss, grad):
         assert loss.dtype == jnp.float32 and grad.dtype == jnp.float32
         assert loss.shape == (positions(x, axis) if reduction == "none" else ())
         assert grad.shape == x.shape
 
-    check_each(
-        {f"weighted={w} ignore_index={i} reduction={r}": (r, case, computed)
-         for (w, i, r), case, computed in zip(keys, cases, results, strict=True)},
-        check,
-    )
+    check_configs_against_oracles(configs, also=dtypes_and_shapes)
 
 
 @pytest.mark.parametrize("shape", ["2d", "4d", "5d"])
@@ -227,27 +243,39 @@ def test_layouts_agree_by_moveaxis(shape):
 
 
 @pytest.mark.parametrize("num_classes", [1, 3, 19, 150])
-@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_odd_num_classes(num_classes, fn, reduction):
-    rng = rng_for("oddC", num_classes, fn, reduction)
-    x, axis = make_input(rng, (4, num_classes, 3), "last")
-    t = make_targets(rng, positions(x, axis), num_classes, 255)
-    weight = rng.uniform(0.2, 2.0, num_classes).astype(np.float32)
-    check_against_oracles("nll" if fn == "nll" else "ce", x, t, axis, reduction,
-                          weight=weight, ignore_index=255,
-                          label_smoothing=0.3 if fn == "ce_ls" else 0.0)
+def test_odd_num_classes(num_classes):
+    """NLL, cross-entropy and cross-entropy with label smoothing, every
+    reduction (9 configurations under one ``jit``), weighted, some labels
+    ignored."""
+    configs = {}
+    for fn, reduction in itertools.product(["nll", "ce", "ce_ls"], REDUCTIONS):
+        rng = rng_for("oddC", num_classes, fn, reduction)
+        x, axis = make_input(rng, (4, num_classes, 3), "last")
+        t = make_targets(rng, positions(x, axis), num_classes, 255)
+        weight = rng.uniform(0.2, 2.0, num_classes).astype(np.float32)
+        name = "nll" if fn == "nll" else "ce"
+        kw = dict(weight=weight, ignore_index=255, label_smoothing=0.3 if fn == "ce_ls" else 0.0)
+        cot = default_cotangent(name, x, axis, reduction)
+        configs[f"{fn} reduction={reduction}"] = (name, x, t, axis, reduction, kw, cot)
+    check_configs_against_oracles(configs)
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.05, 0.5, 1.0])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_label_smoothing_with_weight_and_ignore(label_smoothing, reduction):
-    rng = rng_for("ls", label_smoothing, reduction)
-    x, axis = make_input(rng, (3, 6, 4), "first")
-    t = make_targets(rng, positions(x, axis), 6, -100, frac=0.4)
-    weight = rng.uniform(0.1, 3.0, 6).astype(np.float32)
-    check_against_oracles("ce", x, t, axis, reduction, weight=weight, ignore_index=-100,
-                          label_smoothing=label_smoothing)
+def test_label_smoothing_with_weight_and_ignore():
+    """Label smoothing 0, 0.05, 0.5 and 1 with class weights and
+    ignore_index -100 (40% ignored), every reduction: 12 configurations under
+    one ``jit``."""
+    configs = {}
+    for label_smoothing, reduction in itertools.product([0.0, 0.05, 0.5, 1.0], REDUCTIONS):
+        rng = rng_for("ls", label_smoothing, reduction)
+        x, axis = make_input(rng, (3, 6, 4), "first")
+        t = make_targets(rng, positions(x, axis), 6, -100, frac=0.4)
+        weight = rng.uniform(0.1, 3.0, 6).astype(np.float32)
+        kw = dict(weight=weight, ignore_index=-100, label_smoothing=label_smoothing)
+        cot = default_cotangent("ce", x, axis, reduction)
+        configs[f"label_smoothing={label_smoothing} reduction={reduction}"] = (
+            "ce", x, t, axis, reduction, kw, cot
+        )
+    check_configs_against_oracles(configs)
 
 
 # ---------------------------------------------------------------------------
