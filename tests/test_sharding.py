@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from oracles import check_each
 
 import jaxloss
 from jaxloss import _losses
@@ -226,14 +227,15 @@ def _step(reduction, axis, weight, smoothing=0.0):
     return jax.value_and_grad(loss)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "layout,spec", [("last", P("data")), ("last", P(None, "data")), ("first", P("data"))]
 )
-def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, reduction, layout, spec):
+def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, layout, spec):
     """Under ``jit`` with sharded logits the kernel (a custom call XLA would
     otherwise run on the all-gathered batch) sees one device's positions, and
-    the loss and gradient equal the one-device XLA path's."""
+    the loss and gradient equal the one-device XLA path's: "mean", "sum" with
+    label smoothing and "none", the three steps under one ``jit`` each way,
+    then each checked (``check_each``)."""
     c = 6
     x = _logits((8, 8, 4, c))
     t = _labels((8, 8, 4), c)
@@ -241,23 +243,28 @@ def test_gspmd_jit_runs_the_kernel_on_each_shard(kernel_everywhere, reduction, l
     if layout == "first":
         x, axis = jnp.moveaxis(x, -1, 1), 1
     weight = jnp.linspace(0.5, 2.0, c)
-    smoothing = 0.1 if reduction == "sum" else 0.0
+    reductions = ("mean", "sum", "none")
+
+    def steps(x, t):
+        return {
+            r: _step(r, axis, weight, 0.1 if r == "sum" else 0.0)(x, t) for r in reductions
+        }
+
     with jaxloss.disable_pallas():  # (a function of its own: jit caches traces)
-        want = jax.jit(_step(reduction, axis, weight, smoothing))(x, t)
+        want = jax.jit(lambda x, t: steps(x, t))(x, t)
     assert not kernel_everywhere
-    step = _step(reduction, axis, weight, smoothing)
 
     mesh = _mesh()
     x_spec = spec if layout == "last" or spec == P("data") else None
     t_spec = P(*spec)
-    got = jax.jit(step, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec)))(
-        x, t
-    )
-    _assert_close(got, want)
+    got = jax.jit(
+        steps, in_shardings=(NamedSharding(mesh, x_spec), NamedSharding(mesh, t_spec))
+    )(x, t)
+    check_each({r: (got[r], want[r]) for r in reductions}, _assert_close)
     local = list(x.shape)
     local[list(spec).index("data")] //= N_DEV
-    shapes = {k["logits_shape"] for k in kernel_everywhere}
-    assert tuple(local) in shapes, shapes
+    shapes = [k["logits_shape"] for k in kernel_everywhere]
+    assert shapes.count(tuple(local)) == len(reductions), shapes  # one per step
 
 
 @pytest.mark.parametrize(
