@@ -23,8 +23,10 @@ from oracles import (
     GRAD_TOL,
     LOSS_TOL,
     as_bfloat16,
+    check_each,
     float64_oracles,
     jax_loss_and_grad,
+    jax_losses_and_grads,
     rng_for,
     to_torch_layout,
     torch_loss_and_grad,
@@ -92,19 +94,40 @@ def _forward(x, t, axis, **kw):
 SHAPES = [((6, 7, 5), -1), ((3, 4, 5, 6), 1), ((2, 16, 3, 5), 1), ((5,), 0)]
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2), (True, 0.0)])
+def _configs(w, smoothings):
+    """``{name: kwargs}``: each ``(weighted, smoothing)`` of ``smoothings``
+    with every reduction."""
+    return {
+        f"weighted={weighted} label_smoothing={smoothing} reduction={reduction}": _kw(
+            w if weighted else None, reduction, smoothing
+        )
+        for weighted, smoothing in smoothings
+        for reduction in ("none", "mean", "sum")
+    }
+
+
 @pytest.mark.parametrize("shape,axis", SHAPES)
-def test_matches_float64_oracles(shape, axis, reduction, smoothing, weighted):
+def test_matches_float64_oracles(shape, axis):
+    """Unweighted, weighted, weighted with label smoothing; every reduction:
+    the nine forwards under one ``jit``, then each checked (``check_each``)."""
     x, t, w = _case(shape, axis, 0)
     assert _losses._sliced_applies(x, axis)
-    kw = _kw(w if weighted else None, reduction, smoothing)
-    got = _forward(x, t, axis, **kw)
-    cot = np.ones(np.shape(t)) if reduction == "none" else 1.0
-    tl, _ = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
-    rl, _ = reference.loss_and_grad(x, t, axis=axis, **kw)
-    np.testing.assert_allclose(got, tl, rtol=RTOL, atol=ATOL, err_msg="pytorch")
-    np.testing.assert_allclose(got, rl, rtol=RTOL, atol=ATOL, err_msg="numpy")
+    configs = _configs(w, [(False, 0.0), (True, 0.2), (True, 0.0)])
+    got = jax.jit(
+        lambda v: {
+            name: jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw)
+            for name, kw in configs.items()
+        }
+    )(jnp.asarray(x))
+
+    def check(kw, got):
+        cot = np.ones(np.shape(t)) if kw["reduction"] == "none" else 1.0
+        tl, _ = torch_loss_and_grad(to_torch_layout(x, axis), t, cot, nll=False, **kw)
+        rl, _ = reference.loss_and_grad(x, t, axis=axis, **kw)
+        np.testing.assert_allclose(got, tl, rtol=RTOL, atol=ATOL, err_msg="pytorch")
+        np.testing.assert_allclose(got, rl, rtol=RTOL, atol=ATOL, err_msg="numpy")
+
+    check_each({name: (kw, got[name]) for name, kw in configs.items()}, check)
 
 
 def test_where_matches_the_reference():
@@ -213,19 +236,32 @@ def _value_and_grad(x, t, axis, cot, **kw):
     return loss, g
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.2), (False, 0.1)])
 @pytest.mark.parametrize("shape,axis", TWO)
-def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis, reduction, smoothing, weighted):
+def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis):
+    """Unweighted, weighted with label smoothing, smoothed; every reduction:
+    the nine losses and gradients under one ``jit`` (``jax_losses_and_grads``),
+    then each checked (``check_each``)."""
     x, t, w = _case(shape, axis, 5)
     assert _losses._sliced_applies(x, axis, with_grad=True)
-    kw = _kw(w if weighted else None, reduction, smoothing)
-    rng = rng_for("sliced-cot", shape, reduction)
-    cot = rng.uniform(0.5, 1.5, np.shape(t)) if reduction == "none" else 1.7
-    loss, g = _value_and_grad(x, t, axis, cot, **kw)
-    for want_l, want_g, name in float64_oracles(x, t, axis, cot, **kw):
-        np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
-        np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+    configs = {}
+    for name, kw in _configs(w, [(False, 0.0), (True, 0.2), (False, 0.1)]).items():
+        rng = rng_for("sliced-cot", shape, kw["reduction"])
+        cot = rng.uniform(0.5, 1.5, np.shape(t)) if kw["reduction"] == "none" else 1.7
+        configs[name] = (kw, cot)
+    results = jax_losses_and_grads(
+        [(jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), cot, dict(kw, axis=axis))
+         for kw, cot in configs.values()]
+    )
+
+    def check(kw, cot, loss, g):
+        for want_l, want_g, name in float64_oracles(x, t, axis, cot, **kw):
+            np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
+            np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+
+    check_each(
+        {name: (*configs[name], *res[:2]) for name, res in zip(configs, results, strict=True)},
+        check,
+    )
 
 
 def test_two_classes_where_non_finite_and_bad_label():
