@@ -29,7 +29,8 @@ from oracles import (
     as_bfloat16,
     assert_close,
     check_cross_entropy_configs,
-    jax_loss_and_grad,
+    check_each,
+    jax_losses_and_grads,
     labelled_logits,
     plant_non_finite_rows,
     rng_for,
@@ -119,26 +120,44 @@ def test_cross_entropy_matches_float64_oracles(small_inputs, shape, axis):
     check_cross_entropy_configs(xb, x64, t, axis, configs, "bfloat16", forward=True)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,axis", SHAPES[:3], ids=[f"{s}" for s, _ in SHAPES[:3]])
-def test_nll_matches_float64_oracles(small_inputs, shape, axis, dtype, reduction):
+def test_nll_matches_float64_oracles(small_inputs, shape, axis, dtype):
+    """Weighted NLL of log-probabilities, every reduction: the three losses
+    and gradients under one ``jit`` (``jax_losses_and_grads``), then each
+    against PyTorch and NumPy in float64 (``check_each``)."""
     assert _losses._target_by_scatter(jax.ShapeDtypeStruct(shape, dtype), 1, normalize=False)
     x, t, rng = labelled_logits(shape, axis, jnp.float32, 6, 0.2, IGN)
     logp = jax.nn.log_softmax(x, axis=axis).astype(dtype)
     x64 = np.asarray(logp.astype(jnp.float32), np.float64)
     w = rng.uniform(0.3, 2.0, shape[axis]).astype(np.float32)
-    kw = dict(weight=w, ignore_index=IGN, reduction=reduction)
-    crng = rng_for("scatter-nll-cot", shape, reduction)
-    cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
-    loss, grad, _, g = jax_loss_and_grad(jaxloss.nll_loss, logp, t, np.float32(cot), **kw)
-    assert g.dtype == dtype
-    tl, tg = torch_loss_and_grad(to_torch_layout(x64, axis), np.asarray(t), cot, nll=True, **kw)
-    rl, rg = reference.loss_and_grad(x64, np.asarray(t), normalize=False, cotangent=cot, **kw)
+    configs = {}
+    for reduction in ("none", "mean", "sum"):
+        crng = rng_for("scatter-nll-cot", shape, reduction)
+        cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
+        configs[reduction] = (dict(weight=w, ignore_index=IGN, reduction=reduction), cot)
+    results = jax_losses_and_grads(
+        [(jaxloss.nll_loss, logp, t, np.float32(cot), kw) for kw, cot in configs.values()]
+    )
     name = jnp.dtype(dtype).name
-    for want_loss, want_grad, who in [(tl, np.moveaxis(tg, 1, -1), "pytorch"), (rl, rg, "numpy")]:
-        assert_close(loss, want_loss, LOSS_TOL[name], f"loss vs {who}")
-        assert_close(grad, want_grad, GRAD_TOL[name], f"grad vs {who}")
+
+    def check(kw, cot, loss, grad, g):
+        assert g.dtype == dtype
+        tl, tg = torch_loss_and_grad(
+            to_torch_layout(x64, axis), np.asarray(t), cot, nll=True, **kw
+        )
+        rl, rg = reference.loss_and_grad(x64, np.asarray(t), normalize=False, cotangent=cot, **kw)
+        for want_loss, want_grad, who in [
+            (tl, np.moveaxis(tg, 1, -1), "pytorch"),
+            (rl, rg, "numpy"),
+        ]:
+            assert_close(loss, want_loss, LOSS_TOL[name], f"loss vs {who}")
+            assert_close(grad, want_grad, GRAD_TOL[name], f"grad vs {who}")
+
+    check_each(
+        {r: (*configs[r], res[0], res[1], res[3]) for r, res in zip(configs, results, strict=True)},
+        check,
+    )
 
 
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
