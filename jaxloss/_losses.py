@@ -606,7 +606,10 @@ def _index_loss_and_grad(
         # and b: few per-position operands for the elementwise pass (on
         # XLA:CPU each one broadcast along a short class row costs time).
         eps_c = eps / num_classes
-        a_t = b_t + eps_c * (num_classes if w is None else jnp.sum(w))
+        if eps > 0.0:
+            a_t = b_t + eps_c * (num_classes if w is None else jnp.sum(w))
+        else:  # no sum of the weights times 0: XLA keeps it (NaN semantics)
+            a_t = b_t
         # NaN for a bad label; not where ignored (0 * NaN in derivatives).
         a_t = jnp.where(in_range | ~valid, a_t, nan)
         if sliced:
@@ -622,6 +625,13 @@ def _index_loss_and_grad(
                 g = jnp.where(valid, g, zero)
                 gs.append(g if grad_scale is None else grad_scale * g)
             return loss, jnp.stack(gs, axis)
+        if fold:
+            # Folded in before the division by the row sums: XLA:CPU computes
+            # a division's result once, where it fused the scale's selects
+            # (taken after it) into the elementwise pass and recomputed them
+            # for every logit (one row of 32000 bfloat16 classes: 0.15 ms,
+            # 0.11 ms now).
+            a_t, eps_c = grad_scale * a_t, grad_scale * eps_c
         if share_exp:
             q, a_t = e, a_t / jnp.squeeze(s, axis)  # p = e / s
         else:
@@ -630,8 +640,6 @@ def _index_loss_and_grad(
                 q = exp(xc - m - log_s)
             else:  # shares no subexpression with the row reductions
                 q = exp(grad_x - (m + log_s))
-        if fold:
-            a_t, eps_c = grad_scale * a_t, grad_scale * eps_c
         grad = q * along(a_t)
         if not scatter_target:
             grad = grad - jnp.where(is_t, along(b_t), zero)
