@@ -223,6 +223,28 @@ def jax_losses_and_grads(calls: list) -> list:
     ]
 
 
+def config_losses_and_grads(fn, x, t, configs: dict, **kwargs) -> dict:
+    """:func:`jax_losses_and_grads` of ``fn(x, t, **kw, **kwargs)`` for every
+    ``name: (kw, cotangent)`` in ``configs`` (the form ``weighting_configs``
+    gives), under one ``jit``: ``{name: (kw, cotangent, loss, grad, raw loss,
+    raw grad)}``, the arguments ``check_each`` passes to a check."""
+    results = jax_losses_and_grads(
+        [(fn, jnp.asarray(x), jnp.asarray(t), cot, {**kw, **kwargs})
+         for kw, cot in configs.values()]
+    )
+    return {name: (*configs[name], *res) for name, res in zip(configs, results, strict=True)}
+
+
+def config_forwards(x, t, axis: int, configs: dict) -> dict:
+    """``jaxloss.cross_entropy(x, t, axis=axis, **kw)`` (forward only) for
+    every ``name: kw`` in ``configs``, under one ``jit``: ``{name: loss}``."""
+
+    def forwards(v, t):
+        return {name: jaxloss.cross_entropy(v, t, axis=axis, **kw) for name, kw in configs.items()}
+
+    return jax.jit(forwards)(jnp.asarray(x), jnp.asarray(t))
+
+
 def check_each(cases: dict, check) -> None:
     """``check(*args)`` for every ``name: args`` in ``cases``; then one
     failure naming every case that failed, with its message (a test that

@@ -102,7 +102,7 @@ def loss_and_grad(
             valid &= t != ignore_index
         in_range = (t >= 0) & (t < num_classes)
         t_safe = np.where(in_range, t, 0)
-        onehot = np.eye(num_classes)[t_safe]  # (P, C)
+        onehot = (np.arange(num_classes) == t_safe[:, None]).astype(np.float64)  # (P, C)
         w_t = w[t_safe]
         nll_t = -logp[np.arange(n_pos), t_safe]
         loss = (1.0 - eps) * w_t * nll_t

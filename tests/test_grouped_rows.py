@@ -23,7 +23,7 @@ from oracles import (
     as_bfloat16,
     assert_rows_match_pytorch,
     check_each,
-    jax_losses_and_grads,
+    config_losses_and_grads,
     plant_non_finite_rows,
     rng_for,
     to_torch_layout,
@@ -117,7 +117,7 @@ def test_the_check_reads_valid_targets():
 @pytest.mark.parametrize("shape", [(2, 2, 16, 19), (64, 10), (4, 2, 40)])
 def test_grouped_rows_match_float64_oracles(shape):
     """With and without label smoothing, every reduction: the six losses and
-    gradients under one ``jit`` (``jax_losses_and_grads``), then each against
+    gradients under one ``jit`` (``config_losses_and_grads``), then each against
     PyTorch and NumPy in float64 (``check_each``)."""
     x, t, w = _case(shape, 1)
     configs = {}
@@ -128,12 +128,8 @@ def test_grouped_rows_match_float64_oracles(shape):
                 shape[:-1] if reduction == "none" else ()
             )
             configs[f"label_smoothing={smoothing} reduction={reduction}"] = (kw, ct)
-    results = jax_losses_and_grads(
-        [(jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), ct, kw)
-         for kw, ct in configs.values()]
-    )
 
-    def check(kw, ct, loss, g):
+    def check(kw, ct, loss, g, *_):
         tl, tg = torch_loss_and_grad(to_torch_layout(x, -1), t, ct, nll=False, **kw)
         tg = np.moveaxis(tg, 1, -1) if x.ndim > 2 else tg
         tg[t == IGN] = 0.0
@@ -143,10 +139,7 @@ def test_grouped_rows_match_float64_oracles(shape):
         np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
         np.testing.assert_allclose(g, rg, rtol=RTOL, atol=GRAD_ATOL)
 
-    check_each(
-        {name: (*configs[name], *res[:2]) for name, res in zip(configs, results, strict=True)},
-        check,
-    )
+    check_each(config_losses_and_grads(jaxloss.cross_entropy, x, t, configs), check)
 
 
 def test_fallback_and_non_finite_rows_match_pytorch():

@@ -30,7 +30,7 @@ from oracles import (
     assert_close,
     check_cross_entropy_configs,
     check_each,
-    jax_losses_and_grads,
+    config_losses_and_grads,
     labelled_logits,
     plant_non_finite_rows,
     rng_for,
@@ -124,7 +124,7 @@ def test_cross_entropy_matches_float64_oracles(small_inputs, shape, axis):
 @pytest.mark.parametrize("shape,axis", SHAPES[:3], ids=[f"{s}" for s, _ in SHAPES[:3]])
 def test_nll_matches_float64_oracles(small_inputs, shape, axis, dtype):
     """Weighted NLL of log-probabilities, every reduction: the three losses
-    and gradients under one ``jit`` (``jax_losses_and_grads``), then each
+    and gradients under one ``jit`` (``config_losses_and_grads``), then each
     against PyTorch and NumPy in float64 (``check_each``)."""
     assert _losses._target_by_scatter(jax.ShapeDtypeStruct(shape, dtype), 1, normalize=False)
     x, t, rng = labelled_logits(shape, axis, jnp.float32, 6, 0.2, IGN)
@@ -136,12 +136,9 @@ def test_nll_matches_float64_oracles(small_inputs, shape, axis, dtype):
         crng = rng_for("scatter-nll-cot", shape, reduction)
         cot = crng.uniform(0.5, 1.5, t.shape).astype(np.float32) if reduction == "none" else 1.0
         configs[reduction] = (dict(weight=w, ignore_index=IGN, reduction=reduction), cot)
-    results = jax_losses_and_grads(
-        [(jaxloss.nll_loss, logp, t, np.float32(cot), kw) for kw, cot in configs.values()]
-    )
     name = jnp.dtype(dtype).name
 
-    def check(kw, cot, loss, grad, g):
+    def check(kw, cot, loss, grad, _, g):
         assert g.dtype == dtype
         tl, tg = torch_loss_and_grad(
             to_torch_layout(x64, axis), np.asarray(t), cot, nll=True, **kw
@@ -154,10 +151,7 @@ def test_nll_matches_float64_oracles(small_inputs, shape, axis, dtype):
             assert_close(loss, want_loss, LOSS_TOL[name], f"loss vs {who}")
             assert_close(grad, want_grad, GRAD_TOL[name], f"grad vs {who}")
 
-    check_each(
-        {r: (*configs[r], res[0], res[1], res[3]) for r, res in zip(configs, results, strict=True)},
-        check,
-    )
+    check_each(config_losses_and_grads(jaxloss.nll_loss, logp, t, configs), check)
 
 
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])

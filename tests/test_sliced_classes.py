@@ -24,9 +24,10 @@ from oracles import (
     LOSS_TOL,
     as_bfloat16,
     check_each,
+    config_forwards,
+    config_losses_and_grads,
     float64_oracles,
     jax_loss_and_grad,
-    jax_losses_and_grads,
     rng_for,
     to_torch_layout,
     torch_loss_and_grad,
@@ -113,12 +114,7 @@ def test_matches_float64_oracles(shape, axis):
     x, t, w = _case(shape, axis, 0)
     assert _losses._sliced_applies(x, axis)
     configs = _configs(w, [(False, 0.0), (True, 0.2), (True, 0.0)])
-    got = jax.jit(
-        lambda v: {
-            name: jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw)
-            for name, kw in configs.items()
-        }
-    )(jnp.asarray(x))
+    got = config_forwards(x, t, axis, configs)
 
     def check(kw, got):
         cot = np.ones(np.shape(t)) if kw["reduction"] == "none" else 1.0
@@ -239,7 +235,7 @@ def _value_and_grad(x, t, axis, cot, **kw):
 @pytest.mark.parametrize("shape,axis", TWO)
 def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis):
     """Unweighted, weighted with label smoothing, smoothed; every reduction:
-    the nine losses and gradients under one ``jit`` (``jax_losses_and_grads``),
+    the nine losses and gradients under one ``jit`` (``config_losses_and_grads``),
     then each checked (``check_each``)."""
     x, t, w = _case(shape, axis, 5)
     assert _losses._sliced_applies(x, axis, with_grad=True)
@@ -248,20 +244,13 @@ def test_two_classes_fwd_bwd_match_float64_oracles(shape, axis):
         rng = rng_for("sliced-cot", shape, kw["reduction"])
         cot = rng.uniform(0.5, 1.5, np.shape(t)) if kw["reduction"] == "none" else 1.7
         configs[name] = (kw, cot)
-    results = jax_losses_and_grads(
-        [(jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(t), cot, dict(kw, axis=axis))
-         for kw, cot in configs.values()]
-    )
 
-    def check(kw, cot, loss, g):
+    def check(kw, cot, loss, g, *_):
         for want_l, want_g, name in float64_oracles(x, t, axis, cot, **kw):
             np.testing.assert_allclose(loss, want_l, rtol=RTOL, atol=ATOL, err_msg=name)
             np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
 
-    check_each(
-        {name: (*configs[name], *res[:2]) for name, res in zip(configs, results, strict=True)},
-        check,
-    )
+    check_each(config_losses_and_grads(jaxloss.cross_entropy, x, t, configs, axis=axis), check)
 
 
 def test_two_classes_where_non_finite_and_bad_label():
