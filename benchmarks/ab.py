@@ -11,6 +11,7 @@ Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       [--block 50]
       [--reduction none]  (jaxloss's per-position losses, summed and divided
       as bench.py does; optax stays the mean)
+      [--label-smoothing 0.1]  (every loss; optax smooths a one-hot)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
 """
@@ -79,6 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--reduction", choices=("mean", "none"), default="mean")
     p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="for every loss (optax: optax.smooth_labels of a one-hot)",
+    )
+    p.add_argument(
         "--block",
         type=int,
         default=1,
@@ -116,10 +123,11 @@ def run(args) -> list[dict]:
             rows = []
             for name, (shape, dtype, axis) in cases(args).items():
                 x, y, w, ax = bench.make_case(shape, jnp.dtype(dtype), axis)
+                kw = {"reduction": args.reduction, "label_smoothing": args.label_smoothing}
                 impls = {
-                    "optax": bench.jax_impls(jnp, jax, optax, new, ax)["optax"],
-                    "base": bench.jax_impls(jnp, jax, optax, base, ax, args.reduction)["jaxloss"],
-                    "new": bench.jax_impls(jnp, jax, optax, new, ax, args.reduction)["jaxloss"],
+                    "optax": bench.jax_impls(jnp, jax, optax, new, ax, **kw)["optax"],
+                    "base": bench.jax_impls(jnp, jax, optax, base, ax, **kw)["jaxloss"],
+                    "new": bench.jax_impls(jnp, jax, optax, new, ax, **kw)["jaxloss"],
                 }
                 for mode in ("fwd", "fwdbwd"):
                     fns = {

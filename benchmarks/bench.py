@@ -84,7 +84,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean"):
+def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=0.0):
+    """``{name: loss(x, y, w)}``. With ``label_smoothing`` every loss smooths
+    its labels: optax through ``optax.smooth_labels`` of a one-hot (as a user
+    writes it; its smoothing term is not weighted by class, PyTorch's and
+    jaxloss's is), log_softmax with PyTorch's weighted term."""
+    ls = label_smoothing
+
     def weights_and_safe(y, w):
         valid = y != IGN
         safe = jnp.where(valid, y, 0)
@@ -93,22 +99,33 @@ def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean"):
     def optax_loss(x, y, w):
         _, safe, ww = weights_and_safe(y, w)
         ax = axis % x.ndim
-        per = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), safe, axis=ax)
+        xf = x.astype(jnp.float32)
+        if ls:
+            labels = optax.smooth_labels(jax.nn.one_hot(safe, x.shape[ax], axis=ax), ls, axis=ax)
+            per = optax.softmax_cross_entropy(xf, labels, axis=ax)
+        else:
+            per = optax.softmax_cross_entropy_with_integer_labels(xf, safe, axis=ax)
         return jnp.sum(per * ww) / jnp.sum(ww)
 
     def log_softmax_loss(x, y, w):
-        _, safe, ww = weights_and_safe(y, w)
+        valid, safe, ww = weights_and_safe(y, w)
         lp = jax.nn.log_softmax(x.astype(jnp.float32), axis=axis)
         picked = jnp.squeeze(jnp.take_along_axis(lp, jnp.expand_dims(safe, axis), axis=axis), axis)
-        return -jnp.sum(picked * ww) / jnp.sum(ww)
+        per = (1.0 - ls) * picked * ww
+        if ls:
+            wb = w.reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)])
+            per = per + (ls / x.shape[axis]) * jnp.sum(lp * wb, axis=axis) * valid
+        return -jnp.sum(per) / jnp.sum(ww)
 
     def ours(x, y, w):
         if reduction == "none":
             per = jaxloss.cross_entropy(
-                x, y, weight=w, ignore_index=IGN, axis=axis, reduction="none"
+                x, y, weight=w, ignore_index=IGN, axis=axis, reduction="none", label_smoothing=ls
             )
             return jnp.sum(per) / jnp.sum(weights_and_safe(y, w)[2])
-        return jaxloss.cross_entropy(x, y, weight=w, ignore_index=IGN, axis=axis)
+        return jaxloss.cross_entropy(
+            x, y, weight=w, ignore_index=IGN, axis=axis, label_smoothing=ls
+        )
 
     return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
 

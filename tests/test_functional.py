@@ -479,6 +479,38 @@ def test_infinite_weight_of_a_class_no_label_takes(request, through):
     check_configs_against_oracles(configs, also=finite)
 
 
+ONE_ROW_CASES = {  # name: (shape, dtype)
+    "7": ((7,), np.float32),
+    "1x1000": ((1, 1000), np.float32),
+    "1x1x300": ((1, 1, 300), np.float32),
+    "1x20000-bf16": ((1, 20000), ml_dtypes.bfloat16),
+    "1x32000-bf16": ((1, 32000), ml_dtypes.bfloat16),
+    "1x40000-bf16": ((1, 40000), ml_dtypes.bfloat16),
+}
+
+
+def test_one_row_weighted_label_smoothing(small_inputs):
+    """One row of classes with class weights and label smoothing (the
+    smoothing term's weighted sum is XLA:CPU's own reduction there, see
+    ``_weighted_gap_sum``; at the library's threshold of small inputs, which
+    these rows are): unbatched ``(C,)`` logits, one position, one position
+    over two dimensions, bfloat16 rows below and above the 16-bit native
+    sums' threshold; every reduction, against PyTorch and the NumPy reference
+    in float64, all under one ``jit``."""
+    configs = {}
+    for name, (shape, dtype) in ONE_ROW_CASES.items():
+        rng = rng_for("one-row", name)
+        x = (2.0 * rng.standard_normal(shape)).astype(dtype)
+        c = shape[-1]
+        t = np.asarray(rng.integers(0, c, positions(x, -1)))
+        w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        kw = dict(weight=w, ignore_index=255, label_smoothing=0.1)
+        for reduction in REDUCTIONS:
+            cot = default_cotangent("ce", x, -1, reduction)
+            configs[f"{name} reduction={reduction}"] = ("ce", x, t, -1, reduction, kw, cot)
+    check_configs_against_oracles(configs)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_inputs(dtype):
     """NLL, cross-entropy, with label smoothing and with probability targets,
