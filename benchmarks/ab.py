@@ -12,6 +12,7 @@ Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       [--reduction none]  (jaxloss's per-position losses, summed and divided
       as bench.py does; optax stays the mean)
       [--label-smoothing 0.1]  (every loss; optax smooths a one-hot)
+      [--soft]  (probability targets; the mean over positions, reduction ignored)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
 """
@@ -80,6 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--reduction", choices=("mean", "none"), default="mean")
     p.add_argument(
+        "--soft",
+        action="store_true",
+        help="probability targets (bench.soft_targets) instead of class indices",
+    )
+    p.add_argument(
         "--label-smoothing",
         type=float,
         default=0.0,
@@ -129,6 +135,14 @@ def run(args) -> list[dict]:
                     "base": bench.jax_impls(jnp, jax, optax, base, ax, **kw)["jaxloss"],
                     "new": bench.jax_impls(jnp, jax, optax, new, ax, **kw)["jaxloss"],
                 }
+                if args.soft:
+                    y = bench.soft_targets(x, ax)
+                    ls = args.label_smoothing
+                    impls = {
+                        "optax": bench.soft_impls(jnp, jax, optax, new, ax, ls)["optax"],
+                        "base": bench.soft_impls(jnp, jax, optax, base, ax, ls)["jaxloss"],
+                        "new": bench.soft_impls(jnp, jax, optax, new, ax, ls)["jaxloss"],
+                    }
                 for mode in ("fwd", "fwdbwd"):
                     fns = {
                         k: jax.jit(f if mode == "fwd" else jax.value_and_grad(f))

@@ -130,6 +130,36 @@ def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=
     return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
 
 
+def soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=0.0):
+    """``{name: loss(x, q, w)}`` for probability targets ``q``: PyTorch's
+    weighted loss ``-sum_c w_c q'_c log p_c`` averaged over the positions.
+    optax as a user writes it: ``softmax_cross_entropy`` of the weighted
+    (and ``optax.smooth_labels``-smoothed) targets."""
+    ls = label_smoothing
+
+    def optax_loss(x, q, w):
+        ax = axis % x.ndim
+        qf = q.astype(jnp.float32)
+        if ls:
+            qf = optax.smooth_labels(qf, ls, axis=ax)
+        wb = w.reshape([-1 if d == ax else 1 for d in range(x.ndim)])
+        return jnp.mean(optax.softmax_cross_entropy(x.astype(jnp.float32), qf * wb, axis=ax))
+
+    def ours(x, q, w):
+        return jaxloss.cross_entropy(x, q, weight=w, axis=axis, label_smoothing=ls)
+
+    return {"jaxloss": ours, "optax": optax_loss}
+
+
+def soft_targets(x, axis, seed=1):
+    """Probability targets for logits ``x``: a softmax of normal draws, in
+    ``x``'s dtype."""
+    import jax
+
+    z = jax.random.normal(jax.random.key(seed), x.shape)
+    return jax.nn.softmax(z, axis=axis).astype(x.dtype)
+
+
 def make_case(shape, dtype, axis, seed=0):
     """Logits, labels (10% ignored), class weights ``linspace(0.5, 2, C)`` and
     the class axis of one benchmark case -- the anchors' method."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxloss import _checks, _kernels
 from jaxloss._kernels import partition
@@ -1411,13 +1412,20 @@ def _weighted_gap_sum(x: Array, xc: Array, m: Array, w: Array, axis: int) -> Arr
     bfloat16 0.11 -> 0.04 ms; 3x4096 bfloat16 keeps ``jnp.sum`` (0.05 ms,
     0.09 ms by :func:`_row_sum`).
     """
-    gaps = _broadcast_weight(w, x.ndim, axis) * (m - xc)
+    return _class_sum(_broadcast_weight(w, x.ndim, axis) * (m - xc), x, axis)
+
+
+def _class_sum(v: Array, x: Array, axis: int, spread: bool = True) -> Array:
+    """``jnp.sum(v, axis)`` (no keepdims) of a product ``v`` shaped like the
+    logits ``x``, by :func:`_row_sum` on XLA:CPU where YNNPACK took such sums
+    slowly (see :func:`_weighted_gap_sum`); without ``spread`` not for
+    positions over several dimensions just because they are."""
     axis = axis % x.ndim
     cpu = jax.default_backend() == "cpu"
     one_row = x.size == x.shape[axis] and axis == x.ndim - 1
-    if _native_row_sums(x, axis) or (cpu and (one_row or x.ndim > 2)):
-        return _row_sum(gaps, axis)
-    return jnp.sum(gaps, axis=axis)
+    if _native_row_sums(x, axis) or (cpu and (one_row or (spread and x.ndim > 2))):
+        return _row_sum(v, axis)
+    return jnp.sum(v, axis=axis)
 
 
 # ---------------------------------------------------------------------------
@@ -2113,8 +2121,10 @@ def _index_total_jvp(
 # ---------------------------------------------------------------------------
 
 
-def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
-    """``-sum_c w_c q'_c log p_c`` with ``q' = (1 - eps) q + eps / C``."""
+def _soft_parts(
+    x: Array, q: Array, w: Array | None, eps: float, axis: int
+) -> tuple[Array, Array, Array]:
+    """``(x in the compute dtype, w_c q'_c, -log p_c)`` for :func:`_soft_loss`."""
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
     xc = x.astype(cdt)
     qc = q.astype(cdt)
@@ -2123,8 +2133,51 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
         qc = qc * (1.0 - eps) + eps / num_classes
     if w is not None:
         qc = qc * _broadcast_weight(w.astype(cdt), x.ndim, axis)
-    m, log_s = _row_stats(xc, axis)
-    return jnp.sum(qc * ((m - xc) + log_s), axis=axis)
+    # The row statistics from x as it is (a 16-bit x then has no float32 copy
+    # shared between the reductions: see _row_stats).
+    m, log_s = _row_stats(x if _compute_dtype(x.dtype) == cdt else xc, axis)
+    return xc, qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
+    """``-sum_c w_c q'_c log p_c`` with ``q' = (1 - eps) q + eps / C``.
+
+    A custom JVP forms the derivative in the loss's pass, as for index
+    targets (:func:`_index_loss_jvp`): ``dl/dx_c = A p_c - w_c q'_c`` with
+    ``A = sum_c w_c q'_c``, and ``dl/dq_c = (1 - eps) w_c (-log p_c)``, each
+    only where its input is differentiated (symbolic zeros). No tangent of
+    ``w`` enters: the weights come through ``_checks.check_weight``, which
+    stops their gradient.
+
+    The forward's sum over float32 positions of several dimensions stays
+    ``jnp.sum`` (by :func:`_row_sum` the forward measured 0.78-0.86x at the
+    ``bench.py --small`` float32 cases); the fwd+bwd's sums take
+    :func:`_row_sum` there (1.31-1.73x faster than ``jnp.sum``'s 1.13-1.74x
+    at them, ``ab.py --soft``)."""
+    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis)
+    return _class_sum(qw * neg_logp, x, axis, spread=False)
+
+
+def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    x, q, w = primals
+    x_dot, q_dot, _ = tangents
+    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis)
+    loss = _class_sum(qw * neg_logp, x, axis)
+    loss_dot = jnp.zeros_like(loss)
+    if not isinstance(x_dot, SymbolicZero):
+        total = jnp.expand_dims(_class_sum(qw, x, axis), axis)
+        g = jnp.exp(-neg_logp) * total - qw
+        loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
+    if not isinstance(q_dot, SymbolicZero):
+        h = (1.0 - eps) * neg_logp
+        if w is not None:
+            h = h * _broadcast_weight(w.astype(h.dtype), x.ndim, axis)
+        loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
+    return loss, loss_dot
+
+
+_soft_loss.defjvp(_soft_loss_jvp, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import reference
-import torch  # noqa: F401  -- the suite must fail, not skip, without PyTorch
+import torch  # the suite must fail, not skip, without PyTorch
 from oracles import (
     GRAD_TOL,
     LOSS_TOL,
@@ -509,6 +509,70 @@ def test_one_row_weighted_label_smoothing(small_inputs):
             cot = default_cotangent("ce", x, -1, reduction)
             configs[f"{name} reduction={reduction}"] = ("ce", x, t, -1, reduction, kw, cot)
     check_configs_against_oracles(configs)
+
+
+SOFT_GRAD_CASES = {  # name: (shape, class axis, dtype)
+    "6x5": ((6, 5), -1, np.float32),
+    "2x5x3x4-axis1": ((2, 5, 3, 4), 1, np.float32),
+    "3x4x40-bf16": ((3, 4, 40), -1, ml_dtypes.bfloat16),
+}
+
+
+def test_probability_targets_gradients_of_logits_and_targets():
+    """Probability targets are differentiable (as in PyTorch): the loss and
+    its gradients with respect to the logits and to the targets (through
+    ``_soft_loss``'s custom JVP, transposed), against PyTorch (float64,
+    ``target.requires_grad``) and a NumPy formula of the target gradient,
+    ``(1 - eps) w_c (-log p_c)`` times each position's cotangent. Targets
+    are not normalised (PyTorch does not require it), so that the logits'
+    gradient ``A p_c - w_c q'_c`` has ``A != 1``. Every reduction, with and
+    without weights and label smoothing."""
+    import torch.nn.functional as F
+
+    cases = {}
+    for (name, (shape, axis, dtype)), reduction, smoothed in itertools.product(
+        SOFT_GRAD_CASES.items(), REDUCTIONS, (False, True)
+    ):
+        rng = rng_for("soft-grads", name, reduction, smoothed)
+        x = (2.0 * rng.standard_normal(shape)).astype(dtype)
+        q = rng.uniform(0.0, 1.0, shape).astype(dtype)
+        c = shape[axis]
+        w = rng.uniform(0.5, 2.0, c).astype(np.float32) if smoothed else None
+        eps = 0.1 if smoothed else 0.0
+        cot = default_cotangent("ce", x, axis, reduction)
+        cases[f"{name} reduction={reduction} smoothed={smoothed}"] = (
+            x, q, axis, reduction, w, eps, cot
+        )
+
+    def check(x, q, axis, reduction, w, eps, cot):
+        kw = dict(axis=axis, reduction=reduction, label_smoothing=eps,
+                  weight=None if w is None else jnp.asarray(w))
+        loss, vjp = jax.vjp(lambda a, b: jaxloss.cross_entropy(a, b, **kw),
+                            jnp.asarray(x), jnp.asarray(q))
+        gx, gq = vjp(jnp.broadcast_to(jnp.asarray(cot, loss.dtype), loss.shape))
+        assert gx.dtype == x.dtype and gq.dtype == q.dtype
+        loss, gx, gq = (np.asarray(v, np.float64) for v in (loss, gx, gq))
+        x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
+        xt = torch.tensor(to_torch_layout(x64, axis), requires_grad=True)
+        qt = torch.tensor(to_torch_layout(q64, axis), requires_grad=True)
+        tl = F.cross_entropy(xt, qt, reduction=reduction, label_smoothing=eps,
+                             weight=None if w is None else torch.tensor(w, dtype=torch.float64))
+        tl.backward(torch.tensor(np.asarray(cot, np.float64)).expand_as(tl).contiguous())
+        back = (lambda g: g.numpy()) if x.ndim == 1 else (lambda g: np.moveaxis(g.numpy(), 1, axis))
+        logp = reference.log_softmax(x64, axis)
+        wb = np.ones(x.shape[axis]) if w is None else np.asarray(w, np.float64)
+        wb = wb.reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)])
+        per_pos = np.broadcast_to(np.asarray(cot, np.float64), positions(x, axis))
+        if reduction == "mean":
+            per_pos = per_pos / np.prod(positions(x, axis))
+        gq_np = (1.0 - eps) * wb * -logp * np.expand_dims(per_pos, axis)
+        key = "bfloat16" if x.dtype == ml_dtypes.bfloat16 else "float32"
+        assert_close(loss, tl.detach().numpy(), LOSS_TOL[key], "loss vs pytorch")
+        assert_close(gx, back(xt.grad), GRAD_TOL[key], "d/dlogits vs pytorch")
+        assert_close(gq, back(qt.grad), GRAD_TOL[key], "d/dtargets vs pytorch")
+        assert_close(gq, gq_np, GRAD_TOL[key], "d/dtargets vs numpy")
+
+    check_each(cases, check)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
