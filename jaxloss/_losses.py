@@ -2122,7 +2122,7 @@ def _index_total_jvp(
 
 
 def _soft_parts(
-    x: Array, q: Array, w: Array | None, eps: float, axis: int
+    x: Array, q: Array, w: Array | None, eps: float, axis: int, forward: bool = False
 ) -> tuple[Array, Array, Array]:
     """``(x in the compute dtype, w_c q'_c, -log p_c)`` for :func:`_soft_loss`."""
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
@@ -2135,7 +2135,11 @@ def _soft_parts(
         qc = qc * _broadcast_weight(w.astype(cdt), x.ndim, axis)
     # The row statistics from x as it is (a 16-bit x then has no float32 copy
     # shared between the reductions: see _row_stats).
-    m, log_s = _row_stats(x if _compute_dtype(x.dtype) == cdt else xc, axis)
+    xs = x if _compute_dtype(x.dtype) == cdt else xc
+    if forward and _unshifted_applies(xs, axis):
+        m, log_s = _unshifted_row_stats(xs, axis)
+    else:
+        m, log_s = _row_stats(xs, axis)
     return xc, qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
 
 
@@ -2150,12 +2154,18 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     ``w`` enters: the weights come through ``_checks.check_weight``, which
     stops their gradient.
 
-    The forward's sum over float32 positions of several dimensions stays
-    ``jnp.sum`` (by :func:`_row_sum` the forward measured 0.78-0.86x at the
-    ``bench.py --small`` float32 cases); the fwd+bwd's sums take
-    :func:`_row_sum` there (1.31-1.73x faster than ``jnp.sum``'s 1.13-1.74x
-    at them, ``ab.py --soft``)."""
-    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis)
+    The forward (no derivative) takes the unshifted row statistics where
+    the index targets' forward does (:func:`_unshifted_applies`): XLA:CPU
+    handed the max to YNNPACK, which wrote it out broadcast to the logits'
+    shape for the sums after it (``ab.py --soft --base dfe1e65``: 8192x32
+    float32 3.9x faster, 26210x19 4.9x, 4x64x64x150 bfloat16 2.8x,
+    2x64x128x19 bfloat16 2.9x, seg19 1.5x; other shapes 0.95-1.37x). Its sum
+    over float32 positions of several dimensions stays ``jnp.sum`` (by
+    :func:`_row_sum` the forward measured 0.78-0.86x at the ``bench.py
+    --small`` float32 cases); the fwd+bwd's sums take :func:`_row_sum` there
+    (``ab.py --soft`` against the autodiff of the loss: 1.31-1.73x faster
+    at them with it, 1.08-1.74x with ``jnp.sum``)."""
+    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True)
     return _class_sum(qw * neg_logp, x, axis, spread=False)
 
 

@@ -575,6 +575,39 @@ def test_probability_targets_gradients_of_logits_and_targets():
     check_each(cases, check)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("large", [False, True], ids=["moderate", "large"])
+def test_probability_targets_forward_only(dtype, large):
+    """The forward of probability targets without differentiation (on
+    XLA:CPU the unshifted row statistics, ``_unshifted_row_stats``; a batch
+    with a row of logits near 100 takes the max shift) equals PyTorch in
+    float64 and the loss of the differentiated path, per position, weighted
+    and smoothed, channels-last and ``axis=1``."""
+    import torch.nn.functional as F
+
+    for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1)):
+        rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
+        x = 3.0 * rng.standard_normal(shape)
+        if large:
+            x[(0,) * (len(shape) - 1)] += 100.0  # one row's sum of exp(x) out of range
+        x = x.astype(dtype)
+        q = rng.uniform(0.0, 1.0, shape).astype(dtype)
+        w = rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32)
+        kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
+        got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
+                         np.float64)
+        with_grad = jax.vjp(lambda a, q=q, kw=kw: jaxloss.cross_entropy(a, q, **kw),
+                            jnp.asarray(x))[0]
+        x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
+        want = F.cross_entropy(
+            torch.tensor(to_torch_layout(x64, axis)), torch.tensor(to_torch_layout(q64, axis)),
+            weight=torch.tensor(w, dtype=torch.float64), reduction="none", label_smoothing=0.1,
+        ).numpy()
+        assert_close(got, want, LOSS_TOL["float32"], f"{shape} forward vs pytorch")
+        assert_close(got, np.asarray(with_grad, np.float64), LOSS_TOL["float32"],
+                     f"{shape} forward vs the differentiated loss")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_inputs(dtype):
     """NLL, cross-entropy, with label smoothing and with probability targets,
