@@ -2123,8 +2123,9 @@ def _index_total_jvp(
 
 def _soft_parts(
     x: Array, q: Array, w: Array | None, eps: float, axis: int, forward: bool = False
-) -> tuple[Array, Array, Array]:
-    """``(x in the compute dtype, w_c q'_c, -log p_c)`` for :func:`_soft_loss`."""
+) -> tuple[Array, Array]:
+    """``(w_c q'_c, -log p_c)`` in the compute dtype for :func:`_soft_loss`;
+    ``forward``: for the loss alone (no derivative)."""
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
     xc = x.astype(cdt)
     qc = q.astype(cdt)
@@ -2140,7 +2141,7 @@ def _soft_parts(
         m, log_s = _unshifted_row_stats(xs, axis)
     else:
         m, log_s = _row_stats(xs, axis)
-    return xc, qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
+    return qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -2165,14 +2166,14 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     --small`` float32 cases); the fwd+bwd's sums take :func:`_row_sum` there
     (``ab.py --soft`` against the autodiff of the loss: 1.31-1.73x faster
     at them with it, 1.08-1.74x with ``jnp.sum``)."""
-    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True)
+    qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True)
     return _class_sum(qw * neg_logp, x, axis, spread=False)
 
 
 def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
     x, q, w = primals
     x_dot, q_dot, _ = tangents
-    _, qw, neg_logp = _soft_parts(x, q, w, eps, axis)
+    qw, neg_logp = _soft_parts(x, q, w, eps, axis)
     loss = _class_sum(qw * neg_logp, x, axis)
     loss_dot = jnp.zeros_like(loss)
     if not isinstance(x_dot, SymbolicZero):
