@@ -129,20 +129,19 @@ def run(args) -> list[dict]:
             rows = []
             for name, (shape, dtype, axis) in cases(args).items():
                 x, y, w, ax = bench.make_case(shape, jnp.dtype(dtype), axis)
-                kw = {"reduction": args.reduction, "label_smoothing": args.label_smoothing}
-                impls = {
-                    "optax": bench.jax_impls(jnp, jax, optax, new, ax, **kw)["optax"],
-                    "base": bench.jax_impls(jnp, jax, optax, base, ax, **kw)["jaxloss"],
-                    "new": bench.jax_impls(jnp, jax, optax, new, ax, **kw)["jaxloss"],
-                }
+                kw = {"axis": ax, "label_smoothing": args.label_smoothing}
                 if args.soft:
                     y = bench.soft_targets(x, ax)
-                    ls = args.label_smoothing
-                    impls = {
-                        "optax": bench.soft_impls(jnp, jax, optax, new, ax, ls)["optax"],
-                        "base": bench.soft_impls(jnp, jax, optax, base, ax, ls)["jaxloss"],
-                        "new": bench.soft_impls(jnp, jax, optax, new, ax, ls)["jaxloss"],
-                    }
+                    impls_of = functools.partial(bench.soft_impls, jnp, jax, optax, **kw)
+                else:
+                    kw["reduction"] = args.reduction
+                    impls_of = functools.partial(bench.jax_impls, jnp, jax, optax, **kw)
+
+                impls = {
+                    "optax": impls_of(new)["optax"],
+                    "base": impls_of(base)["jaxloss"],
+                    "new": impls_of(new)["jaxloss"],
+                }
                 for mode in ("fwd", "fwdbwd"):
                     fns = {
                         k: jax.jit(f if mode == "fwd" else jax.value_and_grad(f))

@@ -84,6 +84,11 @@ def _commit() -> str:
         return "unknown"
 
 
+def along_classes(w, ndim, axis):
+    """Class weights ``w`` shaped to broadcast along the class ``axis``."""
+    return w.reshape([-1 if d == axis % ndim else 1 for d in range(ndim)])
+
+
 def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=0.0):
     """``{name: loss(x, y, w)}``. With ``label_smoothing`` every loss smooths
     its labels: optax through ``optax.smooth_labels`` of a one-hot (as a user
@@ -113,7 +118,7 @@ def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=
         picked = jnp.squeeze(jnp.take_along_axis(lp, jnp.expand_dims(safe, axis), axis=axis), axis)
         per = (1.0 - ls) * picked * ww
         if ls:
-            wb = w.reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)])
+            wb = along_classes(w, x.ndim, axis)
             per = per + (ls / x.shape[axis]) * jnp.sum(lp * wb, axis=axis) * valid
         return -jnp.sum(per) / jnp.sum(ww)
 
@@ -142,7 +147,7 @@ def soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=0.0):
         qf = q.astype(jnp.float32)
         if ls:
             qf = optax.smooth_labels(qf, ls, axis=ax)
-        wb = w.reshape([-1 if d == ax else 1 for d in range(x.ndim)])
+        wb = along_classes(w, x.ndim, ax)
         return jnp.mean(optax.softmax_cross_entropy(x.astype(jnp.float32), qf * wb, axis=ax))
 
     def ours(x, q, w):

@@ -150,12 +150,15 @@ def torch_loss_and_grad(
     ignore_index: int | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch (float64) loss and input gradient; ``x`` in PyTorch's layout."""
+    target_grad: bool = False,
+) -> tuple:
+    """PyTorch (float64) loss and input gradient; ``x`` in PyTorch's layout.
+    With ``target_grad`` (probability targets) the targets' gradient too, a
+    third element."""
     xt = torch.tensor(np.ascontiguousarray(x, np.float64), requires_grad=True)
     target = np.asarray(target)
     if np.issubdtype(target.dtype, np.floating):
-        tt = torch.tensor(np.ascontiguousarray(target, np.float64))
+        tt = torch.tensor(np.ascontiguousarray(target, np.float64), requires_grad=target_grad)
     else:
         tt = torch.tensor(target.astype(np.int64))
     kw = {
@@ -169,6 +172,8 @@ def torch_loss_and_grad(
     else:
         loss = F.cross_entropy(xt, tt, label_smoothing=label_smoothing, **kw)
     loss.backward(torch.tensor(np.asarray(cotangent, np.float64)).expand_as(loss).contiguous())
+    if target_grad:
+        return loss.detach().numpy(), xt.grad.numpy(), tt.grad.numpy()
     return loss.detach().numpy(), xt.grad.numpy()
 
 
