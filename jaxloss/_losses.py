@@ -164,6 +164,50 @@ def _native_sum(v: Array, axis: int) -> Array:
     return jnp.where(top >= 0, s, jnp.full((), jnp.nan, v.dtype))
 
 
+def _row_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
+    """``jnp.sum(v, axis)`` of each of ``vs`` (float, one shape) by one
+    variadic reduction that XLA:CPU emits itself, cut into blocks as
+    :func:`_row_sum`'s long rows. Not differentiable (no JVP rule)."""
+    axis = axis % vs[0].ndim
+    c = vs[0].shape[axis]
+    block = _sum_block(c) if c > _NATIVE_SUM_ROW else None
+    if block is not None:
+        shape = vs[0].shape[:axis] + (c // block, block) + vs[0].shape[axis + 1 :]
+        vs = _native_sums(tuple(v.reshape(shape) for v in vs), axis + 1)
+    return _native_sums(vs, axis)
+
+
+def _native_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
+    """:func:`_native_sum` of several arrays of one shape, in one reduction."""
+    v0 = vs[0]
+    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, v0.shape, axis), *vs)
+    init = tuple(_varying_like(jnp.zeros((), v.dtype), *vs) for v in vs)
+    init += (_varying_like(jnp.zeros((), jnp.int32), *vs),)
+    k = len(vs)
+
+    def add(a: tuple, b: tuple) -> tuple:
+        return tuple(a[i] + b[i] for i in range(k)) + (jnp.maximum(a[k], b[k]),)
+
+    out = jax.lax.reduce(tuple(vs) + (index,), init, add, (axis,))
+    ok = out[k] >= 0
+    return tuple(jnp.where(ok, s, jnp.full((), jnp.nan, s.dtype)) for s in out[:k])
+
+
+def _native_max(v: Array, axis: int) -> Array:
+    """``jnp.max(v, axis)``, stopped gradient, as a reduction that XLA:CPU
+    emits itself (see :func:`_native_sum`)."""
+    v = jax.lax.stop_gradient(v)
+    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, v.shape, axis), v)
+    init = (
+        _varying_like(jnp.full((), -jnp.inf, v.dtype), v),
+        _varying_like(jnp.zeros((), jnp.int32), v),
+    )
+    top, last = jax.lax.reduce(
+        (v, index), init, lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])), (axis,)
+    )
+    return jnp.where(last >= 0, top, jnp.full((), jnp.nan, v.dtype))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _row_sum(v: Array, axis: int) -> Array:
     """``jnp.sum(v, axis)`` (no keepdims) of a float ``v`` by
@@ -378,7 +422,7 @@ def _unshifted_applies(x: Array, axis: int, chunked: bool = False) -> bool:
     return not (chunked and size == 4 and last and x.shape[axis] < _UNSHIFTED_MIN_ROW)
 
 
-def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
+def _unshifted_row_stats(x: Array, axis: int, native: bool = False) -> tuple[Array, Array]:
     """:func:`_row_stats`'s ``(m, log s)`` from one read of ``x``, for the forward.
 
     ``s0 = sum exp(x)`` without the max shift, ``m = round(log s0)`` (not the
@@ -396,10 +440,13 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
     back at the end: over ``(positions, 1)`` XLA:CPU ran the logs 4x slower
     (``ab.py --base 45054a5``, forward: 4x64x64x150 1.06-1.08x faster,
     8x19x128x128 1.04-1.09x, 512x32000 bfloat16 1.11-1.18x).
+
+    ``native``: every reduction XLA:CPU's own (:func:`_row_sum`,
+    :func:`_native_row_stats`), for :func:`_soft_terms`.
     """
     cdt = _compute_dtype(x.dtype)
     e = jnp.exp(x.astype(cdt))
-    s0 = _exp_row_sums(e, x, axis, forward=True)
+    s0 = _row_sum(e, axis) if native else _exp_row_sums(e, x, axis, forward=True)
     lo, hi = _UNSHIFTED_RANGE
     ok = jnp.all((s0 >= lo) & (s0 <= hi))
 
@@ -408,11 +455,21 @@ def _unshifted_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
         return m, jnp.log(s0 * jnp.exp(-m))
 
     def shifted(x: Array) -> tuple[Array, Array]:
-        m, log_s = _row_stats(x, axis)
+        m, log_s = (_native_row_stats if native else _row_stats)(x, axis)
         return jnp.squeeze(m, axis), jnp.squeeze(log_s, axis)
 
     m, log_s = jax.lax.cond(ok, unshifted, shifted, x)
     return jnp.expand_dims(m, axis), jnp.expand_dims(log_s, axis)
+
+
+def _native_row_stats(x: Array, axis: int) -> tuple[Array, Array]:
+    """:func:`_row_stats` by XLA:CPU's own reductions (:func:`_native_max`,
+    :func:`_row_sum`), the max of a 16-bit ``x`` taken on its float32 view
+    (XLA:CPU's native max of bfloat16 took 35 ms at 512x32000, of the view
+    2.0 ms, YNNPACK's 1.4 ms). Not differentiable."""
+    xc = x.astype(_compute_dtype(x.dtype))
+    m = jnp.expand_dims(_native_max(xc, axis), axis)
+    return m, jnp.expand_dims(jnp.log(_row_sum(jnp.exp(xc - m), axis)), axis)
 
 
 def _wide_labels(t: Array) -> Array:
@@ -2121,22 +2178,30 @@ def _index_total_jvp(
 # ---------------------------------------------------------------------------
 
 
+def _weighted_targets(
+    x: Array, q: Array, w: Array | None, eps: float, axis: int
+) -> tuple[Any, Array, Array, Array]:
+    """``(compute dtype, x in it, w_c q'_c in it, x for the row statistics)``
+    with ``q' = (1 - eps) q + eps / C``. The row statistics take ``x`` as it
+    is where its dtype computes in the compute dtype (a 16-bit ``x`` then
+    has no float32 copy shared between the reductions: see
+    :func:`_row_stats`)."""
+    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
+    xc = x.astype(cdt)
+    qc = q.astype(cdt)
+    if eps > 0.0:
+        qc = qc * (1.0 - eps) + eps / x.shape[axis]
+    if w is not None:
+        qc = qc * _broadcast_weight(w.astype(cdt), x.ndim, axis)
+    return cdt, xc, qc, x if _compute_dtype(x.dtype) == cdt else xc
+
+
 def _soft_parts(
     x: Array, q: Array, w: Array | None, eps: float, axis: int, forward: bool = False
 ) -> tuple[Array, Array]:
     """``(w_c q'_c, -log p_c)`` in the compute dtype for :func:`_soft_loss`;
     ``forward``: for the loss alone (no derivative)."""
-    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
-    xc = x.astype(cdt)
-    qc = q.astype(cdt)
-    num_classes = x.shape[axis]
-    if eps > 0.0:
-        qc = qc * (1.0 - eps) + eps / num_classes
-    if w is not None:
-        qc = qc * _broadcast_weight(w.astype(cdt), x.ndim, axis)
-    # The row statistics from x as it is (a 16-bit x then has no float32 copy
-    # shared between the reductions: see _row_stats).
-    xs = x if _compute_dtype(x.dtype) == cdt else xc
+    cdt, xc, qc, xs = _weighted_targets(x, q, w, eps, axis)
     if forward and _unshifted_applies(xs, axis):
         m, log_s = _unshifted_row_stats(xs, axis)
     else:
@@ -2191,6 +2256,173 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
 _soft_loss.defjvp(_soft_loss_jvp, symbolic_zeros=True)
 
 
+# Probability targets, reduced ("mean"/"sum"): the gradient formed in the
+# loss's pass, as for index targets (_index_total), from whole-array ops.
+
+
+def _soft_terms(
+    x: Array, q: Array, w: Array | None, eps: float, axis: int, native: bool
+) -> tuple[Array, Array, Array, Array]:
+    """``(loss, A, p, q'')`` for the fwd+bwd of probability targets: the
+    per-position loss and ``A = sum_c w_c q'_c`` (no keepdims), and the
+    expressions ``p`` (the softmax) and ``q''_c = w_c q'_c``, left for XLA to
+    fuse into the gradient's pass.
+
+    ``native`` (XLA:CPU, :func:`_soft_fused_applies`): every reduction
+    XLA:CPU's own. YNNPACK, which takes ``jnp.max``/``jnp.sum`` there, wrote
+    out the operands it shared with the gradient's pass: the row max
+    broadcast to the logits' shape, ``m - x``, ``w_c q'_c`` (fwd+bwd
+    temporaries of 200% of the logits at 4096x32000 float32 and bfloat16).
+    Classes along the last axis take :func:`_unshifted_row_stats` (one read
+    for the max and the sum) and sum ``A`` and the loss apart; along another
+    axis the max shift and one variadic reduction for the two
+    (:func:`_row_sums`), each measured the faster there (see
+    :func:`_soft_fused_applies`). The gradient's ``p`` reads its own float32
+    view of 16-bit logits (:func:`_upcast_apart`, as the index targets')."""
+    cdt, xc, qc, xs = _weighted_targets(x, q, w, eps, axis)
+    last = axis % x.ndim == x.ndim - 1
+    if native and last:
+        m, log_s = _unshifted_row_stats(xs, axis, native=True)
+    elif native:
+        m, log_s = _native_row_stats(xs, axis)
+    else:
+        m, log_s = _row_stats(xs, axis)
+    m, log_s = m.astype(cdt), log_s.astype(cdt)
+    if native and last:
+        total_w, gap = _row_sum(qc, axis), _row_sum(qc * (m - xc), axis)
+    elif native:
+        total_w, gap = _row_sums((qc, qc * (m - xc)), axis)
+    else:
+        total_w, gap = jnp.sum(qc, axis=axis), jnp.sum(qc * (m - xc), axis=axis)
+    loss = gap + total_w * jnp.squeeze(log_s, axis)
+    apart = native and x.dtype.itemsize == 2
+    xg = _upcast_apart(x).astype(cdt) if apart else xc
+    p = (_exp if native else jnp.exp)((xg - m) - log_s)
+    return loss, total_w, p, qc
+
+
+# XLA:CPU, classes not along the last axis: the fused fwd+bwd up to this many
+# (float32; 16-bit logits).
+_SOFT_STRIDED_MAX_CLASSES = (24, 19)
+
+
+def _soft_fused_applies(x: Array, axis: int) -> bool:
+    """Whether a reduced loss with probability targets takes the fused
+    fwd+bwd (:func:`_soft_total_and_grad`): everywhere except XLA:CPU with
+    more classes than ``_SOFT_STRIDED_MAX_CLASSES`` along an axis other than
+    the last, where the derivative of :func:`_soft_loss` stays.
+
+    fwd+bwd against that derivative, ``ab.py --soft --axis 1``, 8xCx128x128,
+    2-core EPYC: float32 C = 12, 19, 24 1.13-1.55x faster, 28 0.95x, 32
+    0.99x; bfloat16 C = 10, 16, 18, 19 1.26-1.40x (4x19x256x256 3.2x,
+    16x19x64x64 1.40x), but 20, 22, 24 0.72-0.83x. Larger C: XLA:CPU's own
+    reductions over the strided class axis were slow (4x150x64x64 float32
+    0.21x optax against 0.25x, 4x64x96x96 0.26-0.34x against 0.33-0.42x)
+    and YNNPACK's wrote out the logits-size operands they shared with the
+    gradient (0.6-0.86x optax, temporaries 200%). Either way, probability
+    targets over a strided axis of 48 classes or more run at 0.2-0.8x optax
+    on XLA:CPU.
+    """
+    if jax.default_backend() != "cpu" or axis % x.ndim == x.ndim - 1:
+        return True
+    limit = _SOFT_STRIDED_MAX_CLASSES[0 if x.dtype.itemsize >= 4 else 1]
+    return x.shape[axis] <= limit
+
+
+def _soft_plain_total_and_grad(
+    x: Array,
+    q: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    eps: float,
+    axis: int,
+    *,
+    barrier: bool = True,
+) -> tuple[Array, Array]:
+    """``(scale * sum_i l_i, scale * dl/dx)`` for probability targets, the
+    gradient ``A p - w q'`` in the compute dtype, 0 where ``where`` is
+    False (``barrier``: on XLA:CPU by its own reductions, see
+    :func:`_soft_terms`; not when the gradient itself is differentiated)."""
+    native = barrier and jax.default_backend() == "cpu"
+    loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
+    s = scale.astype(loss.dtype)
+    zero = jnp.zeros((), loss.dtype)
+    s_grad = jnp.where(jnp.isinf(s), zero, s)
+    if where is not None:
+        loss = jnp.where(where, loss, zero)
+    total = jnp.where(s != 0, s * jnp.sum(loss), zero)
+    grad = p * jnp.expand_dims(s_grad * total_w, axis) - s_grad * qw
+    if where is not None:
+        grad = jnp.where(jnp.expand_dims(where, axis), grad, zero)
+    return total, grad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _soft_total_and_grad(
+    x: Array, q: Array, where: Array | None, w: Array | None, scale: Array, eps: float, axis: int
+) -> tuple[Array, Array]:
+    total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis)
+    return total, _to_dtype(grad, x.dtype)
+
+
+@_soft_total_and_grad.defjvp
+def _soft_total_and_grad_jvp(
+    eps: float, axis: int, primals: tuple, tangents: tuple
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    # Reached only when the gradient itself is differentiated: the plain
+    # expression, differentiated by JAX (as _fused_total_and_grad_jvp).
+    x, q, where, w, scale = primals
+
+    def plain(x: Array, q: Array) -> tuple[Array, Array]:
+        total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis, barrier=False)
+        return total, grad.astype(x.dtype)
+
+    return jax.jvp(plain, (x, q), tuple(tangents[:2]))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _soft_total(
+    x: Array, q: Array, where: Array | None, w: Array | None, scale: Array, eps: float, axis: int
+) -> Array:
+    """``scale * sum_i l_i`` over the positions (``where``) for probability
+    targets (0 when ``scale`` is 0); the forward is :func:`_soft_loss`'s."""
+    loss = _soft_loss(x, q, w, eps, axis)
+    zero = jnp.zeros((), loss.dtype)
+    if where is not None:
+        loss = jnp.where(where, loss, zero)
+    s = scale.astype(loss.dtype)
+    return jnp.where(s != 0, s * jnp.sum(loss), zero)
+
+
+def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    # As _index_total_jvp: the gradient of the logits is formed in the loss's
+    # pass, and reverse mode transposes sum(g * dx) into g * ct. The targets'
+    # gradient, (1 - eps) w (-log p), only where they are differentiated.
+    x, q, where, w, scale = primals
+    x_dot, q_dot = tangents[:2]
+    if isinstance(x_dot, SymbolicZero):
+        total = _soft_total(x, q, where, w, scale, eps, axis)
+        total_dot = jnp.zeros_like(total)
+    else:
+        total, grad = _soft_total_and_grad(x, q, where, w, scale, eps, axis)
+        total_dot = jnp.sum(grad.astype(total.dtype) * x_dot.astype(total.dtype))
+    if not isinstance(q_dot, SymbolicZero):
+        _, neg_logp = _soft_parts(x, q, w, eps, axis)
+        h = (1.0 - eps) * neg_logp
+        if w is not None:
+            h = h * _broadcast_weight(w.astype(h.dtype), x.ndim, axis)
+        s = scale.astype(h.dtype)
+        h = jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s) * h
+        if where is not None:
+            h = jnp.where(jnp.expand_dims(where, axis), h, jnp.zeros((), h.dtype))
+        total_dot = total_dot + jnp.sum(h * q_dot.astype(h.dtype))
+    return total, total_dot
+
+
+_soft_total.defjvp(_soft_total_jvp, symbolic_zeros=True)
+
+
 # ---------------------------------------------------------------------------
 # reductions and the shared entry point
 # ---------------------------------------------------------------------------
@@ -2219,6 +2451,25 @@ def _reduce(
     # not PyTorch's 0/0 = NaN. The inner where keeps the gradient finite.
     nonzero = denom != 0
     return jnp.where(nonzero, total / jnp.where(nonzero, denom, 1), jnp.zeros_like(total))
+
+
+def _reduced_scale(
+    reduction: str, denominator: Any, axis_name: Any, nan_if_empty: bool, dtype: Any
+) -> Array:
+    """The factor of a reduced loss's sum, gradient stopped: 1 for "sum",
+    ``1 / denominator()`` for "mean" (summed over ``axis_name`` first)."""
+    if reduction == "sum":
+        return jnp.ones((), dtype)
+    denom = denominator()
+    if axis_name is not None:
+        denom = jax.lax.psum(denom, axis_name)
+    if nan_if_empty:
+        return jax.lax.stop_gradient(1 / denom)
+    # Nothing to average (all ignored, empty batch): 0 with zero gradients,
+    # not PyTorch's 0/0 = NaN.
+    nonzero = denom != 0
+    scale = jnp.where(nonzero, 1 / jnp.where(nonzero, denom, 1), jnp.zeros((), dtype))
+    return jax.lax.stop_gradient(scale)
 
 
 @functools.partial(
@@ -2255,20 +2506,13 @@ def _index_impl(
     # "mean"/"sum": the chunked pass, with the mean's 1/denominator folded in
     # so that the gradient it writes needs no rescaling.
     cdt = _compute_dtype(x.dtype)
-    if reduction == "sum":
-        scale = jnp.ones((), cdt)
-    else:
-        denom = _weight_count(t, where, w, ignore_index, x.shape[axis], cdt)
-        if axis_name is not None:
-            denom = jax.lax.psum(denom, axis_name)
-        if nan_if_empty:
-            scale = 1 / denom
-        else:
-            # Nothing to average (all ignored, empty batch): 0 with zero
-            # gradients, not PyTorch's 0/0 = NaN.
-            nonzero = denom != 0
-            scale = jnp.where(nonzero, 1 / jnp.where(nonzero, denom, 1), jnp.zeros((), cdt))
-    scale = jax.lax.stop_gradient(scale)
+    scale = _reduced_scale(
+        reduction,
+        lambda: _weight_count(t, where, w, ignore_index, x.shape[axis], cdt),
+        axis_name,
+        nan_if_empty,
+        cdt,
+    )
     total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
@@ -2290,13 +2534,29 @@ def _soft_impl(
     axis_name: Any,
     nan_if_empty: bool,
 ) -> Array:
-    loss = _soft_loss(x, q, w, eps, axis)
-    if where is None:
-        count = jnp.ones(loss.shape, loss.dtype)
-    else:
-        count = where.astype(loss.dtype)
-        loss = jnp.where(where, loss, jnp.zeros((), loss.dtype))
-    return _reduce(loss, count, reduction, axis_name, nan_if_empty)
+    if reduction == "none" or not _soft_fused_applies(x, axis):
+        loss = _soft_loss(x, q, w, eps, axis)
+        if where is None:
+            count = jnp.ones(loss.shape, loss.dtype)
+        else:
+            count = where.astype(loss.dtype)
+            loss = jnp.where(where, loss, jnp.zeros((), loss.dtype))
+        return _reduce(loss, count, reduction, axis_name, nan_if_empty)
+    # "mean"/"sum": the gradient formed in the loss's pass, the mean's
+    # 1/denominator folded in (as _index_impl).
+    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
+    n = math.prod(x.shape) // x.shape[axis]
+    scale = _reduced_scale(
+        reduction,
+        lambda: jnp.asarray(n, cdt) if where is None else jnp.sum(where, dtype=cdt),
+        axis_name,
+        nan_if_empty,
+        cdt,
+    )
+    total = _soft_total(x, q, where, w, scale, eps, axis)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    return total
 
 
 def _loss(

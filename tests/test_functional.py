@@ -572,6 +572,16 @@ def test_probability_targets_gradients_of_logits_and_targets():
     check_each(cases, check)
 
 
+def soft_case(rng, shape, axis, large, dtype) -> tuple:
+    """Logits (``large``: one row's near 100, its sum of ``exp`` out of the
+    unshifted range), unnormalised probability targets and class weights."""
+    x = 3.0 * rng.standard_normal(shape)
+    if large:
+        x[(0,) * (len(shape) - 1)] += 100.0
+    q = rng.uniform(0.0, 1.0, shape).astype(dtype)
+    return x.astype(dtype), q, rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("large", [False, True], ids=["moderate", "large"])
 def test_probability_targets_forward_only(dtype, large):
@@ -582,12 +592,7 @@ def test_probability_targets_forward_only(dtype, large):
     and smoothed, channels-last and ``axis=1``."""
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
-        x = 3.0 * rng.standard_normal(shape)
-        if large:
-            x[(0,) * (len(shape) - 1)] += 100.0  # one row's sum of exp(x) out of range
-        x = x.astype(dtype)
-        q = rng.uniform(0.0, 1.0, shape).astype(dtype)
-        w = rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32)
+        x, q, w = soft_case(rng, shape, axis, large, dtype)
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
                          np.float64)
@@ -601,6 +606,67 @@ def test_probability_targets_forward_only(dtype, large):
         assert_close(got, want, LOSS_TOL["float32"], f"{shape} forward vs pytorch")
         assert_close(got, np.asarray(with_grad, np.float64), LOSS_TOL["float32"],
                      f"{shape} forward vs the differentiated loss")
+
+
+SOFT_REDUCED_CASES = {  # name: (shape, class axis)
+    "64x19": ((64, 19), -1),
+    "3x4x300": ((3, 4, 300), -1),
+    "2x4100": ((2, 4100), -1),  # rows summed in blocks (_row_sum)
+    "2x7x5x6-axis1": ((2, 7, 5, 6), 1),
+    "2x30x3x4-axis1": ((2, 30, 3, 4), 1),  # more classes than _SOFT_STRIDED_MAX_CLASSES
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("large", [False, True], ids=["moderate", "large"])
+def test_probability_targets_reduced_fwd_bwd(dtype, large):
+    """The mean and the sum of probability targets under differentiation
+    (``_soft_total_and_grad``: the gradient formed in the loss's pass; on
+    XLA:CPU by its own reductions, for classes along the last axis from the
+    unshifted row statistics, or with a row of logits near 100 the max
+    shift), weighted, smoothed, with a ``where`` mask and a cotangent of
+    1.7: loss and gradient against PyTorch (``reduction="none"``, each
+    position's cotangent its share of the mean) and NumPy in float64, and
+    the loss against the forward alone."""
+    cases = {}
+    for (name, (shape, axis)), reduction in itertools.product(
+        SOFT_REDUCED_CASES.items(), ("mean", "sum")
+    ):
+        rng = rng_for("soft-reduced", name, reduction, large, str(np.dtype(dtype)))
+        x, q, w = soft_case(rng, shape, axis, large, dtype)
+        where = rng.random(positions(x, axis)) < 0.8
+        where.flat[0] = True  # the row of large logits counts
+        cases[f"{name} {reduction}"] = (x, q, axis, reduction, w, where)
+
+    def check(x, q, axis, reduction, w, where):
+        kw = dict(weight=jnp.asarray(w), axis=axis, reduction=reduction, label_smoothing=0.1,
+                  where=jnp.asarray(where))
+        cot = np.float32(1.7)
+        loss, grad, _, raw_grad = jax_loss_and_grad(
+            jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(q), cot, **kw
+        )
+        assert raw_grad.dtype == x.dtype
+        forward = jax.jit(lambda a, b: jaxloss.cross_entropy(a, b, **kw))(x, q)
+        x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
+        share = where / (where.sum() if reduction == "mean" else 1.0)
+        tl, tg = torch_loss_and_grad(
+            to_torch_layout(x64, axis), to_torch_layout(q64, axis),
+            to_torch_layout(cot * share, axis) if share.ndim > 1 else cot * share,
+            nll=False, weight=w, reduction="none", label_smoothing=0.1,
+        )
+        torch_loss = np.sum(tl * (to_torch_layout(share, axis) if share.ndim > 1 else share))
+        back = (lambda g: g) if x.ndim == 1 else (lambda g: np.moveaxis(g, 1, axis))
+        rl, rg = reference.loss_and_grad(x64, q64, weight=w, reduction=reduction,
+                                         label_smoothing=0.1, axis=axis, where=where,
+                                         cotangent=cot)
+        key = "bfloat16" if x.dtype == ml_dtypes.bfloat16 else "float32"
+        assert_close(loss, torch_loss, LOSS_TOL["float32"], "loss vs pytorch")
+        assert_close(loss, rl, LOSS_TOL["float32"], "loss vs numpy")
+        assert_close(np.asarray(forward, np.float64), loss, LOSS_TOL["float32"], "forward alone")
+        assert_close(grad, back(tg), GRAD_TOL[key], "gradient vs pytorch")
+        assert_close(grad, rg, GRAD_TOL[key], "gradient vs numpy")
+
+    check_each(cases, check)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
