@@ -15,8 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from oracles import (
+    GRAD_TOL,
+    LOSS_TOL,
+    assert_close,
     check_cross_entropy_configs,
     labelled_logits,
+    torch_loss_and_grad,
     weighting_configs,
 )
 
@@ -118,3 +122,35 @@ def test_small_fwd_bwd_compiles_without_the_grouped_rows(small_inputs, core_cons
     assert " dot(" in text0
     np.testing.assert_allclose(loss, loss0, rtol=2e-6)
     np.testing.assert_allclose(grad, grad0, rtol=2e-5, atol=1e-8)
+
+
+def test_small_16bit_probability_targets_keep_the_derivative(small_inputs, core_constants):
+    """The mean of 16-bit probability targets of a small input keeps
+    ``_soft_loss``'s derivative (the fused fwd+bwd's reductions were slower
+    there); from the threshold up, and with no input small, the fused
+    fwd+bwd (``_soft_total_and_grad``). Both against PyTorch in float64."""
+    assert not _losses._soft_fused_applies(_spec((160, 100), jnp.bfloat16), 1)
+    assert _losses._soft_fused_applies(_spec((400, 100), jnp.bfloat16), 1)
+    assert _losses._soft_fused_applies(_spec((160, 100)), 1)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(3.0 * rng.standard_normal((160, 100)), jnp.bfloat16)
+    q = jnp.asarray(rng.uniform(0.0, 1.0, (160, 100)), jnp.bfloat16)
+    w = rng.uniform(0.5, 2.0, 100).astype(np.float32)
+
+    def step():
+        f = jax.jit(jax.value_and_grad(
+            lambda v: jaxloss.cross_entropy(v, q, weight=w, label_smoothing=0.1)
+        ))
+        loss, grad = f(x)
+        return np.float64(loss), np.asarray(grad.astype(jnp.float32), np.float64)
+
+    small = step()
+    core_constants("_CPU_SMALL_ELEMENTS", 0)
+    fused = step()
+    tl, tg = torch_loss_and_grad(
+        np.asarray(x, np.float64), np.asarray(q, np.float64), 1.0, nll=False, weight=w,
+        label_smoothing=0.1,
+    )
+    for name, (loss, grad) in (("small", small), ("fused", fused)):
+        assert_close(loss, tl, LOSS_TOL["float32"], f"{name} loss")
+        assert_close(grad, tg, GRAD_TOL["bfloat16"], f"{name} gradient")
