@@ -2197,13 +2197,20 @@ def _weighted_targets(
 
 
 def _soft_parts(
-    x: Array, q: Array, w: Array | None, eps: float, axis: int, forward: bool = False
+    x: Array,
+    q: Array,
+    w: Array | None,
+    eps: float,
+    axis: int,
+    forward: bool = False,
+    native: bool = False,
 ) -> tuple[Array, Array]:
     """``(w_c q'_c, -log p_c)`` in the compute dtype for :func:`_soft_loss`;
-    ``forward``: for the loss alone (no derivative)."""
+    ``forward``: for the loss alone (no derivative), ``native`` with
+    XLA:CPU's own reductions."""
     cdt, xc, qc, xs = _weighted_targets(x, q, w, eps, axis)
-    if forward and _unshifted_applies(xs, axis):
-        m, log_s = _unshifted_row_stats(xs, axis)
+    if forward and (native or _unshifted_applies(xs, axis)):
+        m, log_s = _unshifted_row_stats(xs, axis, native=native)
     else:
         m, log_s = _row_stats(xs, axis)
     return qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
@@ -2225,13 +2232,24 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     handed the max to YNNPACK, which wrote it out broadcast to the logits'
     shape for the sums after it (``ab.py --soft --base dfe1e65``: 8192x32
     float32 3.9x faster, 26210x19 4.9x, 4x64x64x150 bfloat16 2.8x,
-    2x64x128x19 bfloat16 2.9x, seg19 1.5x; other shapes 0.95-1.37x). Its sum
-    over float32 positions of several dimensions stays ``jnp.sum`` (by
-    :func:`_row_sum` the forward measured 0.78-0.86x at the ``bench.py
-    --small`` float32 cases); the fwd+bwd's sums take :func:`_row_sum` there
-    (``ab.py --soft`` against the autodiff of the loss: 1.31-1.73x faster
-    at them with it, 1.08-1.74x with ``jnp.sum``)."""
-    qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True)
+    2x64x128x19 bfloat16 2.9x, seg19 1.5x; other shapes 0.95-1.37x).
+
+    On XLA:CPU where the fused fwd+bwd takes its own reductions
+    (:func:`_soft_fused_applies`), the forward sums the loss by
+    :func:`_row_sum` too, and over a strided class axis takes the row
+    statistics by them (``_unshifted_row_stats(native=True)``). Forward
+    against ``jnp.sum`` (YNNPACK), both in one process, two processes,
+    2-core EPYC: 8x128x128x19 float32 1.14-1.18x faster, 4x64x64x150
+    1.38-1.46x, 4096x1000 1.23-1.27x, 16384x64 1.2-1.3x, 26210x19
+    1.0-1.15x, 2x64x128x19 1.0x, 8192x32 0.93-0.96x; over axis 1,
+    8x19x128x128 1.3x (0.88x -> 1.13x optax), 8x24x128x128 1.4x, bfloat16
+    8x19x128x128 1.7x (temporaries 242% -> 53% of the logits). Over 32 or
+    150 strided classes XLA's reductions were 2-7x slower."""
+    native = jax.default_backend() == "cpu" and _soft_fused_applies(x, axis)
+    strided = axis % x.ndim != x.ndim - 1
+    qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True, native=native and strided)
+    if native:
+        return _row_sum(qw * neg_logp, axis)
     return _class_sum(qw * neg_logp, x, axis, spread=False)
 
 
