@@ -590,7 +590,7 @@ def test_probability_targets_forward_only(dtype, large):
     with a row of logits near 100 takes the max shift) equals PyTorch in
     float64 and the loss of the differentiated path, per position, weighted
     and smoothed, channels-last and ``axis=1``."""
-    for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1)):
+    for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
@@ -614,6 +614,7 @@ SOFT_REDUCED_CASES = {  # name: (shape, class axis)
     "2x4100": ((2, 4100), -1),  # rows summed in blocks (_row_sum)
     "2x7x5x6-axis1": ((2, 7, 5, 6), 1),
     "2x30x3x4-axis1": ((2, 30, 3, 4), 1),  # more classes than _SOFT_STRIDED_MAX_CLASSES
+    "2x50x3x4-axis1": ((2, 50, 3, 4), 1),  # ... summed over a flat view (_SOFT_FLAT_MIN_CLASSES)
 }
 
 
