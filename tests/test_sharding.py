@@ -4,7 +4,8 @@ conftest.py forces 4 host CPU devices. Each shard holds a very different
 fraction of ignored positions, so a mean of per-device means would be wrong:
 only a global sum of numerators and of (weighted) denominators is right.
 Covered: GSPMD ``jit`` with ``NamedSharding``, ``shard_map`` with
-``axis_name`` (functions, the linen and the NNX modules), ``reduction="sum"``.
+``axis_name`` (functions, the linen and the NNX modules), ``reduction="sum"``,
+probability targets.
 """
 
 import functools
@@ -468,3 +469,52 @@ def test_partitioning_api_mismatch_warns_and_falls_back(kernel_everywhere, monke
         got = jax.jit(_step("mean", -1, WEIGHT), in_shardings=(rows, rows))(x, t)
     _assert_close(got, want)
     assert {k["logits_shape"] for k in kernel_everywhere} == {(8, 4, c)}
+
+
+# ---------------------------------------------------------------------------
+# probability targets
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((8, 4, 6, 19), -1), ((8, 19, 4, 6), 1), ((8, 50, 3, 4), 1)],
+    ids=["channels-last", "axis1-19", "axis1-50"],
+)
+def test_probability_targets_sharded_match_one_device(shape, axis):
+    """The mean of probability targets (weighted, smoothed, a ``where`` mask
+    that leaves each shard a different count) over a batch sharded on 4
+    devices, by ``shard_map`` with ``axis_name`` and by GSPMD ``jit``: loss
+    and gradients of the logits and of the targets equal the one-device
+    ones (the fused fwd+bwd's reductions, the unshifted statistics' ``cond``
+    and the flat view's sums run per shard)."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(2.0 * rng.standard_normal(shape), jnp.float32)
+    q = jnp.asarray(rng.uniform(0.0, 1.0, shape), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, shape[axis]), jnp.float32)
+    pos = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    where = jnp.asarray(rng.random(pos) < np.linspace(0.2, 0.9, 8).reshape(-1, 1, 1))
+    kw = dict(weight=w, axis=axis, label_smoothing=0.1)
+
+    def step(loss):
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    def one(x, q, where):
+        return jaxloss.cross_entropy(x, q, where=where, **kw)
+
+    want = jax.jit(step(one))(x, q, where)
+    mesh = _mesh()
+    sharded = shard_map(
+        lambda x, q, where: jaxloss.cross_entropy(x, q, where=where, axis_name="data", **kw),
+        mesh=mesh,
+        in_specs=(P("data"), P("data"), P("data")),
+        out_specs=P(),
+    )
+    got_shard_map = jax.jit(step(sharded))(x, q, where)
+    put = [jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, q, where)]
+    got_gspmd = jax.jit(step(one))(*put)
+    for name, got in (("shard_map", got_shard_map), ("gspmd", got_gspmd)):
+        try:
+            _assert_close(got, want)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
