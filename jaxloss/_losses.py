@@ -150,68 +150,58 @@ def _poly_exp_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
 _NATIVE_SUM_ROW = 2048
 
 
-def _native_sum(v: Array, axis: int) -> Array:
-    """``jnp.sum(v, axis)`` as a reduction that XLA:CPU emits itself, fused
-    with ``v``'s producer, rather than handing it to YNNPACK: a variadic
-    reduction, the classes' index max beside the sum (always >= 0, kept
-    alive by the select below), which YNNPACK does not take."""
-    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, v.shape, axis), v)
-    zero = jnp.zeros((), v.dtype)
-    init = (_varying_like(zero, v), _varying_like(jnp.zeros((), jnp.int32), v))
-    s, top = jax.lax.reduce(
-        (v, index), init, lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (axis,)
+def _native_reduce(vs: tuple[Array, ...], inits: tuple[float, ...], op: Any, axis: int) -> tuple:
+    """``op``-reductions of ``vs`` (one shape) along ``axis`` in one reduction
+    that XLA:CPU emits itself, fused with the operands' producers, rather
+    than handing it to YNNPACK: a variadic reduction, the classes' index
+    max beside the values (always >= 0, kept alive by the select below),
+    which YNNPACK does not take."""
+    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, vs[0].shape, axis), *vs)
+    init = tuple(
+        _varying_like(jnp.full((), i, v.dtype), *vs) for v, i in zip(vs, inits, strict=True)
     )
-    return jnp.where(top >= 0, s, jnp.full((), jnp.nan, v.dtype))
-
-
-def _row_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
-    """``jnp.sum(v, axis)`` of each of ``vs`` (float, one shape) by one
-    variadic reduction that XLA:CPU emits itself, cut into blocks as
-    :func:`_row_sum`'s long rows. Not differentiable (no JVP rule)."""
-    axis = axis % vs[0].ndim
-    c = vs[0].shape[axis]
-    block = _sum_block(c) if c > _NATIVE_SUM_ROW else None
-    if block is not None:
-        shape = vs[0].shape[:axis] + (c // block, block) + vs[0].shape[axis + 1 :]
-        vs = _native_sums(tuple(v.reshape(shape) for v in vs), axis + 1)
-    return _native_sums(vs, axis)
-
-
-def _native_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
-    """:func:`_native_sum` of several arrays of one shape, in one reduction."""
-    v0 = vs[0]
-    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, v0.shape, axis), *vs)
-    init = tuple(_varying_like(jnp.zeros((), v.dtype), *vs) for v in vs)
     init += (_varying_like(jnp.zeros((), jnp.int32), *vs),)
     k = len(vs)
 
-    def add(a: tuple, b: tuple) -> tuple:
-        return tuple(a[i] + b[i] for i in range(k)) + (jnp.maximum(a[k], b[k]),)
+    def combine(a: tuple, b: tuple) -> tuple:
+        return tuple(op(a[i], b[i]) for i in range(k)) + (jnp.maximum(a[k], b[k]),)
 
-    out = jax.lax.reduce(tuple(vs) + (index,), init, add, (axis,))
+    out = jax.lax.reduce(tuple(vs) + (index,), init, combine, (axis,))
     ok = out[k] >= 0
     return tuple(jnp.where(ok, s, jnp.full((), jnp.nan, s.dtype)) for s in out[:k])
 
 
+def _native_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
+    """``jnp.sum(v, axis)`` of each of ``vs`` by :func:`_native_reduce`."""
+    return _native_reduce(vs, (0.0,) * len(vs), jnp.add, axis)
+
+
+def _row_sums(vs: tuple[Array, ...], axis: int) -> tuple[Array, ...]:
+    """``jnp.sum(v, axis)`` of each of ``vs`` (float, one shape) by one
+    variadic reduction that XLA:CPU emits itself (:func:`_native_sums`);
+    rows longer than ``_NATIVE_SUM_ROW`` in blocks (see :func:`_row_sum`),
+    or by ``jnp.sum`` where ``C`` has no divisor for them. Not
+    differentiable (:func:`_row_sum` is)."""
+    axis = axis % vs[0].ndim
+    c = vs[0].shape[axis]
+    if c <= _NATIVE_SUM_ROW:
+        return _native_sums(vs, axis)
+    block = _sum_block(c)
+    if block is None:
+        return tuple(jnp.sum(v, axis=axis) for v in vs)
+    shape = vs[0].shape[:axis] + (c // block, block) + vs[0].shape[axis + 1 :]
+    return _native_sums(_native_sums(tuple(v.reshape(shape) for v in vs), axis + 1), axis)
+
+
 def _native_max(v: Array, axis: int) -> Array:
-    """``jnp.max(v, axis)``, stopped gradient, as a reduction that XLA:CPU
-    emits itself (see :func:`_native_sum`)."""
-    v = jax.lax.stop_gradient(v)
-    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, v.shape, axis), v)
-    init = (
-        _varying_like(jnp.full((), -jnp.inf, v.dtype), v),
-        _varying_like(jnp.zeros((), jnp.int32), v),
-    )
-    top, last = jax.lax.reduce(
-        (v, index), init, lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])), (axis,)
-    )
-    return jnp.where(last >= 0, top, jnp.full((), jnp.nan, v.dtype))
+    """``jnp.max(v, axis)``, stopped gradient, by :func:`_native_reduce`."""
+    return _native_reduce((jax.lax.stop_gradient(v),), (-jnp.inf,), jnp.maximum, axis)[0]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _row_sum(v: Array, axis: int) -> Array:
     """``jnp.sum(v, axis)`` (no keepdims) of a float ``v`` by
-    :func:`_native_sum`, for XLA:CPU. The row sums of exponentials of 16-bit logits and
+    :func:`_native_sums`, for XLA:CPU. The row sums of exponentials of 16-bit logits and
     of long float32 rows take it (:func:`_native_row_sums`).
 
     YNNPACK's fused reduction, XLA:CPU's default, sums the exponentials of
@@ -230,15 +220,7 @@ def _row_sum(v: Array, axis: int) -> Array:
     with blocks of 256);
     a long row with no such divisor keeps ``jnp.sum``. A custom JVP: the
     tangent is ``jnp.sum`` (reverse mode transposes it)."""
-    axis = axis % v.ndim
-    c = v.shape[axis]
-    if c <= _NATIVE_SUM_ROW:
-        return _native_sum(v, axis)
-    block = _sum_block(c)
-    if block is None:
-        return jnp.sum(v, axis=axis)
-    blocks = v.reshape(v.shape[:axis] + (c // block, block) + v.shape[axis + 1 :])
-    return _native_sum(_native_sum(blocks, axis + 1), axis)
+    return _row_sums((v,), axis)[0]
 
 
 @_row_sum.defjvp
@@ -2291,11 +2273,17 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
         g = jnp.exp(-neg_logp) * total - qw
         loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
     if not isinstance(q_dot, SymbolicZero):
-        h = (1.0 - eps) * neg_logp
-        if w is not None:
-            h = h * _broadcast_weight(w.astype(h.dtype), x.ndim, axis)
+        h = _target_grad(neg_logp, w, eps, axis)
         loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
     return loss, loss_dot
+
+
+def _target_grad(neg_logp: Array, w: Array | None, eps: float, axis: int) -> Array:
+    """``dl/dq_c = (1 - eps) w_c (-log p_c)``, the targets' gradient."""
+    h = (1.0 - eps) * neg_logp
+    if w is not None:
+        h = h * _broadcast_weight(w.astype(h.dtype), neg_logp.ndim, axis)
+    return h
 
 
 _soft_loss.defjvp(_soft_loss_jvp, symbolic_zeros=True)
@@ -2406,16 +2394,23 @@ def _soft_plain_total_and_grad(
     :func:`_soft_terms`; not when the gradient itself is differentiated)."""
     native = barrier and jax.default_backend() == "cpu"
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
-    s = scale.astype(loss.dtype)
     zero = jnp.zeros((), loss.dtype)
+    s = scale.astype(loss.dtype)
     s_grad = jnp.where(jnp.isinf(s), zero, s)
-    if where is not None:
-        loss = jnp.where(where, loss, zero)
-    total = jnp.where(s != 0, s * jnp.sum(loss), zero)
     grad = p * jnp.expand_dims(s_grad * total_w, axis) - s_grad * qw
     if where is not None:
         grad = jnp.where(jnp.expand_dims(where, axis), grad, zero)
-    return total, grad
+    return _scaled_total(loss, where, scale), grad
+
+
+def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:
+    """``scale * sum(loss)`` over the positions ``where`` keeps (0 when
+    ``scale`` is 0, whatever the sum)."""
+    zero = jnp.zeros((), loss.dtype)
+    if where is not None:
+        loss = jnp.where(where, loss, zero)
+    s = scale.astype(loss.dtype)
+    return jnp.where(s != 0, s * jnp.sum(loss), zero)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
@@ -2457,12 +2452,7 @@ def _soft_total(
 ) -> Array:
     """``scale * sum_i l_i`` over the positions (``where``) for probability
     targets (0 when ``scale`` is 0); the forward is :func:`_soft_loss`'s."""
-    loss = _soft_loss(x, q, w, eps, axis)
-    zero = jnp.zeros((), loss.dtype)
-    if where is not None:
-        loss = jnp.where(where, loss, zero)
-    s = scale.astype(loss.dtype)
-    return jnp.where(s != 0, s * jnp.sum(loss), zero)
+    return _scaled_total(_soft_loss(x, q, w, eps, axis), where, scale)
 
 
 def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
@@ -2478,10 +2468,7 @@ def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> t
         total, grad = _soft_total_and_grad(x, q, where, w, scale, eps, axis)
         total_dot = jnp.sum(grad.astype(total.dtype) * x_dot.astype(total.dtype))
     if not isinstance(q_dot, SymbolicZero):
-        _, neg_logp = _soft_parts(x, q, w, eps, axis)
-        h = (1.0 - eps) * neg_logp
-        if w is not None:
-            h = h * _broadcast_weight(w.astype(h.dtype), x.ndim, axis)
+        h = _target_grad(_soft_parts(x, q, w, eps, axis)[1], w, eps, axis)
         s = scale.astype(h.dtype)
         h = jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s) * h
         if where is not None:
