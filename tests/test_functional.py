@@ -511,6 +511,47 @@ def test_one_row_weighted_label_smoothing(small_inputs):
     check_configs_against_oracles(configs)
 
 
+STRIDED_SMOOTHING_CASES = {  # name: (shape, class axis, dtype, class slices summed)
+    "2x2x5x3-axis1": ((2, 2, 5, 3), 1, np.float32, True),
+    "2x19x4x5-axis1": ((2, 19, 4, 5), 1, np.float32, True),
+    "2x150x3x4-axis1": ((2, 150, 3, 4), 1, np.float32, True),
+    "1x200x2x3-axis1": ((1, 200, 2, 3), 1, np.float32, True),
+    "1x201x2x3-axis1": ((1, 201, 2, 3), 1, np.float32, False),
+    "2x40x3x4-axis1-bf16": ((2, 40, 3, 4), 1, ml_dtypes.bfloat16, True),
+    "3x50x7-axis1": ((3, 50, 7), 1, np.float32, True),
+    "30x8-axis0": ((30, 8), 0, np.float32, True),
+    "2x3x25x4-axis2": ((2, 3, 25, 4), 2, np.float32, True),
+    "2x5x3x25-axis3": ((2, 5, 3, 25), 3, np.float32, False),
+}
+
+
+def test_strided_weighted_label_smoothing():
+    """Label smoothing with class weights over a class axis that is not the
+    last (the weighted smoothing term summed class slice by class slice on
+    XLA:CPU up to ``_GAP_SLICES_MAX_CLASSES`` classes, see
+    ``_losses._weighted_gap_sum``): 2 to 201 classes, axis 0, 1 and 2,
+    float32 and bfloat16, channels-last as the control; every reduction,
+    against PyTorch and the NumPy reference in float64, all under one
+    ``jit``."""
+    from jaxloss import _losses
+
+    configs = {}
+    for name, (shape, axis, dtype, slices) in STRIDED_SMOOTHING_CASES.items():
+        rng = rng_for("strided-smoothing", name)
+        x = (2.0 * rng.standard_normal(shape)).astype(dtype)
+        x.reshape(-1)[:3] += 60.0  # rows far from 0: the gaps, not m W - sum w x
+        assert _losses._gap_slices_apply(jnp.asarray(x), axis) == slices, name
+        c = shape[axis]
+        t = np.asarray(rng.integers(0, c, positions(x, axis)))
+        t.reshape(-1)[-1] = 255
+        w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        kw = dict(weight=w, ignore_index=255, label_smoothing=0.1)
+        for reduction in REDUCTIONS:
+            cot = default_cotangent("ce", x, axis, reduction)
+            configs[f"{name} reduction={reduction}"] = ("ce", x, t, axis, reduction, kw, cot)
+    check_configs_against_oracles(configs)
+
+
 SOFT_GRAD_CASES = {  # name: (shape, class axis, dtype)
     "6x5": ((6, 5), -1, np.float32),
     "2x5x3x4-axis1": ((2, 5, 3, 4), 1, np.float32),
