@@ -138,7 +138,9 @@ def test_jvp_forward_mode(case, reduction):
     np.testing.assert_allclose(tangent_jit, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["ce", "ce_w_ls_ign", "nll_w_ign", "soft", "where"])
+@pytest.mark.parametrize(
+    "case", ["ce", "ce_w_ls_ign", "nll_w_ign", "soft", "where", "ce_w_ls_strided"]
+)
 def test_check_grads_second_order(case):
     """Numerical vs automatic derivatives to order 2, forward and reverse, in
     float64, of every reduction: the three losses of the same inputs as one
@@ -149,6 +151,14 @@ def test_check_grads_second_order(case):
             x, t = data(("cg", case), shape=(2, 3, 4), dtype=np.float64, soft=True)
             f = lambda x, r: jaxloss.cross_entropy(x, t, reduction=r, label_smoothing=0.1,
                                                    weight=np.array([0.5, 2.0, 1.0, 1.5]))
+        elif case == "ce_w_ls_strided":
+            # 20 classes along axis 1: the weighted smoothing term by class
+            # slices (_losses._weighted_gap_sum), not the class-sliced path.
+            x, t = data(("cg", case), shape=(2, 3, 20), dtype=np.float64)
+            x = np.moveaxis(x, -1, 1)
+            w = np.linspace(0.5, 2.0, 20)
+            f = lambda x, r: jaxloss.cross_entropy(x, t, reduction=r, axis=1, weight=w,
+                                                   ignore_index=255, label_smoothing=0.2)
         elif case == "where":
             x, t = data(("cg", case), shape=(2, 3, 4), dtype=np.float64)
             m = np.array([[True, False, True], [True, True, False]])
