@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import reference
@@ -230,6 +231,64 @@ def test_hessian(case):
     for h in (jax.hessian(f)(x), jax.jit(jax.hessian(f))(x),
               jax.jacfwd(jax.jacfwd(f))(x), jax.jacrev(jax.jacrev(f))(x)):
         np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-6)
+
+
+SIXTEEN_BIT_SECOND_ORDER = {  # name: (shape, class axis, dtype)
+    "64x2-bf16": ((64, 2), -1, ml_dtypes.bfloat16),  # the class pair read as one uint32
+    "6x4x30-bf16": ((6, 4, 30), -1, ml_dtypes.bfloat16),  # target logits gathered as bits
+    "6x30-f16": ((6, 30), -1, np.float16),
+    "2x30x3x4-axis1-bf16": ((2, 30, 3, 4), 1, ml_dtypes.bfloat16),  # smoothing by bits
+}
+
+
+@pytest.mark.parametrize("fn", ["ce", "nll"])
+@pytest.mark.parametrize("name", SIXTEEN_BIT_SECOND_ORDER)
+def test_forward_over_reverse_of_16bit_logits(name, fn):
+    """``jax.jvp`` of ``jax.value_and_grad`` (the path of Hessian-vector
+    products: the fused rule's own derivative, i.e. the plain formulation
+    as JAX differentiates it) with 16-bit logits, where the library reads
+    logits as raw bits. The value's tangent against ``<dl/dx, v>`` of the
+    NumPy reference in float64; the gradient's tangent against the same
+    computation on the logits' exact float32 values (second order in
+    float32 is checked numerically above). Once 0 (class pairs) or of the
+    wrong sign (gathered target logits): the bits carried no derivative.
+    Weights, ignore_index and, for cross-entropy, label smoothing; every
+    reduction."""
+    shape, axis, dtype = SIXTEEN_BIT_SECOND_ORDER[name]
+    rng = rng_for("fwd-over-rev-16bit", name, fn)
+    x = rng.standard_normal(shape).astype(dtype)
+    v = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    pos = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    t = rng.integers(0, c, pos).astype(np.int32)
+    t.reshape(-1)[0] = 255
+    w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    loss_fn = jaxloss.cross_entropy if fn == "ce" else jaxloss.nll_loss
+    kw = dict(weight=w, ignore_index=255, axis=axis)
+    if fn == "ce":
+        kw["label_smoothing"] = 0.2
+    for reduction in REDUCTIONS:
+        f = lambda x, r=reduction: jnp.sum(loss_fn(x, t, reduction=r, **kw))
+        (_, g), (val_dot, g_dot) = jax.jvp(
+            jax.value_and_grad(f), (jnp.asarray(x),), (jnp.asarray(v),)
+        )
+        assert g.dtype == x.dtype and g_dot.dtype == x.dtype
+        ref_kw = dict(kw, normalize=fn == "ce")
+        _, ref_g = reference.loss_and_grad(
+            np.asarray(x, np.float64), t, reduction="sum" if reduction == "none" else reduction,
+            **ref_kw,
+        )
+        expected = np.sum(ref_g * np.asarray(v, np.float64))
+        np.testing.assert_allclose(float(val_dot), expected, rtol=2e-3, atol=1e-4,
+                                   err_msg=f"{name} {fn} reduction={reduction}")
+        _, (_, g_dot32) = jax.jvp(
+            jax.value_and_grad(f), (jnp.asarray(x, jnp.float32),), (jnp.asarray(v, jnp.float32),)
+        )
+        np.testing.assert_allclose(
+            np.asarray(g_dot, np.float32), g_dot32, rtol=2e-2,
+            atol=2e-2 * float(np.max(np.abs(g_dot32))) + 1e-6,
+            err_msg=f"{name} {fn} reduction={reduction}: gradient's tangent",
+        )
 
 
 # ---------------------------------------------------------------------------
