@@ -357,8 +357,15 @@ def test_gspmd_jit_lowers_a_partitioned_kernel_for_cuda(reduction):
         ((2, 8, 4, 6), -1, jnp.float32, P(None, "data")),  # height
         ((2, 6, 8, 4), 1, jnp.float32, P(None, None, "data")),  # height, axis=1
         ((2, 16, 40), -1, jnp.bfloat16, P(None, "data")),  # sequence
+        # 20 classes along axis 1: smoothing's weighted term by class slices
+        ((8, 20, 4, 6), 1, jnp.float32, P("data")),
+        ((8, 20, 4, 6), 1, jnp.bfloat16, P("data")),
+        ((2, 20, 8, 4), 1, jnp.float32, P(None, None, "data")),
     ],
-    ids=["last", "first", "rows-bf16", "last-height", "first-height", "lm-sequence"],
+    ids=[
+        "last", "first", "rows-bf16", "last-height", "first-height", "lm-sequence",
+        "first-20", "first-20-bf16", "first-20-height",
+    ],
 )
 def test_gspmd_xla_loop_slices_each_shard_locally(monkeypatch, shape, axis, dtype, spec):
     """The XLA formulation's chunked loop (accelerators without the kernel,
