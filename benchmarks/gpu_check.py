@@ -380,6 +380,7 @@ def main() -> None:
     )
     args = p.parse_args()
     out = os.environ.get("OUT", "/tmp")
+    os.makedirs(out, exist_ok=True)
     on_gpu = jax.devices()[0].platform == "gpu"
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
