@@ -2366,8 +2366,10 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
 
 
 # The derivative of _soft_loss sums over a flat view of the positions after
-# a class axis of this many classes or more (see _soft_loss_jvp).
+# a class axis of this many classes or more (see _soft_loss_jvp); its loss
+# term from this many (float32, 16-bit).
 _SOFT_FLAT_MIN_CLASSES = 48
+_SOFT_FLAT_LOSS_MIN_CLASSES = (34, 33)
 
 
 def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
@@ -2380,12 +2382,28 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     optax), 4x100x64x64 3.6x, 2x150x128x128 3.5x, 8x64x64x64 2.9-3.5x,
     4x64x96x96 2.4x, 8x48x96x96 1.7x; bfloat16 4x150x64x64 3.9x, 8x64x64x64
     4.2x; but 32 classes 0.66-0.97x (8x32x128x128, 8x32x64x64,
-    4x32x128x128). The forward alone: 1.0-1.12x (over 32 to 150 classes)."""
+    4x32x128x128). The forward alone: 1.0-1.12x (over 32 to 150 classes).
+
+    From ``_SOFT_FLAT_LOSS_MIN_CLASSES`` (34 float32, 33 16-bit) the loss
+    term alone takes the flat view, the weights' sum ``A`` keeps
+    :func:`_row_sum` below 48: XLA:CPU's reduction of ``w q' (-log p)``
+    over the strided axis slowed from 34 classes (8xCx64x64 float32: 2.9 ms
+    at 33, 4.0-4.1 at 34, 4.6-5.6 at 35, 5.2-5.8 at 40-44), its sum of
+    ``w q'`` did not (0.3 ms at 40 alone, 2.9 ms for the loss term, 0.5
+    over the view). fwd+bwd of the mean, ``ab.py --soft --axis 1 --base
+    adeaacd``, 2-core EPYC: float32 8x34x64x64 1.52-1.58x faster (0.59x ->
+    0.91x optax), 8x35x64x64 1.7-2.0x, 8x36-8x44 1.59-1.79x (0.49-0.62x ->
+    0.87-0.99x), 4x35-4x44x128x128 1.47-1.82x, 16x40x32x32 1.70x,
+    2x40x256x256 1.15x; bfloat16 8x33x64x64 1.62x, 8x36 1.84x, 8x40 1.62x,
+    4x44x128x128 1.78x. At 33 float32 classes and below the view measured
+    0.87-1.23x (33: 0.87-1.09x; 32: 0.85-0.93x; 28: 0.93-1.23x)."""
     x, q, w = primals
     x_dot, q_dot, _ = tangents
     qw, neg_logp = _soft_parts(x, q, w, eps, axis)
-    flat = x.shape[axis] >= _SOFT_FLAT_MIN_CLASSES
-    loss = _class_sum(qw * neg_logp, x, axis, flat=flat)
+    c = x.shape[axis]
+    flat = c >= _SOFT_FLAT_MIN_CLASSES
+    flat_loss = c >= _SOFT_FLAT_LOSS_MIN_CLASSES[0 if x.dtype.itemsize >= 4 else 1]
+    loss = _class_sum(qw * neg_logp, x, axis, flat=flat or flat_loss)
     loss_dot = jnp.zeros_like(loss)
     if not isinstance(x_dot, SymbolicZero):
         total = jnp.expand_dims(_class_sum(qw, x, axis, flat=flat), axis)

@@ -655,6 +655,7 @@ SOFT_REDUCED_CASES = {  # name: (shape, class axis)
     "2x4100": ((2, 4100), -1),  # rows summed in blocks (_row_sum)
     "2x7x5x6-axis1": ((2, 7, 5, 6), 1),
     "2x30x3x4-axis1": ((2, 30, 3, 4), 1),  # more classes than _SOFT_STRIDED_MAX_CLASSES
+    "2x40x3x4-axis1": ((2, 40, 3, 4), 1),  # the loss term flat (_SOFT_FLAT_LOSS_MIN_CLASSES)
     "2x50x3x4-axis1": ((2, 50, 3, 4), 1),  # ... summed over a flat view (_SOFT_FLAT_MIN_CLASSES)
 }
 
