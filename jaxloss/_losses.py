@@ -1562,10 +1562,18 @@ def _class_slice_sum(term: Any, xc: Array, axis: int) -> Array:
     for c in range(xc.shape[axis]):
         v = term(c, jax.lax.index_in_dim(xc, c, axis, keepdims=False))
         acc = v if acc is None else acc + v
-    # The sum is written out: fused into a consumer over the logits' shape,
-    # the chain would run once per class (the row statistics by such chains
-    # followed by the softmax took 88 against 2.9 ms at 4x150x64x64).
-    return jax.lax.optimization_barrier(acc)
+    # Fused into a consumer over the logits' shape the chain would run once
+    # per class: x * chain[:, None] took 177 ms against 2.2 ms at
+    # 4x150x64x64 with the chain written out (by _whole), and an
+    # optimization_barrier does not stop that fusion (XLA:CPU expands it
+    # first). Its one caller, the smoothing term, feeds only the loss, and
+    # no consumer of that loss fused it: reduction="none" followed by
+    # x * l[:, None], exp(-l)[:, None] * x or (l[:, None] > 1) * x took
+    # 2.5-6.8 ms, float32 and bfloat16, weights as an argument or a constant.
+    # Sums that feed the gradient's pass (probability targets' sum of
+    # w q', tried) do fuse so: 15-190 ms. _whole needs a runtime flag,
+    # which over sharded positions is a collective; not taken.
+    return acc
 
 
 def _class_sum(v: Array, x: Array, axis: int, spread: bool = True, flat: bool = False) -> Array:
