@@ -525,31 +525,53 @@ STRIDED_SMOOTHING_CASES = {  # name: (shape, class axis, dtype, class slices sum
 }
 
 
-def test_strided_weighted_label_smoothing():
-    """Label smoothing with class weights over a class axis that is not the
-    last (the weighted smoothing term summed class slice by class slice on
-    XLA:CPU up to ``_GAP_SLICES_MAX_CLASSES`` classes, see
-    ``_losses._weighted_gap_sum``): 2 to 201 classes, axis 0, 1 and 2,
-    float32 and bfloat16, channels-last as the control; every reduction,
+def test_strided_label_smoothing():
+    """Label smoothing over a class axis that is not the last (the smoothing
+    term summed class slice by class slice on XLA:CPU up to
+    ``_GAP_SLICES_MAX_CLASSES`` classes, see ``_losses._weighted_gap_sum``):
+    2 to 201 classes, axis 0, 1 and 2, float32 and bfloat16, channels-last
+    as the control; with class weights and without; every reduction,
     against PyTorch and the NumPy reference in float64, all under one
-    ``jit``."""
+    ``jit``; and the forward alone (no gradient in its pass: the unweighted
+    float32 forward over more than ``_GAP_SLICES_UNWEIGHTED_FWD_MAX``
+    classes keeps ``jnp.sum``) against the same reference."""
     from jaxloss import _losses
 
     configs = {}
-    for name, (shape, axis, dtype, slices) in STRIDED_SMOOTHING_CASES.items():
-        rng = rng_for("strided-smoothing", name)
+    for (name, (shape, axis, dtype, slices)), weighted in itertools.product(
+        STRIDED_SMOOTHING_CASES.items(), (True, False)
+    ):
+        rng = rng_for("strided-smoothing", name, weighted)
         x = (2.0 * rng.standard_normal(shape)).astype(dtype)
         x.reshape(-1)[:3] += 60.0  # rows far from 0: the gaps, not m W - sum w x
         assert _losses._gap_slices_apply(jnp.asarray(x), axis) == slices, name
         c = shape[axis]
         t = np.asarray(rng.integers(0, c, positions(x, axis)))
         t.reshape(-1)[-1] = 255
-        w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        w = rng.uniform(0.5, 2.0, c).astype(np.float32) if weighted else None
         kw = dict(weight=w, ignore_index=255, label_smoothing=0.1)
         for reduction in REDUCTIONS:
             cot = default_cotangent("ce", x, axis, reduction)
-            configs[f"{name} reduction={reduction}"] = ("ce", x, t, axis, reduction, kw, cot)
+            key = f"{name} weighted={weighted} reduction={reduction}"
+            configs[key] = ("ce", x, t, axis, reduction, kw, cot)
     check_configs_against_oracles(configs)
+
+    def forwards(args):  # every forward alone, under one jit
+        return [
+            jaxloss.cross_entropy(x, t, weight=kw["weight"], ignore_index=255,
+                                  label_smoothing=0.1, axis=axis, reduction=reduction)
+            for (_, _, _, axis, reduction, kw, _), (x, t)
+            in zip(configs.values(), args, strict=True)
+        ]
+
+    gots = jax.jit(forwards)([(c[1], c[2]) for c in configs.values()])
+    for (key, (_, x, t, axis, reduction, kw, _)), got in zip(configs.items(), gots, strict=True):
+        want, _ = reference.loss_and_grad(
+            np.asarray(x, np.float64), t, weight=kw["weight"], ignore_index=255,
+            reduction=reduction, label_smoothing=0.1, axis=axis,
+        )
+        assert_close(np.asarray(got, np.float64), want,
+                     LOSS_TOL[str(np.asarray(x).dtype)], f"{key} forward alone")
 
 
 SOFT_GRAD_CASES = {  # name: (shape, class axis, dtype)
