@@ -12,6 +12,7 @@ Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       [--reduction none]  (jaxloss's per-position losses, summed and divided
       as bench.py does; optax stays the mean)
       [--label-smoothing 0.1]  (every loss; optax smooths a one-hot)
+      [--unweighted]  (no class weights; index targets)
       [--soft]  (probability targets; the mean over positions, reduction ignored)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
@@ -92,6 +93,11 @@ def parse_args(argv=None):
         help="for every loss (optax: optax.smooth_labels of a one-hot)",
     )
     p.add_argument(
+        "--unweighted",
+        action="store_true",
+        help="no class weights (index targets): jaxloss gets weight=None",
+    )
+    p.add_argument(
         "--block",
         type=int,
         default=1,
@@ -135,6 +141,7 @@ def run(args) -> list[dict]:
                     impls_of = functools.partial(bench.soft_impls, jnp, jax, optax, **kw)
                 else:
                     kw["reduction"] = args.reduction
+                    kw["weighted"] = not args.unweighted
                     impls_of = functools.partial(bench.jax_impls, jnp, jax, optax, **kw)
 
                 impls = {

@@ -89,17 +89,18 @@ def along_classes(w, ndim, axis):
     return w.reshape([-1 if d == axis % ndim else 1 for d in range(ndim)])
 
 
-def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=0.0):
+def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=0.0, weighted=True):
     """``{name: loss(x, y, w)}``. With ``label_smoothing`` every loss smooths
     its labels: optax through ``optax.smooth_labels`` of a one-hot (as a user
     writes it; its smoothing term is not weighted by class, PyTorch's and
-    jaxloss's is), log_softmax with PyTorch's weighted term."""
+    jaxloss's is), log_softmax with PyTorch's weighted term. Without
+    ``weighted`` every loss ignores ``w`` (jaxloss gets ``weight=None``)."""
     ls = label_smoothing
 
     def weights_and_safe(y, w):
         valid = y != IGN
         safe = jnp.where(valid, y, 0)
-        return valid, safe, w[safe] * valid
+        return valid, safe, (w[safe] if weighted else 1.0) * valid
 
     def optax_loss(x, y, w):
         _, safe, ww = weights_and_safe(y, w)
@@ -118,11 +119,12 @@ def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=
         picked = jnp.squeeze(jnp.take_along_axis(lp, jnp.expand_dims(safe, axis), axis=axis), axis)
         per = (1.0 - ls) * picked * ww
         if ls:
-            wb = along_classes(w, x.ndim, axis)
+            wb = along_classes(w, x.ndim, axis) if weighted else 1.0
             per = per + (ls / x.shape[axis]) * jnp.sum(lp * wb, axis=axis) * valid
         return -jnp.sum(per) / jnp.sum(ww)
 
     def ours(x, y, w):
+        w = w if weighted else None
         if reduction == "none":
             per = jaxloss.cross_entropy(
                 x, y, weight=w, ignore_index=IGN, axis=axis, reduction="none", label_smoothing=ls

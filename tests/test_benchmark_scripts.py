@@ -100,3 +100,30 @@ def test_sweep_runs_and_reports_both_modes():
     assert [r["shape"] for r in rows] == [(25, 5, 4, 4)]
     assert set(rows[0]["ratio"]) == {"fwd", "fwdbwd"}
     assert all(v > 0 for v in rows[0]["ms"].values())
+
+
+def test_unweighted_impls_agree_with_label_smoothing():
+    """``bench.jax_impls(weighted=False)`` (``ab.py --unweighted``): without
+    class weights PyTorch's smoothing rule is optax's smoothed one-hot, so
+    the three losses and their gradients agree (10% of the labels ignored,
+    ``label_smoothing=0.1``, both layouts, mean and "none")."""
+    import optax
+
+    import jaxloss
+
+    for axis, shape in ((-1, (4, 6, 5, 19)), (1, (4, 19, 6, 5))):
+        x, y, w, ax = bench.make_case(shape, jnp.float32, axis)
+        for reduction in ("mean", "none"):
+            impls = bench.jax_impls(
+                jnp, jax, optax, jaxloss, ax, reduction=reduction, label_smoothing=0.1,
+                weighted=False,
+            )
+            got = {k: jax.value_and_grad(f)(x, y, w) for k, f in impls.items()}
+            want_loss, want_grad = got["optax"]
+            for k, (loss, grad) in got.items():
+                assert abs(float(loss - want_loss)) < 1e-5 * abs(float(want_loss)), (k, axis)
+                assert float(jnp.max(jnp.abs(grad - want_grad))) < 1e-6, (k, axis, reduction)
+            weighted = bench.jax_impls(jnp, jax, optax, jaxloss, ax, reduction=reduction,
+                                       label_smoothing=0.1)
+            # with weights the losses differ: the flag is what made them agree
+            assert abs(float(weighted["jaxloss"](x, y, w) - want_loss)) > 1e-3
