@@ -160,7 +160,13 @@ def _native_reduce(vs: tuple[Array, ...], inits: tuple[float, ...], op: Any, axi
     init = tuple(
         _varying_like(jnp.full((), i, v.dtype), *vs) for v, i in zip(vs, inits, strict=True)
     )
-    init += (_varying_like(jnp.zeros((), jnp.int32), *vs),)
+    # The index's start behind an optimization barrier: with it the reduction
+    # is never a constant expression. Operands that XLA knows at compile
+    # time (probability targets closed over by the caller's jit, summed for
+    # their weights) were otherwise constant-folded by XLA's interpreter,
+    # which took this variadic reduction element by element: a fwd+bwd at
+    # 4x64x64x150 float32 compiled in 22 s against 0.65 s.
+    init += (jax.lax.optimization_barrier(_varying_like(jnp.zeros((), jnp.int32), *vs)),)
     k = len(vs)
 
     def combine(a: tuple, b: tuple) -> tuple:

@@ -4,6 +4,7 @@ check_grads to second order, hessian; invalid labels under jit."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,44 @@ def test_checkify_gives_a_hard_error_under_jit():
     err, loss = jax.jit(checkify.checkify(checked_loss))(x, t)
     with pytest.raises(checkify.JaxRuntimeError, match="labels outside"):
         err.throw()
+
+
+# ---------------------------------------------------------------------------
+# constants under jit
+# ---------------------------------------------------------------------------
+
+
+def _reduce_count(compiled_text: str) -> int:
+    """Reduce instructions in an optimised HLO module's text."""
+    return len(re.findall(r"\) reduce\(|\] reduce\(", compiled_text))
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype"),
+    [((256, 64, 19), -1, np.float32), ((64, 1000), -1, ml_dtypes.bfloat16),
+     ((16, 40, 32, 32), 1, np.float32)],
+    ids=["256x64x19", "64x1000_bf16", "16x40x32x32_axis1"],
+)
+def test_targets_closed_over_by_jit_are_not_folded_at_compile_time(small_inputs, shape, axis,
+                                                                   dtype):
+    """Probability targets that the caller's ``jit`` closes over reach XLA as
+    constants. XLA's constant folding evaluated the reduction of the targets'
+    weights element by element in its interpreter: a fwd+bwd that compiles in
+    0.6 s took 78 s at 512x32000 bfloat16 (10 s at 2x64x64x150, 1.9-4.3 s
+    at these shapes). The compiled program keeps every reduction that the
+    one taking the targets as an argument has, and computes the same values."""
+    rng = rng_for(("closed_over", shape, axis))
+    x = jnp.asarray(rng.standard_normal(shape).astype(dtype))
+    q = np.exp(reference.log_softmax(rng.standard_normal(shape), axis=axis)).astype(np.float32)
+    w = np.linspace(0.5, 2.0, shape[axis]).astype(np.float32)
+
+    def loss(x, q):
+        return jaxloss.cross_entropy(x, q, weight=w, axis=axis)
+
+    as_arg = jax.jit(jax.value_and_grad(loss)).lower(x, q).compile()
+    closed = jax.jit(jax.value_and_grad(lambda x: loss(x, q))).lower(x).compile()
+    assert _reduce_count(closed.as_text()) == _reduce_count(as_arg.as_text()) > 0
+    (la, ga), (lc, gc) = as_arg(x, q), closed(x)
+    np.testing.assert_allclose(float(lc), float(la), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gc, np.float32), np.asarray(ga, np.float32),
+                               rtol=1e-6, atol=1e-9)
