@@ -430,3 +430,38 @@ def test_narrow_labels_lower_for_cuda(shape, axis, reduction):
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
     assert calls and all("ui8>" in line for line in calls), calls
+
+
+@pytest.mark.traces_kernel
+def test_export_for_cuda_and_for_several_platforms():
+    """``jax.export``. For CUDA alone the kernel is exported (its Triton custom
+    call has no compatibility guarantee, so JAX's check on that target is
+    disabled by name). For several platforms with the CPU among them, under
+    ``disable_pallas``: the XLA path exports to each, no kernel in it, and
+    the exported function called here equals the loss, value and gradient.
+    (With the kernel, a module for CPU and CUDA does not lower: JAX lowers
+    each kept branch of ``platform_dependent`` for every platform of the
+    module, and ``pallas_call`` refuses the CPU; jax-ml/jax#28594.)"""
+    from jax import export
+
+    x, t, _ = _case((4, 19, 16, 16), 1, jnp.float32, 0)
+
+    def new_step():
+        # A new function each time: jax.jit keeps a function's trace, and
+        # with it the choice of the kernel made when it was traced.
+        def step(x, t):
+            return jax.value_and_grad(
+                lambda v: jaxloss.cross_entropy(v, t, axis=1, ignore_index=IGN, label_smoothing=0.1)
+            )(x)
+
+        return jax.jit(step)
+
+    check = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    cuda = export.export(new_step(), platforms=("cuda",), disabled_checks=[check])(x, t)
+    assert "__gpu$xla.gpu.triton" in cuda.mlir_module()
+    with jaxloss.disable_pallas():
+        several = export.export(new_step(), platforms=("cpu", "cuda", "tpu"))(x, t)
+    assert "triton" not in several.mlir_module()
+    (loss, grad), (want_loss, want_grad) = several.call(x, t), new_step()(x, t)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-6, atol=1e-9)
