@@ -21,8 +21,15 @@ losses and the step reduces them itself (``sum(l) / sum(w_t)``, the same
 value): jaxloss then runs ``reduction="none"`` (on CUDA: the kernel's row
 statistics, the gradient formed by XLA in the backward).
 
+With ``--soft``, probability targets (``soft_targets``; jaxloss, optax,
+PyTorch: ``-sum_c w_c q_c log p_c`` averaged over the positions, no kernel);
+with ``--label-smoothing``, every loss smooths (optax through
+``optax.smooth_labels``, whose smoothing term is not weighted by class, so
+the values are compared against ``log_softmax``'s, PyTorch's formulation).
+
 Run:  PYTHONPATH=. python benchmarks/bench.py [--small] [--reps N] [--cases a,b]
-                                              [--reduction none]
+                                              [--reduction none] [--soft]
+                                              [--label-smoothing 0.1]
 Writes benchmarks/results/bench-<size>[-none]-<device>-<time>.json and .csv
 (or --out DIR).
 """
@@ -66,6 +73,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--reduction", choices=("mean", "none"), default="mean")
+    p.add_argument(
+        "--soft",
+        action="store_true",
+        help="probability targets (soft_targets; the mean over positions, no kernel)",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="for every loss (optax: optax.smooth_labels; gradients compared to log_softmax's)",
+    )
     p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -257,7 +275,15 @@ def run(args, on_case=None) -> list[dict]:
         shape, dtype, axis = shapes[name]
         x, y, w, ax = make_case(shape, dtype, axis)
         nbytes = x.size * x.dtype.itemsize
-        impls = jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction)
+        ls = args.label_smoothing
+        if args.soft:
+            y = soft_targets(x, ax)
+            impls = soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=ls)
+        else:
+            impls = jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction, label_smoothing=ls)
+        # The values compared against: optax's smoothing term is not weighted
+        # by class (PyTorch's, jaxloss's and log_softmax's are).
+        ref = "log_softmax" if ls and not args.soft else "optax"
         data = (x, y, w)
         steps = {}  # (impl, mode) -> (callable, compiled temp bytes)
 
@@ -271,7 +297,7 @@ def run(args, on_case=None) -> list[dict]:
 
         for iname, f in impls.items():
             add(iname, f)
-        if dev.platform == "gpu":
+        if dev.platform == "gpu" and not args.soft:  # probability targets: no kernel
             with jaxloss.disable_pallas():
                 f = impls["jaxloss"]
                 add("jaxloss_xla", lambda *a, f=f: f(*a))
@@ -280,7 +306,9 @@ def run(args, on_case=None) -> list[dict]:
         sync = jax.block_until_ready
         tsteps = {}
         if torch is not None:
-            tsteps = torch_steps(torch, x, y, w, ax, dtype, dev.platform == "gpu", args.reduction)
+            tsteps = torch_steps(
+                torch, x, y, w, ax, dtype, dev.platform == "gpu", args.reduction, ls, args.soft
+            )
         # warm up (compile) everything, then interleave the timed repetitions
         results = {}
         for key, (fn, _) in steps.items():
@@ -304,7 +332,7 @@ def run(args, on_case=None) -> list[dict]:
                 tsync()
                 times[key].append(time.perf_counter() - t0)
         copy_ms = pct(times[("copy", "copy")])["p50"]
-        ref_v, ref_g = results[("optax", "fwdbwd")]
+        ref_v, ref_g = results[(ref, "fwdbwd")]
         case_rows = []
         for (iname, mode), ts in times.items():
             if mode == "copy":
@@ -319,6 +347,8 @@ def run(args, on_case=None) -> list[dict]:
                 "impl": iname,
                 "mode": mode,
                 "reduction": args.reduction,
+                "targets": "probabilities" if args.soft else "indices",
+                "label_smoothing": ls,
                 **st,
                 "copy_ms": copy_ms,
                 "floor": copy_ms / st["p50"],
@@ -330,8 +360,8 @@ def run(args, on_case=None) -> list[dict]:
             if (iname, mode) in results and mode == "fwdbwd":
                 v, g = results[(iname, mode)]
                 row["loss"] = float(v)
-                row["loss_diff_vs_optax"] = float(abs(float(v) - float(ref_v)))
-                row["grad_maxdiff_vs_optax"] = float(
+                row[f"loss_diff_vs_{ref}"] = float(abs(float(v) - float(ref_v)))
+                row[f"grad_maxdiff_vs_{ref}"] = float(
                     jnp.max(jnp.abs(g.astype(jnp.float32) - ref_g.astype(jnp.float32)))
                 )
             case_rows.append(row)
@@ -353,7 +383,9 @@ def run(args, on_case=None) -> list[dict]:
     return rows
 
 
-def torch_steps(torch, x, y, w, ax, dtype, gpu, reduction="mean"):
+def torch_steps(torch, x, y, w, ax, dtype, gpu, reduction="mean", label_smoothing=0.0, soft=False):
+    """PyTorch's steps; ``soft``: ``y`` are probability targets (the
+    logits' layout, moved with them)."""
     import torch.nn.functional as F
 
     dev = "cuda" if gpu and torch.cuda.is_available() else "cpu"
@@ -361,20 +393,29 @@ def torch_steps(torch, x, y, w, ax, dtype, gpu, reduction="mean"):
     xt = torch.from_numpy(np.array(x, np.float32)).to(tdt).to(dev)
     xc = xt.movedim(-1, 1) if ax == xt.dim() - 1 and xt.dim() > 2 else xt
     xc = xc.detach().requires_grad_(True)
-    yt = torch.from_numpy(np.array(y).astype(np.int64)).to(dev)
     wt = torch.from_numpy(np.array(w)).to(dev).to(tdt if dtype != "float32" else torch.float32)
+    ls = label_smoothing
 
     def tsync():
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    denom = wt[torch.where(yt == IGN, 0, yt)].masked_fill(yt == IGN, 0).sum()
+    if soft:
+        qt = torch.from_numpy(np.array(y, np.float32)).to(tdt).to(dev)
+        qt = qt.movedim(-1, 1) if ax == qt.dim() - 1 and qt.dim() > 2 else qt
 
-    def loss(a):
-        if reduction == "none":
-            per = F.cross_entropy(a, yt, weight=wt, ignore_index=IGN, reduction="none")
-            return per.sum() / denom
-        return F.cross_entropy(a, yt, weight=wt, ignore_index=IGN)
+        def loss(a):
+            return F.cross_entropy(a, qt, weight=wt, label_smoothing=ls)
+
+    else:
+        yt = torch.from_numpy(np.array(y).astype(np.int64)).to(dev)
+        denom = wt[torch.where(yt == IGN, 0, yt)].masked_fill(yt == IGN, 0).sum()
+
+        def loss(a):
+            kw = dict(weight=wt, ignore_index=IGN, label_smoothing=ls)
+            if reduction == "none":
+                return F.cross_entropy(a, yt, reduction="none", **kw).sum() / denom
+            return F.cross_entropy(a, yt, **kw)
 
     def eager_fwdbwd():
         xc.grad = None
@@ -467,6 +508,9 @@ def main(argv=None):
     args = parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     tag = ("small" if args.small else "full") + ("-none" if args.reduction == "none" else "")
+    tag += ("-soft" if args.soft else "") + (
+        f"-ls{args.label_smoothing:g}" if args.label_smoothing else ""
+    )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     # Rewritten after every case: a run cut short keeps the cases it finished.
     rows = run(args, on_case=lambda rows: write(rows, environment(), out, tag, stamp))

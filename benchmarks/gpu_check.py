@@ -12,7 +12,10 @@
 2. ``benchmarks/bench.py`` at full size (``--small`` on CPU); a profile of
    each jaxloss step (time per profiler event, compiled HLO to
    ``$OUT/hlo-<case>.txt``); then the benchmark again with
-   ``--reduction none`` at ``--none-cases`` (without PyTorch, to save time).
+   ``--reduction none`` at ``--none-cases``, with probability targets
+   (``--soft``) at ``--soft-cases`` and with ``--label-smoothing 0.1`` at
+   ``--smoothing-cases`` (all three without PyTorch, to save time; in that
+   order, last, so a short budget cuts them first).
 
 Everything goes to $OUT (default /tmp): gpu_check.json, the bench JSON/CSV.
 Nothing to install; torch rows appear only if torch imports.
@@ -378,6 +381,24 @@ def main() -> None:
         default="seg19,lm",
         help="cases of the reduction='none' benchmark run after the main one ('' skips it)",
     )
+    p.add_argument(
+        "--soft-cases",
+        default="seg19,seg150,lm",
+        help="cases of the probability-target benchmark (no GPU figure yet), without PyTorch,"
+        " after the reduction='none' one ('' skips it)",
+    )
+    p.add_argument(
+        "--smoothing-cases",
+        default="seg19,lm",
+        help="cases of the label_smoothing=0.1 benchmark, without PyTorch, last ('' skips it)",
+    )
+    p.add_argument(
+        "--extras-until",
+        type=float,
+        default=150.0,
+        help="start the probability-target and smoothing benchmarks only this many seconds"
+        " into the script (gpu_session.sh gives the GPU tests the time left after it)",
+    )
     args = p.parse_args()
     out = os.environ.get("OUT", "/tmp")
     os.makedirs(out, exist_ok=True)
@@ -388,7 +409,7 @@ def main() -> None:
         with open(os.path.join(out, "gpu_check.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
 
-    t0 = time.time()
+    started = t0 = time.time()
     report["kernel_vs_xla"] = check(interpret=not on_gpu, defaults_only=args.check_defaults_only)
     report["all_ok"] = all(r["ok"] for r in report["kernel_vs_xla"])
     report["check_s"] = time.time() - t0
@@ -421,11 +442,29 @@ def main() -> None:
             report["profile"] = profile_steps(bench.SMALL if small else bench.FULL, out)
             report["profile_s"] = time.time() - t0
             save()
-        if args.none_cases:  # last: the first thing a short budget cuts
-            size = ["--small"] if small else []
+        # Last, in this order: the first things a short budget cuts (each
+        # run writes its JSON after every case).
+        size = ["--small"] if small else []
+        if args.none_cases:
             bench.main(
                 size
                 + ["--out", out, "--reduction", "none", "--no-torch", "--cases", args.none_cases]
+            )
+
+        def in_time(what: str) -> bool:
+            late = time.time() - started > args.extras_until
+            if late:
+                report.setdefault("skipped", []).append(what)
+                save()
+            return not late
+
+        if args.soft_cases and in_time("soft"):
+            bench.main(size + ["--out", out, "--soft", "--no-torch", "--cases", args.soft_cases])
+        if args.smoothing_cases and in_time("smoothing"):
+            bench.main(
+                size
+                + ["--out", out, "--label-smoothing", "0.1", "--no-torch"]
+                + ["--cases", args.smoothing_cases]
             )
 
 

@@ -6,7 +6,8 @@
 #    the public API on the device (shard_map, bad labels, empty batch),
 #    launch-configuration tuning, then benchmarks/bench.py at full size
 #    (mean; a profile and the compiled HLO of each jaxloss step; then
-#    reduction="none" without PyTorch);
+#    reduction="none", and, if under 150 s have passed, probability targets
+#    and label_smoothing=0.1, all three without PyTorch);
 # 2. with the time left, the test files that reach the kernel through the
 #    public API, on the device.
 # Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:

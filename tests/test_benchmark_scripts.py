@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
@@ -127,3 +128,26 @@ def test_unweighted_impls_agree_with_label_smoothing():
                                        label_smoothing=0.1)
             # with weights the losses differ: the flag is what made them agree
             assert abs(float(weighted["jaxloss"](x, y, w) - want_loss)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "flags,ref",
+    [(["--soft"], "optax"), (["--label-smoothing", "0.1"], "log_softmax"),
+     (["--soft", "--label-smoothing", "0.1"], "optax")],
+    ids=["soft", "smoothing", "soft-smoothing"],
+)
+def test_bench_soft_and_smoothing_run_and_agree(tmp_path, flags, ref):
+    """``--soft`` and ``--label-smoothing``: jaxloss's loss and gradient equal
+    the reference's (optax for probability targets; log_softmax, PyTorch's
+    weighted smoothing, for index targets, where optax's smoothing is not
+    weighted), and the rows say what ran."""
+    args = bench.parse_args(
+        ["--small", "--no-torch", "--cases", "seg19_nchw", "--reps", "1", *flags]
+    )
+    rows = bench.run(args)
+    ours = [r for r in rows if r["impl"] == "jaxloss" and r["mode"] == "fwdbwd"]
+    assert len(ours) == 1
+    assert ours[0]["targets"] == ("probabilities" if "--soft" in flags else "indices")
+    assert ours[0]["label_smoothing"] == (0.1 if "--label-smoothing" in flags else 0.0)
+    assert ours[0][f"loss_diff_vs_{ref}"] < 1e-5
+    assert ours[0][f"grad_maxdiff_vs_{ref}"] < 1e-9
