@@ -10,7 +10,8 @@ name with JAX's own), and the tests check that formulation against PyTorch
 and NumPy in float64: losses, forward-only values and gradients, index and
 probability targets, weights, label smoothing, ignored and masked positions,
 every reduction, float32 and 16-bit logits, the class axis last and not; the
-chunked loop over several chunks; ``vmap``, ``jvp`` and second order.
+chunked loop over several chunks; ``vmap``, ``jvp`` and second order; and
+under ``jit`` with the logits sharded over the 4 host devices.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import reference
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 from oracles import (
     GRAD_TOL,
@@ -323,3 +326,54 @@ def test_ml_dtypes_bfloat16_inputs(other_backend):
                                  ignore_index=IGN)
     rl, _ = reference.loss_and_grad(x64, np.asarray(t), ignore_index=IGN)
     assert_close(loss, rl, LOSS_TOL["bfloat16"], "loss")
+
+
+@pytest.mark.parametrize(
+    "shape,axis,spec,soft",
+    [
+        ((8, 8, 4, 6), -1, P("data"), False),
+        ((8, 6, 8, 4), 1, P("data"), False),
+        ((2, 8, 4, 6), -1, P(None, "data"), False),  # height
+        ((2, 16, 40), -1, P(None, "data"), False),  # sequence
+        ((8, 8, 4, 6), -1, P("data"), True),
+        ((8, 30, 4, 4), 1, P("data"), True),
+    ],
+    ids=["last", "first", "last-height", "lm-sequence", "soft-last", "soft-first"],
+)
+def test_gspmd_sharded_logits(other_backend, core_constants, shape, axis, spec, soft):
+    """Under ``jit`` with the logits sharded over 4 devices (a TPU slice's
+    data parallelism), the formulation of other backends gathers no logits,
+    labels or targets, and value and gradient equal one device's. Index
+    targets take the chunked loop, here in chunks of 64 logits (on a TPU
+    2**20 and up), so that chunks meet the shards' edges."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs the 4 host devices that conftest.py forces")
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x, _, t, rng = _logits(shape, axis, jnp.float32, 18)
+    c = shape[axis]
+    if soft:
+        t = jnp.asarray(np.exp(reference.log_softmax(rng.standard_normal(shape), axis=axis)),
+                        jnp.float32)
+    w = jnp.linspace(0.5, 2.0, c)
+
+    def step(x, t):
+        return jax.value_and_grad(
+            lambda v: jaxloss.cross_entropy(
+                v, t, weight=w, axis=axis, label_smoothing=0.1,
+                **({} if soft else {"ignore_index": IGN}),
+            )
+        )(x)
+
+    want = jax.jit(step)(x, t)
+    core_constants("_chunk_elements", lambda n, rows=False: 64)
+    ax = axis % len(shape)
+    t_spec = spec if soft else P(*[e for i, e in enumerate(spec) if i != ax])
+    shardings = (NamedSharding(mesh, spec), NamedSharding(mesh, t_spec))
+    sharded = jax.jit(step, in_shardings=shardings)
+    text = sharded.lower(x, t).compile().as_text()
+    got = sharded(x, t)
+    if not soft:
+        assert "while" in text  # the chunked loop
+    assert "all-gather" not in text
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-7)
