@@ -37,6 +37,7 @@ Writes benchmarks/results/bench-<size>[-none]-<device>-<time>.json and .csv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -287,20 +288,29 @@ def run(args, on_case=None) -> list[dict]:
         data = (x, y, w)
         steps = {}  # (impl, mode) -> (callable, compiled temp bytes)
 
-        def add(iname, f, data=data, steps=steps):
+        def add(iname, f, data=data, steps=steps, within=contextlib.nullcontext):
+            """Steps of ``f`` (fwd+bwd, forward), each call inside ``within()``:
+            ``jaxloss.disable_pallas`` is part of every jit cache key, so a
+            step traced inside it and called outside would be traced again,
+            with the kernel."""
             vg = jax.jit(jax.value_and_grad(f))
             fo = jax.jit(f)
-            jax.block_until_ready(vg(*data))  # trace now (the Pallas switch is read here)
-            jax.block_until_ready(fo(*data))
-            steps[(iname, "fwdbwd")] = (lambda: vg(*data), temp_bytes(vg, *data))
-            steps[(iname, "fwd")] = (lambda: fo(*data), None)
+
+            def call(jitted):
+                with within():
+                    return jitted(*data)
+
+            jax.block_until_ready(call(vg))  # trace now (the Pallas switch is read here)
+            jax.block_until_ready(call(fo))
+            with within():
+                temp = temp_bytes(vg, *data)
+            steps[(iname, "fwdbwd")] = (lambda: call(vg), temp)
+            steps[(iname, "fwd")] = (lambda: call(fo), None)
 
         for iname, f in impls.items():
             add(iname, f)
         if dev.platform == "gpu" and not args.soft:  # probability targets: no kernel
-            with jaxloss.disable_pallas():
-                f = impls["jaxloss"]
-                add("jaxloss_xla", lambda *a, f=f: f(*a))
+            add("jaxloss_xla", impls["jaxloss"], within=jaxloss.disable_pallas)
         cp = jax.jit(lambda x: x * 2)
         steps[("copy", "copy")] = (lambda cp=cp, x=x: cp(x), None)
         sync = jax.block_until_ready

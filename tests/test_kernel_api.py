@@ -447,8 +447,8 @@ def test_export_for_cuda_and_for_several_platforms():
     x, t, _ = _case((4, 19, 16, 16), 1, jnp.float32, 0)
 
     def new_step():
-        # A new function each time: jax.jit keeps a function's trace, and
-        # with it the choice of the kernel made when it was traced.
+        # A new function each time: the export under disable_pallas must not
+        # depend on disable_pallas retracing (tested below).
         def step(x, t):
             return jax.value_and_grad(
                 lambda v: jaxloss.cross_entropy(v, t, axis=1, ignore_index=IGN, label_smoothing=0.1)
@@ -465,3 +465,26 @@ def test_export_for_cuda_and_for_several_platforms():
     (loss, grad), (want_loss, want_grad) = several.call(x, t), new_step()(x, t)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.traces_kernel
+def test_disable_pallas_retraces_a_function_traced_with_the_kernel():
+    """A jitted step traced (for CUDA) with the kernel is traced again inside
+    ``disable_pallas`` -- without it -- and outside again takes its first
+    trace: the block changes every ``jax.jit`` cache key. Before, the step
+    kept its first trace inside the block, the kernel included."""
+    if getattr(jax, "make_user_context", None) is None:
+        pytest.skip("this JAX has no jax.make_user_context")
+    x, t, _ = _case((8, 64, 19), -1, jnp.float32, 0)
+    step = jax.jit(jax.value_and_grad(lambda v: jaxloss.cross_entropy(v, t, ignore_index=IGN)))
+
+    def uses_kernel():
+        return "__gpu$xla.gpu.triton" in step.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert uses_kernel()
+    with jaxloss.disable_pallas():
+        assert not uses_kernel()
+        got = step(x)
+        want = jaxloss.cross_entropy(x, t, ignore_index=IGN)
+    assert uses_kernel()
+    np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-6)

@@ -6,11 +6,15 @@ XLA formulation. The choice is made inside ``jit`` by
 ``jax.lax.platform_dependent``, so one traced function serves CPU and GPU.
 
 Escape hatches, both read when a loss is traced (part of the core's jit
-cache key; a function of yours that ``jax.jit`` has already traced keeps the
-choice it was traced with):
+cache key):
 
-* the environment variable ``JAXLOSS_DISABLE_PALLAS=1``;
-* the context manager :func:`disable_pallas` (``jaxloss.disable_pallas``).
+* the environment variable ``JAXLOSS_DISABLE_PALLAS=1`` (a function of yours
+  that ``jax.jit`` has already traced keeps the choice it was traced with);
+* the context manager :func:`disable_pallas` (``jaxloss.disable_pallas``),
+  which also enters a ``jax.make_user_context`` context: every ``jax.jit``
+  cache key differs inside it, so a function traced before the block is
+  traced again there, without the kernel (JAX versions without
+  ``make_user_context``: as the environment variable).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from typing import Any
 import jax
 
 _state = threading.local()
+
+# Part of every jax.jit cache key (see disable_pallas); made once, at import:
+# JAX asks that user contexts not be made concurrently with its other APIs.
+_make_user_context = getattr(jax, "make_user_context", None)
+_JIT_KEY = _make_user_context(False) if _make_user_context is not None else None
 
 # From jax 0.11 every lowering of the Triton kernel warns that the Pallas
 # Triton backend is deprecated. It is this library's implementation detail
@@ -60,6 +69,11 @@ def pallas_enabled() -> bool:
 def disable_pallas() -> Iterator[None]:
     """Force the XLA path (also on GPU) for losses traced inside the block.
 
+    Inside the block every ``jax.jit`` cache key differs (a
+    ``jax.make_user_context`` context), so a jitted function that was traced
+    outside it, with the kernel, is traced again inside it, without; back
+    outside, its first trace is used again.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> import jaxloss
@@ -71,7 +85,8 @@ def disable_pallas() -> Iterator[None]:
     previous = getattr(_state, "disabled", False)
     _state.disabled = True
     try:
-        yield
+        with contextlib.nullcontext() if _JIT_KEY is None else _JIT_KEY(True):
+            yield
     finally:
         _state.disabled = previous
 
