@@ -27,6 +27,7 @@ if [ "$left" -gt 30 ]; then
         -p no:benchmark -p no:cacheprovider --maxfail=30 \
         tests/test_functional.py tests/test_transforms.py tests/test_torch_compat.py \
         tests/test_linen.py tests/test_nnx.py tests/test_seed_examples.py tests/test_kernels.py \
+        tests/test_generic_xla.py \
         > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"
     grep -E "passed|failed|FAILED" "$OUT/pytest.log" | tail -15
