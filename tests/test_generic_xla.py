@@ -71,8 +71,8 @@ def other_backend(core_constants):
 
 def test_the_core_sees_another_backend(other_backend):
     """The proxy takes effect: none of the XLA:CPU formulations applies, and
-    the chunked loop writes the gradient whatever the input's size (both
-    differ on XLA:CPU, checked by the second half)."""
+    the chunked loop writes the gradient whatever the input's size (each
+    differs on XLA:CPU, as the next test checks)."""
     x16 = jnp.ones((256, 256), jnp.bfloat16)
     x32 = jnp.ones((4, 150, 8, 8), jnp.float32)
     assert _losses.jax.default_backend() == "tpu"
