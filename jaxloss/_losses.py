@@ -2454,8 +2454,9 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     qw, neg_logp = _soft_parts(x, q, w, eps, axis)
     c = x.shape[axis]
     flat = c >= _SOFT_FLAT_MIN_CLASSES
+    # The loss term's threshold lies below the weights' sum's (34/33 < 48).
     flat_loss = c >= _SOFT_FLAT_LOSS_MIN_CLASSES[0 if x.dtype.itemsize >= 4 else 1]
-    loss = _class_sum(qw * neg_logp, x, axis, flat=flat or flat_loss)
+    loss = _class_sum(qw * neg_logp, x, axis, flat=flat_loss)
     loss_dot = jnp.zeros_like(loss)
     if not isinstance(x_dot, SymbolicZero):
         total = jnp.expand_dims(_class_sum(qw, x, axis, flat=flat), axis)
