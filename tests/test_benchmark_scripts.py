@@ -151,3 +151,34 @@ def test_bench_soft_and_smoothing_run_and_agree(tmp_path, flags, ref):
     assert ours[0]["label_smoothing"] == (0.1 if "--label-smoothing" in flags else 0.0)
     assert ours[0][f"loss_diff_vs_{ref}"] < 1e-5
     assert ours[0][f"grad_maxdiff_vs_{ref}"] < 1e-9
+
+
+def test_mosaic_probe_lowers_and_its_prototype_matches_numpy(tmp_path, monkeypatch):
+    """``mosaic_probe.py``, the Mosaic GPU port's first step: its NCHW
+    prototype lowers for CUDA at 1 to 192 classes, matches NumPy float64 in
+    interpret mode, and its device part (run here in interpret mode) agrees
+    with jaxloss and writes its timings."""
+    import json
+
+    import mosaic_probe
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert mosaic_probe.main(["--small", "--interpret-device-run", "--reps", "1"]) == 0
+    [path] = tmp_path.glob("mosaic_probe-*.json")
+    report = json.loads(path.read_text())
+    proto = {(r["dtype"], r["c"]): r["lowering"] for r in report["lowering"]
+             if r["design"] == "nchw_prototype"}
+    for dtype in ("float32", "bfloat16"):
+        for c in (1, 19, 150, 192):
+            assert proto[dtype, c] == "ok", (dtype, c, proto[dtype, c])
+    # A channels-last row of 19 float32 classes is 76 bytes: no TMA tile.
+    last = {(r["dtype"], r["c"]): r["lowering"] for r in report["lowering"]
+            if r["design"] == "last_wgmma"}
+    assert "16 bytes" in last["float32", 19] and last["float32", 64] == "ok"
+    checked = {(r["c"], r["dtype"]) for r in report["interpret"]}
+    assert checked >= {(19, "float32"), (150, "bfloat16")}
+    for case in ("seg19_nchw", "seg150_nchw"):
+        entry = report["device"][case]
+        assert "error" not in entry, entry
+        assert entry["loss_rel"] < 1e-6 and entry["grad_maxabs"] < 1e-6, entry
+        assert set(entry["ms_p50"]) == {"prototype", "jaxloss", "copy"}
