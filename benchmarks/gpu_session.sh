@@ -8,8 +8,8 @@
 #    (mean; a profile and the compiled HLO of each jaxloss step; then
 #    reduction="none", and, if under 150 s have passed, probability targets
 #    and label_smoothing=0.1, all three without PyTorch);
-# 2. benchmarks/mosaic_probe.py (at most 60 s): the Mosaic GPU prototype of
-#    the NCHW kernel on the device, against jaxloss and the copy floor;
+# 2. benchmarks/mosaic_probe.py (at most 90 s): the Mosaic GPU prototypes of
+#    the kernel (both layouts) on the device, against jaxloss and the copy floor;
 # 3. with the time left, the test files that reach the kernel through the
 #    public API, on the device.
 # Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:
@@ -23,7 +23,7 @@ timeout $((BUDGET - 90)) python3 benchmarks/gpu_check.py "$@" > "$OUT/gpu_check.
 echo "gpu_check rc=$?"
 grep -E '"all_ok"|"tuned"' "$OUT/gpu_check.log" | head -4
 grep '"ok": false' "$OUT/gpu_check.log" | head -3
-timeout 60 python3 benchmarks/mosaic_probe.py > "$OUT/mosaic_probe.log" 2>&1
+timeout 90 python3 benchmarks/mosaic_probe.py --reps 10 > "$OUT/mosaic_probe.log" 2>&1
 echo "mosaic_probe rc=$?"
 grep -E "^seg|^interpret" "$OUT/mosaic_probe.log" | cut -c1-300
 left=$((BUDGET - SECONDS))

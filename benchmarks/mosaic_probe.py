@@ -1,33 +1,38 @@
-"""Mosaic GPU port of the kernel: a prototype for axis=1 (NCHW) logits, and
+"""Mosaic GPU port of the kernel: prototypes for both class-axis layouts, and
 what the Mosaic GPU lowering accepts (a script, not part of the library).
 
 JAX deprecates the Pallas Triton backend from 0.11, which the library's kernel
 (``jaxloss/_kernels/cross_entropy.py``) uses. This script is the first step of
-a port to Mosaic GPU, the default Pallas GPU backend there:
+a port to Mosaic GPU, the default Pallas GPU backend there. Both prototypes
+keep the Triton kernel's design: threads along positions, each thread owns
+whole rows, so no row statistic needs a cross-lane reduction. A program holds
+the logits of 128 positions (one warpgroup, one position per thread); a
+rolled loop over the classes keeps each position's online max and
+exponential sum, a second loop writes d(logits) = softmax - one_hot.
+Prototype scope: unweighted, no ignore_index, per-position losses (the
+gradient is that of their sum).
 
-* ``prototype_nchw``: the kernel's design for ``(A, C, B)`` logits (threads
-  along positions, no cross-lane reduction) in Mosaic GPU. Each program holds
-  a ``(C, block_p)`` tile; a rolled loop over the classes keeps the online
-  max and exponential sum of every position, a second loop writes
-  d(logits) = softmax - one_hot. Prototype scope: unweighted, no
-  ignore_index, per-position losses (the gradient is that of their sum).
-* ``lowering_table``: which tiles of channels-last ``(P, C)`` logits (a
-  WGMMA-layout tile with cross-lane row reductions) and of the prototype
-  lower for CUDA with this JAX. Lowering needs no GPU.
+* ``prototype_nchw``: ``(A, C, B)`` logits (``axis=1``); a ``(C, 128)`` tile,
+  class ``k`` is row ``k`` of it.
+* ``prototype_last``: channels-last ``(P, C)`` logits. A row of 19 float32
+  classes is 76 bytes, and TMA wants every GMEM stride but the last to be a
+  multiple of 16 bytes, so the tile is 128 positions of the flat logits seen
+  as ``(P*C/128, 128)``; the kernel reshapes that shared-memory tile to
+  ``(128, C)`` and reads class ``k`` as column ``k`` (a stride-C load, one
+  element per thread: a wider vector per thread fails MLIR verification,
+  whose unit-stride rule spares only one-element vectors).
+* ``lowering_table``: which tiles lower for CUDA with this JAX, including a
+  WGMMA-layout ``(block_p, C)`` tile with cross-lane row reductions, the
+  obvious design, which TMA's stride rule limits to rows of a multiple of
+  16 bytes. Lowering needs no GPU.
 
 On a CPU machine (``--cpu``, the default there): the lowering table, and the
-prototype in Pallas' generic interpret mode against NumPy. Two findings with
-jax 0.10.2: a channels-last row of 19 float32 classes (76 bytes) cannot be a
-TMA tile (every GMEM stride but the last must be a multiple of 16 bytes), and
-the flat view the Triton kernel uses for it needs strided SMEM slices, which
-the lowering does not implement; the NCHW prototype lowers for 1 to 150+
-classes.
+prototypes in Pallas' generic interpret mode against NumPy float64. On a
+GPU: the prototypes on the device against jaxloss (values and gradients),
+then timed against jaxloss's fwd+bwd of the summed loss and a same-size copy
+(the floor), interleaved in one process; JSON to ``$OUT``.
 
-On a GPU: the prototype on the device against jaxloss (values and
-gradients), then timed against jaxloss's fwd+bwd of the summed loss and a
-same-size copy (the floor), interleaved in one process; JSON to ``$OUT``.
-
-  PYTHONPATH=. python benchmarks/mosaic_probe.py [--small]
+  PYTHONPATH=. python benchmarks/mosaic_probe.py [--cpu] [--small]
 """
 
 from __future__ import annotations
@@ -59,17 +64,21 @@ except ImportError:  # a JAX without Mosaic GPU
 f32 = jnp.float32
 
 
-def _nchw_kernel(x_ref, t_ref, loss_ref, g_ref, *, c: int):
-    """One ``(C, block_p)`` tile: the loss of each position and d(logits)."""
-    t = t_ref[...]
-    v0 = x_ref[0, :].astype(f32)
+# One warpgroup: one position per thread.
+BLOCK_P = 128
+
+
+def _row_loops(read, write, t, loss_ref, c: int) -> None:
+    """Loss and d(logits) of ``BLOCK_P`` positions; ``read(k)`` is class
+    ``k``'s ``(BLOCK_P,)`` logits, ``write(k, g)`` stores its gradient."""
+    v0 = read(0)
     # The loop's carry starts from class 0's values, not from a constant: the
     # lowering wants the carry's layout (strided, as loaded) to stay fixed.
     init = (v0, jnp.exp(v0 - v0), jnp.where(t == 0, v0, 0.0))
 
     def stats(k, carry):
         m, s, xt = carry
-        v = x_ref[k, :].astype(f32)
+        v = read(k)
         m_new = jnp.maximum(m, v)
         s = s * jnp.exp(m - m_new) + jnp.exp(v - m_new)
         return m_new, s, jnp.where(t == k, v, xt)
@@ -79,32 +88,77 @@ def _nchw_kernel(x_ref, t_ref, loss_ref, g_ref, *, c: int):
     r = 1.0 / s
 
     def grad(k, carry):
-        v = x_ref[k, :].astype(f32)
-        g = jnp.exp(v - m) * r - jnp.where(t == k, 1.0, 0.0)
-        g_ref[k, :] = g.astype(g_ref.dtype)
+        write(k, jnp.exp(read(k) - m) * r - jnp.where(t == k, 1.0, 0.0))
         return carry
 
     jax.lax.fori_loop(0, c, grad, 0)
 
 
-def prototype_nchw(x, t, *, block_p: int = 128, interpret: bool = False):
+def _nchw_kernel(x_ref, t_ref, loss_ref, g_ref, *, c: int):
+    def write(k, g):
+        g_ref[k, :] = g.astype(g_ref.dtype)
+
+    _row_loops(lambda k: x_ref[k, :].astype(f32), write, t_ref[...], loss_ref, c)
+
+
+def _last_kernel_columns(x_ref, t_ref, loss_ref, g_ref, *, c: int, flat: bool):
+    # On the device the tiles arrive as (BLOCK_P*C/128, 128) slices of the flat
+    # logits. Interpret mode gets (BLOCK_P, C) tiles instead: its discharge of
+    # a store into a reshaped ref fails (jax 0.10.2), and the reshape is
+    # row-major either way.
+    xr = x_ref.reshape(BLOCK_P, c) if flat else x_ref
+    gr = g_ref.reshape(BLOCK_P, c) if flat else g_ref
+
+    def write(k, g):
+        gr[:, k] = g.astype(gr.dtype)
+
+    _row_loops(lambda k: xr[:, k].astype(f32), write, t_ref[...], loss_ref, c)
+
+
+def _check_positions(n: int, what: str) -> None:
+    if n % BLOCK_P:
+        raise ValueError(f"{what} must be a multiple of {BLOCK_P}, got {n}")
+
+
+def prototype_nchw(x, t, *, interpret: bool = False):
     """Per-position losses ``(A, B)`` and d(sum of them)/d(logits) ``(A, C, B)``
-    for logits ``(A, C, B)`` and labels ``(A, B)``, ``B % block_p == 0``."""
+    for logits ``(A, C, B)`` and labels ``(A, B)``, ``B % 128 == 0``."""
     a, c, b = x.shape
-    if b % block_p:
-        raise ValueError(f"positions per image must be a multiple of block_p={block_p}, got {b}")
-    tile = pl.BlockSpec((None, c, block_p), lambda i, j: (i, 0, j))
-    row = pl.BlockSpec((None, block_p), lambda i, j: (i, j))
+    _check_positions(b, "positions per image")
+    tile = pl.BlockSpec((None, c, BLOCK_P), lambda i, j: (i, 0, j))
+    row = pl.BlockSpec((None, BLOCK_P), lambda i, j: (i, j))
     return pl.pallas_call(
         functools.partial(_nchw_kernel, c=c),
         out_shape=(jax.ShapeDtypeStruct((a, b), f32), jax.ShapeDtypeStruct(x.shape, x.dtype)),
-        grid=(a, b // block_p),
+        grid=(a, b // BLOCK_P),
         in_specs=[tile, row],
         out_specs=[row, tile],
         compiler_params=None if interpret else plgpu.CompilerParams(),
         interpret=interpret,
         name="ce_nchw_mgpu",
     )(x, t.astype(jnp.int32))
+
+
+def prototype_last(x, t, *, interpret: bool = False):
+    """Per-position losses ``(P,)`` and d(sum of them)/d(logits) ``(P, C)``
+    for channels-last logits ``(P, C)`` and labels ``(P,)``, ``P % 128 == 0``."""
+    p, c = x.shape
+    _check_positions(p, "positions")
+    flat = not interpret
+    view = (p * c // 128, 128) if flat else (p, c)
+    tile = pl.BlockSpec((BLOCK_P * c // 128, 128) if flat else (BLOCK_P, c), lambda i: (i, 0))
+    row = pl.BlockSpec((BLOCK_P,), lambda i: (i,))
+    loss, g = pl.pallas_call(
+        functools.partial(_last_kernel_columns, c=c, flat=flat),
+        out_shape=(jax.ShapeDtypeStruct((p,), f32), jax.ShapeDtypeStruct(view, x.dtype)),
+        grid=(p // BLOCK_P,),
+        in_specs=[tile, row],
+        out_specs=[row, tile],
+        compiler_params=None if interpret else plgpu.CompilerParams(),
+        interpret=interpret,
+        name="ce_last_mgpu",
+    )(x.reshape(view), t.astype(jnp.int32))
+    return loss, g.reshape(p, c)
 
 
 def _last_kernel(x_ref, t_ref, loss_ref, *, c: int):
@@ -156,87 +210,97 @@ def lowering_table(classes=(1, 19, 20, 64, 150, 192, 1000)) -> list[dict]:
     rows = []
     for dtype in ("float32", "bfloat16"):
         for c in classes:
-            x = jax.ShapeDtypeStruct((2, c, 1024), dtype)
-            t = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
-            rows.append(
-                {
-                    "design": "nchw_prototype",
-                    "dtype": dtype,
-                    "c": c,
-                    "lowering": _lowers(prototype_nchw, x, t),
-                }
-            )
-            x = jax.ShapeDtypeStruct((1024, c), dtype)
-            t = jax.ShapeDtypeStruct((1024,), jnp.int32)
+            nchw = jax.ShapeDtypeStruct((2, c, 1024), dtype)
+            last = jax.ShapeDtypeStruct((1024, c), dtype)
             block_c = -(-c // 64) * 64
-            rows.append(
-                {
-                    "design": "last_wgmma",
-                    "dtype": dtype,
-                    "c": c,
-                    "block_c": block_c,
-                    "lowering": _lowers(functools.partial(_last_call, block_c=block_c), x, t),
-                }
-            )
+            for design, fn, x in (
+                ("nchw_prototype", prototype_nchw, nchw),
+                ("last_prototype", prototype_last, last),
+                ("last_wgmma", functools.partial(_last_call, block_c=block_c), last),
+            ):
+                t = jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], jnp.int32)
+                rows.append(
+                    {"design": design, "dtype": dtype, "c": c, "lowering": _lowers(fn, x, t)}
+                )
     return rows
 
 
-def reference(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference(x: np.ndarray, t: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """NumPy float64: per-position losses and d(their sum)/d(logits)."""
-    z = np.moveaxis(x.astype(np.float64), 1, -1)
+    z = np.moveaxis(x.astype(np.float64), axis, -1)
     m = z.max(-1, keepdims=True)
     lse = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
     loss = lse - np.take_along_axis(z, t[..., None], -1)[..., 0]
     g = np.exp(z - lse[..., None])
     np.put_along_axis(g, t[..., None], np.take_along_axis(g, t[..., None], -1) - 1.0, -1)
-    return loss, np.moveaxis(g, -1, 1)
+    return loss, np.moveaxis(g, -1, axis)
+
+
+PROTOTYPES = {"nchw": (prototype_nchw, 1), "last": (prototype_last, -1)}
+
+
+def _case(layout: str, c: int, positions: int, dtype, seed: int = 0):
+    """Logits (scale 3) and labels: ``(2, C, positions)`` or ``(positions, C)``."""
+    kx, kt = jax.random.split(jax.random.key(seed))
+    shape = (2, c, positions) if layout == "nchw" else (positions, c)
+    x = (jax.random.normal(kx, shape, f32) * 3).astype(dtype)
+    pos = (2, positions) if layout == "nchw" else (positions,)
+    return x, jax.random.randint(kt, pos, 0, c)
 
 
 def interpret_check(cases=((1, 128), (19, 256), (150, 128)), dtypes=("float32", "bfloat16")):
-    """The prototype in generic interpret mode against NumPy float64."""
+    """The prototypes in generic interpret mode against NumPy float64."""
     out = []
-    for c, b in cases:
-        for dtype in dtypes:
-            kx, kt = jax.random.split(jax.random.key(c))
-            x = jax.random.normal(kx, (2, c, b), f32).astype(dtype) * 3
-            t = jax.random.randint(kt, (2, b), 0, c)
-            loss, g = prototype_nchw(x, t, interpret=True)
-            rl, rg = reference(np.asarray(x.astype(f32)), np.asarray(t))
-            out.append(
-                {
-                    "c": c,
-                    "dtype": dtype,
-                    "loss_maxabs": float(np.max(np.abs(np.asarray(loss) - rl))),
-                    "grad_maxabs": float(np.max(np.abs(np.asarray(g.astype(f32)) - rg))),
-                    # bfloat16 gradients: half an ulp at the largest |g| (1).
-                    "grad_tol": 2e-6 if dtype == "float32" else 2.0**-8,
-                }
-            )
+    for layout, (fn, axis) in PROTOTYPES.items():
+        for c, positions in cases:
+            for dtype in dtypes:
+                x, t = _case(layout, c, positions, dtype, seed=c)
+                loss, g = fn(x, t, interpret=True)
+                rl, rg = reference(np.asarray(x.astype(f32)), np.asarray(t), axis)
+                out.append(
+                    {
+                        "layout": layout,
+                        "c": c,
+                        "dtype": dtype,
+                        "loss_maxabs": float(np.max(np.abs(np.asarray(loss) - rl))),
+                        "grad_maxabs": float(np.max(np.abs(np.asarray(g.astype(f32)) - rg))),
+                        # bfloat16 gradients: half an ulp at the largest |g| (1).
+                        "grad_tol": 2e-6 if dtype == "float32" else 2.0**-8,
+                    }
+                )
     return out
+
+
+# (layout, classes, positions): the benchmark's seg19 and seg150 cases.
+DEVICE_CASES = {
+    "seg19": ("last", 19, 16 * 512 * 1024),
+    "seg19_nchw": ("nchw", 19, 8 * 512 * 1024),  # x 2 images: 16 x 19 x 512 x 1024
+    "seg150": ("last", 150, 8 * 512 * 512),
+    "seg150_nchw": ("nchw", 150, 4 * 512 * 512),  # x 2 images: 8 x 150 x 512 x 512
+}
 
 
 def device_run(small: bool, reps: int, interpret: bool = False) -> dict:
     """On the GPU: values against jaxloss, then timings against its fwd+bwd
-    (``interpret``: the prototype in interpret mode, to test this on CPU)."""
-    shapes = {"seg19_nchw": (16, 19, 512 * 1024), "seg150_nchw": (8, 150, 512 * 512)}
-    if small:
-        shapes = {"seg19_nchw": (2, 19, 64 * 64), "seg150_nchw": (2, 150, 32 * 32)}
+    (``interpret``: the prototypes in interpret mode, to test this on CPU)."""
     result = {}
-    for name, (a, c, b) in shapes.items():
-        kx, kt = jax.random.split(jax.random.key(0))
-        x = jax.random.normal(kx, (a, c, b), f32)
-        t = jax.random.randint(kt, (a, b), 0, c)
+    for name, (layout, c, positions) in DEVICE_CASES.items():
+        if small:
+            positions = 128 * 8
+        fn, axis = PROTOTYPES[layout]
+        x, t = _case(layout, c, positions, f32)
 
-        def lib_loss(x, t):
-            return jaxloss.cross_entropy(x, t, axis=1, reduction="sum")
+        def lib_loss(x, t, axis=axis):
+            return jaxloss.cross_entropy(x, t, axis=axis, reduction="sum")
 
         lib = jax.jit(jax.value_and_grad(lib_loss))
-        proto = jax.jit(functools.partial(prototype_nchw, interpret=interpret))
+        proto = jax.jit(functools.partial(fn, interpret=interpret))
         copy = jax.jit(lambda x: x * 2)
-        entry: dict = {"shape": [a, c, b]}
+        entry: dict = {"shape": list(x.shape)}
         try:
             loss, g = proto(x, t)
             ref_l, ref_g = lib(x, t)
+            jax.block_until_ready(copy(x))  # compiled before the timing
             entry["loss_rel"] = float(abs(jnp.sum(loss) - ref_l) / abs(ref_l))
             entry["grad_maxabs"] = float(jnp.max(jnp.abs(g - ref_g)))
             times = bench.interleaved(

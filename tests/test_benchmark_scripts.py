@@ -153,11 +153,11 @@ def test_bench_soft_and_smoothing_run_and_agree(tmp_path, flags, ref):
     assert ours[0][f"grad_maxdiff_vs_{ref}"] < 1e-9
 
 
-def test_mosaic_probe_lowers_and_its_prototype_matches_numpy(tmp_path, monkeypatch):
-    """``mosaic_probe.py``, the Mosaic GPU port's first step: its NCHW
-    prototype lowers for CUDA at 1 to 192 classes, matches NumPy float64 in
-    interpret mode, and its device part (run here in interpret mode) agrees
-    with jaxloss and writes its timings."""
+def test_mosaic_probe_lowers_and_its_prototypes_match_numpy(tmp_path, monkeypatch):
+    """``mosaic_probe.py``, the Mosaic GPU port's first step: its prototypes
+    (NCHW and channels-last) lower for CUDA at 1 to 192 classes, match NumPy
+    float64 in interpret mode, and its device part (run here in interpret
+    mode) agrees with jaxloss and writes its timings."""
     import json
 
     import mosaic_probe
@@ -166,19 +166,18 @@ def test_mosaic_probe_lowers_and_its_prototype_matches_numpy(tmp_path, monkeypat
     assert mosaic_probe.main(["--small", "--interpret-device-run", "--reps", "1"]) == 0
     [path] = tmp_path.glob("mosaic_probe-*.json")
     report = json.loads(path.read_text())
-    proto = {(r["dtype"], r["c"]): r["lowering"] for r in report["lowering"]
-             if r["design"] == "nchw_prototype"}
-    for dtype in ("float32", "bfloat16"):
-        for c in (1, 19, 150, 192):
-            assert proto[dtype, c] == "ok", (dtype, c, proto[dtype, c])
-    # A channels-last row of 19 float32 classes is 76 bytes: no TMA tile.
-    last = {(r["dtype"], r["c"]): r["lowering"] for r in report["lowering"]
-            if r["design"] == "last_wgmma"}
-    assert "16 bytes" in last["float32", 19] and last["float32", 64] == "ok"
-    checked = {(r["c"], r["dtype"]) for r in report["interpret"]}
-    assert checked >= {(19, "float32"), (150, "bfloat16")}
-    for case in ("seg19_nchw", "seg150_nchw"):
-        entry = report["device"][case]
+    lowering = {(r["design"], r["dtype"], r["c"]): r["lowering"] for r in report["lowering"]}
+    for design in ("nchw_prototype", "last_prototype"):
+        for dtype in ("float32", "bfloat16"):
+            for c in (1, 19, 150, 192):
+                assert lowering[design, dtype, c] == "ok", (design, dtype, c)
+    # A channels-last row of 19 float32 classes is 76 bytes: no TMA tile of rows.
+    assert "16 bytes" in lowering["last_wgmma", "float32", 19]
+    assert lowering["last_wgmma", "float32", 64] == "ok"
+    checked = {(r["layout"], r["c"], r["dtype"]) for r in report["interpret"]}
+    assert checked >= {("nchw", 19, "float32"), ("last", 19, "float32"), ("last", 150, "bfloat16")}
+    assert set(report["device"]) == {"seg19", "seg19_nchw", "seg150", "seg150_nchw"}
+    for entry in report["device"].values():
         assert "error" not in entry, entry
         assert entry["loss_rel"] < 1e-6 and entry["grad_maxabs"] < 1e-6, entry
         assert set(entry["ms_p50"]) == {"prototype", "jaxloss", "copy"}
