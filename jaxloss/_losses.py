@@ -155,8 +155,18 @@ def _native_reduce(vs: tuple[Array, ...], inits: tuple[float, ...], op: Any, axi
     that XLA:CPU emits itself, fused with the operands' producers, rather
     than handing it to YNNPACK: a variadic reduction, the classes' index
     max beside the values (always >= 0, kept alive by the select below),
-    which YNNPACK does not take."""
-    index = _varying_like(jax.lax.broadcasted_iota(jnp.int32, vs[0].shape, axis), *vs)
+    which YNNPACK does not take.
+
+    The index is as narrow as the row allows: XLA writes it out beside each
+    value (a multi-output fusion), so its bytes are temporaries. int8 up to
+    127 classes, int16 up to 32767 (the blocks of the blocked row sums):
+    probability targets' fwd+bwd temporaries at 16x19x512x1024 float32 36.8%
+    -> 28.9% of the logits, 16x512x1024x19 26.3% -> 22.4%, the index
+    targets' at 8192x128256 bfloat16 0.61% -> 0.31%; their speed unchanged
+    but for the NCHW probability targets (1.11-1.27x faster)."""
+    c = vs[0].shape[axis]
+    itype = jnp.int8 if c <= 127 else jnp.int16 if c <= 32767 else jnp.int32
+    index = _varying_like(jax.lax.broadcasted_iota(itype, vs[0].shape, axis), *vs)
     init = tuple(
         _varying_like(jnp.full((), i, v.dtype), *vs) for v, i in zip(vs, inits, strict=True)
     )
@@ -166,7 +176,7 @@ def _native_reduce(vs: tuple[Array, ...], inits: tuple[float, ...], op: Any, axi
     # their weights) were otherwise constant-folded by XLA's interpreter,
     # which took this variadic reduction element by element: a fwd+bwd at
     # 4x64x64x150 float32 compiled in 22 s against 0.65 s.
-    init += (jax.lax.optimization_barrier(_varying_like(jnp.zeros((), jnp.int32), *vs)),)
+    init += (jax.lax.optimization_barrier(_varying_like(jnp.zeros((), itype), *vs)),)
     k = len(vs)
 
     def combine(a: tuple, b: tuple) -> tuple:
