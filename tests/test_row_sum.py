@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from oracles import (
+    GRAD_TOL,
     LOSS_TOL,
     assert_close,
     assert_rows_match_pytorch,
@@ -24,6 +26,7 @@ from oracles import (
     float64_oracles,
     labelled_logits,
     rng_for,
+    to_torch_layout,
     torch_loss_and_grad,
 )
 
@@ -273,3 +276,32 @@ def test_float32_long_rows_forward_matches_pytorch(c):
         loss = jax.jit(lambda v, kw=kw: jaxloss.cross_entropy(v, jnp.asarray(t), **kw))(x)
         tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
         np.testing.assert_allclose(loss, tl, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [127, 128, 32767, 32768])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_index_width_boundaries(c, axis):
+    """The class index of XLA:CPU's variadic row reductions is int8 up to 127
+    classes, int16 up to 32767, int32 beyond (``_native_reduce``): losses and
+    gradients on both sides of each width, index and probability targets,
+    against PyTorch and NumPy in float64."""
+    shape = (2, 3, c) if axis == -1 else (2, c, 3)
+    rng = rng_for("index_width", c, axis)
+    x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    w = (rng.random(c) + 0.5).astype(np.float32)
+    q = rng.random(shape).astype(np.float32)
+    q /= q.sum(axis=axis, keepdims=True)
+    t = rng.integers(0, c, (2, 3))
+    cot = np.float64(1.7)
+    for target in (t, q):
+        got_l, got_g = jax.jit(jax.value_and_grad(
+            lambda x, target: jaxloss.cross_entropy(x, target, weight=w, axis=axis)
+        ))(x, target)
+        got_g = np.asarray(got_g, np.float64) * cot
+        torch_t = target if target is t else to_torch_layout(target, axis)
+        tl, tg = torch_loss_and_grad(to_torch_layout(x, axis), torch_t, cot, nll=False, weight=w)
+        rl, rg = reference.loss_and_grad(x, target, weight=w, axis=axis, cotangent=cot)
+        for want_l, want_g, name in ((tl, np.moveaxis(tg, 1, axis), "pytorch"), (rl, rg, "numpy")):
+            what = f"{name}, {'index' if target is t else 'probability'} targets"
+            assert_close(got_l, want_l, LOSS_TOL["float32"], what)
+            assert_close(got_g, want_g, GRAD_TOL["float32"], what)
