@@ -48,10 +48,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+# The test suite's NumPy float64 reference (tests/reference.py), the oracle.
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import bench  # noqa: E402
+import reference  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 import jaxloss  # noqa: E402
@@ -161,7 +165,7 @@ def prototype_last(x, t, *, interpret: bool = False):
     return loss, g.reshape(p, c)
 
 
-def _last_kernel(x_ref, t_ref, loss_ref, *, c: int):
+def _wgmma_kernel(x_ref, t_ref, loss_ref, *, c: int):
     """A ``(block_p, C_pad)`` channels-last tile in the WGMMA layout, row
     statistics by cross-lane reductions (the lowering table only)."""
     lay = plgpu.Layout.WGMMA
@@ -176,7 +180,7 @@ def _last_kernel(x_ref, t_ref, loss_ref, *, c: int):
     loss_ref[...] = jnp.log(jnp.sum(e, axis=1)) + m - xt
 
 
-def _last_call(x, t, *, block_c: int, block_p: int = 64):
+def _wgmma_call(x, t, *, block_c: int, block_p: int = 64):
     p, c = x.shape
     swizzle = 128
     tiling = plgpu.TilingTransform((8, swizzle // x.dtype.itemsize))
@@ -187,7 +191,7 @@ def _last_call(x, t, *, block_c: int, block_p: int = 64):
     )
     row = pl.BlockSpec((block_p,), lambda i: (i,))
     return pl.pallas_call(
-        functools.partial(_last_kernel, c=c),
+        functools.partial(_wgmma_kernel, c=c),
         out_shape=jax.ShapeDtypeStruct((p,), f32),
         grid=(p // block_p,),
         in_specs=[tile, row],
@@ -216,24 +220,13 @@ def lowering_table(classes=(1, 19, 20, 64, 150, 192, 1000)) -> list[dict]:
             for design, fn, x in (
                 ("nchw_prototype", prototype_nchw, nchw),
                 ("last_prototype", prototype_last, last),
-                ("last_wgmma", functools.partial(_last_call, block_c=block_c), last),
+                ("last_wgmma", functools.partial(_wgmma_call, block_c=block_c), last),
             ):
                 t = jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], jnp.int32)
                 rows.append(
                     {"design": design, "dtype": dtype, "c": c, "lowering": _lowers(fn, x, t)}
                 )
     return rows
-
-
-def reference(x: np.ndarray, t: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy float64: per-position losses and d(their sum)/d(logits)."""
-    z = np.moveaxis(x.astype(np.float64), axis, -1)
-    m = z.max(-1, keepdims=True)
-    lse = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
-    loss = lse - np.take_along_axis(z, t[..., None], -1)[..., 0]
-    g = np.exp(z - lse[..., None])
-    np.put_along_axis(g, t[..., None], np.take_along_axis(g, t[..., None], -1) - 1.0, -1)
-    return loss, np.moveaxis(g, -1, axis)
 
 
 PROTOTYPES = {"nchw": (prototype_nchw, 1), "last": (prototype_last, -1)}
@@ -256,7 +249,11 @@ def interpret_check(cases=((1, 128), (19, 256), (150, 128)), dtypes=("float32", 
             for dtype in dtypes:
                 x, t = _case(layout, c, positions, dtype, seed=c)
                 loss, g = fn(x, t, interpret=True)
-                rl, rg = reference(np.asarray(x.astype(f32)), np.asarray(t), axis)
+                # Per-position losses and d(their sum)/d(logits): the cotangent
+                # of reduction="none" defaults to ones.
+                rl, rg = reference.loss_and_grad(
+                    np.asarray(x.astype(f32)), np.asarray(t), axis=axis, reduction="none"
+                )
                 out.append(
                     {
                         "layout": layout,
