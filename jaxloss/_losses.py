@@ -2603,6 +2603,126 @@ def _soft_plain_total_and_grad(
     return _scaled_total(loss, where, scale), grad
 
 
+# XLA:CPU, float32 probability targets over a strided class axis of at least
+# _SOFT_FLAT_MIN_CLASSES classes: the fwd+bwd of inputs of this many logits or
+# more takes the chunked loop (_soft_loop_total_and_grad).
+_SOFT_LOOP_MIN_ELEMENTS = 1 << 22
+# The forward alone takes it where the plane of positions after the class
+# axis is larger than this.
+_SOFT_LOOP_FORWARD_MIN_PLANE = 1 << 14
+
+
+def _soft_loop_applies(x: Array, axis: int, forward: bool = False) -> bool:
+    """Whether a reduced loss with probability targets takes the chunked
+    loop :func:`_soft_loop_total_and_grad` for its fwd+bwd: XLA:CPU, float32
+    logits of at least ``_SOFT_LOOP_MIN_ELEMENTS``, a class axis other than
+    the last of at least ``_SOFT_FLAT_MIN_CLASSES`` classes (where
+    :func:`_soft_fused_applies` does not apply).
+
+    ``forward`` (no derivative): only where the plane of positions after the
+    class axis is larger than ``_SOFT_LOOP_FORWARD_MIN_PLANE``. Below, the
+    whole-array forward (:func:`_soft_loss`) was the faster (``ab.py
+    --soft --axis 1``, 2-core EPYC, loop against it: 4x64x128x128 0.75x,
+    8x150x64x64 0.15x); above, the loop (2x64x180x180 1.0x, 4x48x180x180
+    2.1x, 1x150x180x180 3.4x, 2x48x256x256 3.5x, 2x150x256x256 4.9x)."""
+    if jax.default_backend() != "cpu" or axis % x.ndim == x.ndim - 1:
+        return False
+    axis = axis % x.ndim
+    if forward and math.prod(x.shape[axis + 1 :]) <= _SOFT_LOOP_FORWARD_MIN_PLANE:
+        return False
+    return (
+        x.dtype == jnp.float32
+        and x.shape[axis] >= _SOFT_FLAT_MIN_CLASSES
+        and x.size >= _SOFT_LOOP_MIN_ELEMENTS
+    )
+
+
+def _soft_chunk(
+    xb: Array, qb: Array, w: Array | None, eps: float, cax: int, scale_grad: Array | None
+) -> tuple[Array, Array | None]:
+    """One chunk of :func:`_soft_loop_total_and_grad`: the per-position loss
+    ``sum_c w_c q'_c (m - x_c) + A log s`` and, given ``scale_grad``, the
+    gradient ``scale_grad * (A p - w q')``, the exponentials shared."""
+    c = xb.shape[cax]
+    qw = qb * (1.0 - eps) + eps / c if eps > 0.0 else qb
+    if w is not None:
+        qw = qw * _broadcast_weight(w.astype(xb.dtype), xb.ndim, cax)
+    m = jax.lax.stop_gradient(jnp.max(xb, axis=cax, keepdims=True))
+    if scale_grad is None:
+        log_s = jnp.log(jnp.sum(_exp(xb - m), axis=cax, keepdims=True))
+    else:
+        e, s, log_s = _shared_exp(xb, m, cax)
+    total_w = jnp.sum(qw, axis=cax, keepdims=True)
+    loss = jnp.sum(qw * (m - xb), axis=cax) + jnp.squeeze(total_w * log_s, cax)
+    if scale_grad is None:
+        return loss, None
+    return loss, e * (scale_grad * total_w / s) - scale_grad * qw
+
+
+def _soft_loop_total_and_grad(
+    x: Array,
+    q: Array,
+    where: Array | None,
+    w: Array | None,
+    scale: Array,
+    eps: float,
+    axis: int,
+    with_grad: bool = True,
+) -> tuple[Array, Array | None]:
+    """:func:`_soft_plain_total_and_grad` by a chunked loop over the
+    positions, as the index targets' (:func:`_fused_pass`), where
+    :func:`_soft_loop_applies`: each chunk's row statistics, sums and
+    gradient from one read of its logits and targets, the gradient written
+    into the loop's buffer in ``x.dtype`` (temporaries of a few chunks).
+
+    Whole-array passes over a strided class axis of many classes were slow
+    on XLA:CPU, and the slower the larger the plane of positions after the
+    classes (YNNPACK's reductions and XLA's alike, optax too): float32
+    fwd+bwd 2x150x256x256 360-600 ms, 8x150x128x128 (as many logits) 95-116
+    ms. Their derivative of :func:`_soft_loss` (before this loop) also held
+    200% of the logits in temporaries. ``ab.py --soft --axis 1`` against
+    that (weighted mean, 2-core EPYC; ``benchmarks/PERFORMANCE.md``,
+    "Probability targets over a strided class axis, chunked")."""
+    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
+    axis = axis % x.ndim
+    shape = x.shape
+    scale = scale.astype(cdt)
+    zero = jnp.zeros((), cdt)
+    cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
+    xs, qs = x.reshape(cut.view), q.reshape(cut.view)
+    ms = None if where is None else where.reshape(cut.pview)
+    scale_grad = jnp.where(jnp.isinf(scale), zero, scale)
+    # The chunk without its dimensions of size 1 (a chunk of one leading
+    # position ran 6-8x slower with it).
+    chunk = tuple(n for k, n in enumerate(cut.chunk) if n > 1 or k == cut.cax)
+    cax = sum(1 for k, n in enumerate(cut.chunk[: cut.cax]) if n > 1)
+    pchunk = tuple(n for n in cut.pchunk if n > 1)
+
+    def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        total, g = carry
+        xstart, start, fresh = cut.at(i)
+        xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk).astype(cdt).reshape(chunk)
+        qb = jax.lax.dynamic_slice(qs, xstart, cut.chunk).astype(cdt).reshape(chunk)
+        loss, grad = _soft_chunk(xb, qb, w, eps, cax, scale_grad if with_grad else None)
+        keep = fresh.reshape(pchunk)
+        mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk).reshape(pchunk)
+        if mb is not None:
+            keep = keep & mb
+        total = total + jnp.sum(jnp.where(keep, loss, zero))
+        if grad is None:
+            return total, g
+        if mb is not None:
+            grad = jnp.where(jnp.expand_dims(mb, cax), grad, zero)
+        grad = grad.astype(x.dtype).reshape(cut.chunk)
+        return total, jax.lax.dynamic_update_slice(g, grad, xstart)
+
+    grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
+    carry = tuple(_varying_like(v, xs, qs, ms, w, scale) for v in (zero, grad0))
+    total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
+    total = jnp.where(scale != 0, scale * total, zero)
+    return total, g.reshape(shape) if with_grad else None
+
+
 def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:
     """``scale * sum(loss)`` over the positions ``where`` keeps (0 when
     ``scale`` is 0, whatever the sum)."""
@@ -2625,8 +2745,12 @@ def _soft_total_and_grad(
     16x512x1024x19 26% -> 0.22%, NCHW 37% -> 0.07%) but measured 0.64-0.80x
     the speed channels-last (chunks of 2**18 to 2**22 logits, with and
     without the unshifted statistics or the polynomial ``exp``; ``ab.py
-    --soft --base b6b466d``), 1.04x NCHW.
+    --soft --base b6b466d``), 1.04x NCHW. Except over a strided class axis
+    of many classes (:func:`_soft_loop_applies`), where the whole-array
+    passes were slower still: the loop of :func:`_soft_loop_total_and_grad`.
     """
+    if _soft_loop_applies(x, axis):
+        return _soft_loop_total_and_grad(x, q, where, w, scale, eps, axis)
     total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis)
     return total, _to_dtype(grad, x.dtype)
 
@@ -2651,7 +2775,11 @@ def _soft_total(
     x: Array, q: Array, where: Array | None, w: Array | None, scale: Array, eps: float, axis: int
 ) -> Array:
     """``scale * sum_i l_i`` over the positions (``where``) for probability
-    targets (0 when ``scale`` is 0); the forward is :func:`_soft_loss`'s."""
+    targets (0 when ``scale`` is 0); the forward is :func:`_soft_loss`'s,
+    or where :func:`_soft_loop_applies` the chunked loop's without the
+    gradient."""
+    if _soft_loop_applies(x, axis, forward=True):
+        return _soft_loop_total_and_grad(x, q, where, w, scale, eps, axis, with_grad=False)[0]
     return _scaled_total(_soft_loss(x, q, w, eps, axis), where, scale)
 
 
@@ -2791,7 +2919,7 @@ def _soft_impl(
     axis_name: Any,
     nan_if_empty: bool,
 ) -> Array:
-    if reduction == "none" or not _soft_fused_applies(x, axis):
+    if reduction == "none" or not (_soft_fused_applies(x, axis) or _soft_loop_applies(x, axis)):
         loss = _soft_loss(x, q, w, eps, axis)
         if where is None:
             count = jnp.ones(loss.shape, loss.dtype)

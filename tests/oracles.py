@@ -375,3 +375,41 @@ def under_transforms(fn, x, t, where, dx, **kw) -> tuple:
     hvp = jax.jit(lambda v, d: jax.jvp(
         jax.grad(lambda a: reduced(a, t[0], where[0])), (v,), (d,))[1])(x[0], dx[0])
     return vg, per, batched, hvp
+
+
+def check_soft_reduced(x, q, axis, reduction, w, eps, where, cot=1.7) -> None:
+    """A reduced cross-entropy of probability targets ``q`` (``where`` may be
+    None), differentiated with cotangent ``cot``: loss and gradient against
+    PyTorch (``reduction="none"``, each position's cotangent its share of
+    the reduction) and NumPy in float64, the loss also against the forward
+    alone; the gradient in ``x``'s dtype."""
+    import ml_dtypes
+
+    kw = dict(weight=None if w is None else jnp.asarray(w), axis=axis, reduction=reduction,
+              label_smoothing=eps, where=None if where is None else jnp.asarray(where))
+    cot = np.float32(cot)
+    loss, grad, _, raw_grad = jax_loss_and_grad(
+        jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(q), cot, **kw
+    )
+    assert raw_grad.dtype == x.dtype
+    forward = jax.jit(lambda a, b: jaxloss.cross_entropy(a, b, **kw))(x, q)
+    x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
+    mask = np.ones(np.delete(x.shape, axis % x.ndim), bool) if where is None else where
+    share = mask / (mask.sum() if reduction == "mean" else 1.0)
+    # PyTorch's per-position losses keep the positions' order (the class
+    # axis moved to dim 1 leaves the others in place).
+    tl, tg = torch_loss_and_grad(
+        to_torch_layout(x64, axis), to_torch_layout(q64, axis), cot * share,
+        nll=False, weight=w, reduction="none", label_smoothing=eps,
+    )
+    torch_loss = np.sum(tl * share)
+    back = (lambda g: g) if x.ndim == 1 else (lambda g: np.moveaxis(g, 1, axis))
+    rl, rg = reference.loss_and_grad(x64, q64, weight=w, reduction=reduction,
+                                     label_smoothing=eps, axis=axis, where=where,
+                                     cotangent=cot)
+    key = "bfloat16" if x.dtype == ml_dtypes.bfloat16 else "float32"
+    assert_close(loss, torch_loss, LOSS_TOL["float32"], "loss vs pytorch")
+    assert_close(loss, rl, LOSS_TOL["float32"], "loss vs numpy")
+    assert_close(np.asarray(forward, np.float64), loss, LOSS_TOL["float32"], "forward alone")
+    assert_close(grad, back(tg), GRAD_TOL[key], "gradient vs pytorch")
+    assert_close(grad, rg, GRAD_TOL[key], "gradient vs numpy")

@@ -483,6 +483,34 @@ def test_partitioning_api_mismatch_warns_and_falls_back(kernel_everywhere, monke
 # ---------------------------------------------------------------------------
 
 
+def _soft_step_fns(kw: dict, mesh):
+    """``(step, one, sharded)``: value and gradients of logits and targets,
+    the one-device loss of probability targets with ``kw``, and the same by
+    ``shard_map`` over the batch with ``axis_name``."""
+
+    def step(loss):
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    def one(x, q, where):
+        return jaxloss.cross_entropy(x, q, where=where, **kw)
+
+    sharded = shard_map(
+        lambda x, q, where: jaxloss.cross_entropy(x, q, where=where, axis_name="data", **kw),
+        mesh=mesh,
+        in_specs=(P("data"), P("data"), P("data")),
+        out_specs=P(),
+    )
+    return step, one, sharded
+
+
+def _assert_each_close(results: dict, want) -> None:
+    for name, got in results.items():
+        try:
+            _assert_close(got, want)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
 @pytest.mark.parametrize(
     "shape,axis",
     [((8, 4, 6, 19), -1), ((8, 19, 4, 6), 1), ((8, 50, 3, 4), 1)],
@@ -501,27 +529,44 @@ def test_probability_targets_sharded_match_one_device(shape, axis):
     w = jnp.asarray(rng.uniform(0.5, 2.0, shape[axis]), jnp.float32)
     pos = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
     where = jnp.asarray(rng.random(pos) < np.linspace(0.2, 0.9, 8).reshape(-1, 1, 1))
-    kw = dict(weight=w, axis=axis, label_smoothing=0.1)
-
-    def step(loss):
-        return jax.value_and_grad(loss, argnums=(0, 1))
-
-    def one(x, q, where):
-        return jaxloss.cross_entropy(x, q, where=where, **kw)
-
-    want = jax.jit(step(one))(x, q, where)
     mesh = _mesh()
-    sharded = shard_map(
-        lambda x, q, where: jaxloss.cross_entropy(x, q, where=where, axis_name="data", **kw),
-        mesh=mesh,
-        in_specs=(P("data"), P("data"), P("data")),
-        out_specs=P(),
-    )
+    step, one, sharded = _soft_step_fns(dict(weight=w, axis=axis, label_smoothing=0.1), mesh)
+    want = jax.jit(step(one))(x, q, where)
     got_shard_map = jax.jit(step(sharded))(x, q, where)
     put = [jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, q, where)]
     got_gspmd = jax.jit(step(one))(*put)
-    for name, got in (("shard_map", got_shard_map), ("gspmd", got_gspmd)):
-        try:
-            _assert_close(got, want)
-        except AssertionError as e:
-            raise AssertionError(f"{name}: {e}") from None
+    _assert_each_close({"shard_map": got_shard_map, "gspmd": got_gspmd}, want)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, None, "data")], ids=["batch", "height"])
+def test_probability_targets_loop_sharded_match_one_device(monkeypatch, spec):
+    """The chunked loop of probability targets over a strided class axis
+    (``_soft_loop_total_and_grad``, forced at this size), mean, weighted,
+    smoothed, with a ``where`` mask: under GSPMD ``jit`` with the batch or
+    the height sharded on 4 devices (no device gathers another's logits)
+    and by ``shard_map`` with ``axis_name``, loss and gradients of logits
+    and targets equal the one-device whole-array path's."""
+    shape, axis = (8, 50, 8, 3), 1
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(2.0 * rng.standard_normal(shape), jnp.float32)
+    q = jnp.asarray(rng.uniform(0.0, 0.08, shape), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, shape[axis]), jnp.float32)
+    where = jnp.asarray(rng.random((8, 8, 3)) < 0.7)
+    mesh = _mesh()
+    step, one, sharded = _soft_step_fns(dict(weight=w, axis=axis, label_smoothing=0.1), mesh)
+    want = jax.jit(step(one))(x, q, where)
+    monkeypatch.setattr(_losses, "_SOFT_LOOP_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
+    _losses._soft_impl.clear_cache()
+    try:
+        pos_spec = P(*[e for i, e in enumerate(spec) if i != axis])
+        shardings = (NamedSharding(mesh, spec),) * 2 + (NamedSharding(mesh, pos_spec),)
+        gspmd = jax.jit(step(one), in_shardings=shardings)
+        text = gspmd.lower(x, q, where).compile().as_text()
+        got_gspmd = gspmd(x, q, where)
+        got_shard_map = jax.jit(step(sharded))(x, q, where)
+    finally:
+        _losses._soft_impl.clear_cache()
+    assert "while" in text  # the loop ran
+    assert "all-gather" not in text
+    _assert_each_close({"shard_map": got_shard_map, "gspmd": got_gspmd}, want)
