@@ -61,23 +61,23 @@ def _case(rng, shape, axis, large):
     return x.astype(np.float32), q.astype(np.float32), w.astype(np.float32), where
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["moderate", "large"])
-def test_loop_matches_pytorch_and_numpy(forced_loop, large):
+def test_loop_matches_pytorch_and_numpy(forced_loop):
     """Mean and sum, weighted or not, smoothed or not, with and without a
-    ``where`` mask, a cotangent of 1.7: loss and gradient against PyTorch
-    (``reduction="none"``, each position's cotangent its share) and NumPy
-    in float64; the loss also against the forward alone."""
+    ``where`` mask, logits moderate or with a row near 100, a cotangent of
+    1.7: loss and gradient against PyTorch (``reduction="none"``, each
+    position's cotangent its share) and NumPy in float64; the loss also
+    against the forward alone."""
     cases = {}
     # Four configurations a shape, each option in half of them.
-    configs = [("mean", True, 0.1, True), ("sum", False, 0.0, True),
-               ("mean", False, 0.0, False), ("sum", True, 0.1, False)]
-    for (name, (shape, axis)), (reduction, weighted, eps, masked) in itertools.product(
+    configs = [("mean", True, 0.1, True, False), ("sum", False, 0.0, True, True),
+               ("mean", False, 0.0, False, True), ("sum", True, 0.1, False, False)]
+    for (name, (shape, axis)), (reduction, weighted, eps, masked, large) in itertools.product(
         CASES.items(), configs
     ):
         rng = rng_for("soft-loop", name, reduction, weighted, eps, masked, large)
         x, q, w, where = _case(rng, shape, axis, large)
         assert _losses._soft_loop_applies(jnp.asarray(x), axis)
-        key = f"{name} {reduction} w={weighted} eps={eps} where={masked}"
+        key = f"{name} {reduction} w={weighted} eps={eps} where={masked} large={large}"
         cases[key] = (x, q, axis, reduction, w if weighted else None, eps,
                       where if masked else None)
 
