@@ -145,3 +145,37 @@ def test_full_size_temporaries():
                           s((150,), jnp.float32)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 0.01 * np.prod(shape) * 4, temp / (np.prod(shape) * 4)
+
+
+def test_loop_under_vmap_jvp_and_second_order(monkeypatch):
+    """With the loop forced: ``vmap`` over a leading batch of losses, forward
+    mode (``jvp`` in logits and targets) and a Hessian-vector product (the
+    gradient differentiated: the plain expression) equal the whole-array
+    path's."""
+    rng = rng_for("soft-loop-transforms")
+    x, q, w, where = _case(rng, (3, 2, 50, 3, 4), 2, False)
+    xv, qv = jnp.asarray(x), jnp.asarray(q)
+    dx = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    dq = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(x, q):
+        return jaxloss.cross_entropy(x, q, weight=w, axis=1, where=where[0], label_smoothing=0.1)
+
+    def run():
+        batched = jax.vmap(jax.value_and_grad(loss))(xv, qv)
+        tangent = jax.jvp(loss, (xv[0], qv[0]), (dx[0], dq[0]))
+        hvp = jax.jvp(jax.grad(loss), (xv[0], qv[0]), (dx[0], dq[0]))[1]
+        return batched, tangent, hvp
+
+    want = jax.jit(run)()
+    monkeypatch.setattr(_losses, "_SOFT_LOOP_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
+    _losses._soft_impl.clear_cache()
+    try:
+        forced = jax.jit(lambda: run())  # a new function: not the trace above
+        assert "while" in forced.lower().as_text()
+        got = forced()
+    finally:
+        _losses._soft_impl.clear_cache()
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-6)
