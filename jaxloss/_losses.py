@@ -2603,9 +2603,9 @@ def _soft_plain_total_and_grad(
     return _scaled_total(loss, where, scale), grad
 
 
-# XLA:CPU, float32 probability targets over a strided class axis of at least
-# _SOFT_FLAT_MIN_CLASSES classes: the fwd+bwd of inputs of this many logits or
-# more takes the chunked loop (_soft_loop_total_and_grad).
+# XLA:CPU, float32 and bfloat16 probability targets over a strided class axis
+# of at least _SOFT_FLAT_MIN_CLASSES classes: the fwd+bwd of inputs of this
+# many logits or more takes the chunked loop (_soft_loop_total_and_grad).
 _SOFT_LOOP_MIN_ELEMENTS = 1 << 22
 # The forward alone takes it where the plane of positions after the class
 # axis is larger than this.
@@ -2615,7 +2615,7 @@ _SOFT_LOOP_FORWARD_MIN_PLANE = 1 << 14
 def _soft_loop_applies(x: Array, axis: int, forward: bool = False) -> bool:
     """Whether a reduced loss with probability targets takes the chunked
     loop :func:`_soft_loop_total_and_grad` for its fwd+bwd: XLA:CPU, float32
-    logits of at least ``_SOFT_LOOP_MIN_ELEMENTS``, a class axis other than
+    or bfloat16 logits, at least ``_SOFT_LOOP_MIN_ELEMENTS``, a class axis other than
     the last of at least ``_SOFT_FLAT_MIN_CLASSES`` classes (where
     :func:`_soft_fused_applies` does not apply).
 
@@ -2631,7 +2631,7 @@ def _soft_loop_applies(x: Array, axis: int, forward: bool = False) -> bool:
     if forward and math.prod(x.shape[axis + 1 :]) <= _SOFT_LOOP_FORWARD_MIN_PLANE:
         return False
     return (
-        x.dtype == jnp.float32
+        x.dtype in (jnp.float32, jnp.bfloat16)
         and x.shape[axis] >= _SOFT_FLAT_MIN_CLASSES
         and x.size >= _SOFT_LOOP_MIN_ELEMENTS
     )
@@ -2680,16 +2680,24 @@ def _soft_loop_total_and_grad(
     classes (YNNPACK's reductions and XLA's alike, optax too): float32
     fwd+bwd 2x150x256x256 360-600 ms, 8x150x128x128 (as many logits) 95-116
     ms. Their derivative of :func:`_soft_loss` (before this loop) also held
-    200% of the logits in temporaries. ``ab.py --soft --axis 1`` against
-    that (weighted mean, 2-core EPYC; ``benchmarks/PERFORMANCE.md``,
-    "Probability targets over a strided class axis, chunked")."""
+    200% of the logits in temporaries (bfloat16: 400%; through the loop
+    200%, the bits of logits and targets copied once, see below). ``ab.py
+    --soft --axis 1`` against that (weighted mean, 2-core EPYC;
+    ``benchmarks/PERFORMANCE.md``, "Probability targets over a strided
+    class axis, chunked")."""
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
     axis = axis % x.ndim
     shape = x.shape
     scale = scale.astype(cdt)
     zero = jnp.zeros((), cdt)
     cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
-    xs, qs = x.reshape(cut.view), q.reshape(cut.view)
+    # bfloat16 travels through the loop as its bits: XLA:CPU would convert
+    # a bfloat16 slice or in-place update to float32 (see _loop_writes_grad),
+    # hoisting a float32 copy of the whole input out of the loop. XLA:CPU
+    # still copies each input once for the bitcast (a loop fusion, not a
+    # view): temporaries of 200% of bfloat16 logits with bfloat16 targets.
+    xs, qs = (_bf16_as_bits(v).reshape(cut.view) for v in (x, q))
+    bits = xs.dtype == jnp.uint16
     ms = None if where is None else where.reshape(cut.pview)
     scale_grad = jnp.where(jnp.isinf(scale), zero, scale)
     # The chunk without its dimensions of size 1 (a chunk of one leading
@@ -2701,8 +2709,10 @@ def _soft_loop_total_and_grad(
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
         xstart, start, fresh = cut.at(i)
-        xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk).astype(cdt).reshape(chunk)
-        qb = jax.lax.dynamic_slice(qs, xstart, cut.chunk).astype(cdt).reshape(chunk)
+        xb, qb = (
+            _bits_to_float(jax.lax.dynamic_slice(v, xstart, cut.chunk)).astype(cdt).reshape(chunk)
+            for v in (xs, qs)
+        )
         loss, grad = _soft_chunk(xb, qb, w, eps, cax, scale_grad if with_grad else None)
         keep = fresh.reshape(pchunk)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk).reshape(pchunk)
@@ -2713,14 +2723,27 @@ def _soft_loop_total_and_grad(
             return total, g
         if mb is not None:
             grad = jnp.where(jnp.expand_dims(mb, cax), grad, zero)
-        grad = grad.astype(x.dtype).reshape(cut.chunk)
-        return total, jax.lax.dynamic_update_slice(g, grad, xstart)
+        grad = _bf16_bits(grad).astype(jnp.uint16) if bits else grad.astype(x.dtype)
+        return total, jax.lax.dynamic_update_slice(g, grad.reshape(cut.chunk), xstart)
 
-    grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
+    grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, xs.dtype)
     carry = tuple(_varying_like(v, xs, qs, ms, w, scale) for v in (zero, grad0))
     total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
     total = jnp.where(scale != 0, scale * total, zero)
-    return total, g.reshape(shape) if with_grad else None
+    if not with_grad:
+        return total, None
+    g = jax.lax.bitcast_convert_type(g, jnp.bfloat16) if bits else g
+    return total, g.reshape(shape)
+
+
+def _bf16_as_bits(v: Array) -> Array:
+    """bfloat16 ``v`` as its ``uint16`` bits; any other ``v`` as it is."""
+    return jax.lax.bitcast_convert_type(v, jnp.uint16) if v.dtype == jnp.bfloat16 else v
+
+
+def _bits_to_float(v: Array) -> Array:
+    """:func:`_bf16_as_bits` undone as float32 (exact); other ``v`` as it is."""
+    return _from_bf16_bits(v) if v.dtype == jnp.uint16 else v
 
 
 def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:

@@ -16,6 +16,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch  # noqa: F401  -- the suite must fail, not skip, without PyTorch
@@ -37,17 +38,22 @@ def forced_loop(request, monkeypatch):
     _losses._soft_impl.clear_cache()
 
 
-# name: (shape, class axis); every class axis strided, 48 classes or more.
+# name: (shape, class axis, logits' dtype, targets' dtype); every class axis
+# strided, 48 classes or more.
+F32, BF16 = np.float32, ml_dtypes.bfloat16
 CASES = {
-    "2x50x3x5-axis1": ((2, 50, 3, 5), 1),
-    "3x48x7-axis1": ((3, 48, 7), 1),
-    "2x60x4x3x2-axis1": ((2, 60, 4, 3, 2), 1),
-    "2x3x49x5-axis2": ((2, 3, 49, 5), 2),
-    "1x64x9x9-axis1": ((1, 64, 9, 9), 1),
+    "2x50x3x5-axis1": ((2, 50, 3, 5), 1, F32, F32),
+    "3x48x7-axis1": ((3, 48, 7), 1, F32, F32),
+    "2x60x4x3x2-axis1": ((2, 60, 4, 3, 2), 1, F32, F32),
+    "2x3x49x5-axis2": ((2, 3, 49, 5), 2, F32, F32),
+    "1x64x9x9-axis1": ((1, 64, 9, 9), 1, F32, F32),
+    # bfloat16 through the loop as its bits, targets bfloat16 or float32
+    "2x50x3x5-axis1-bf16": ((2, 50, 3, 5), 1, BF16, BF16),
+    "2x3x49x5-axis2-bf16-f32": ((2, 3, 49, 5), 2, BF16, F32),
 }
 
 
-def _case(rng, shape, axis, large):
+def _case(rng, shape, axis, large, dtype=F32, q_dtype=F32):
     x = 3.0 * rng.standard_normal(shape)
     if large:  # one row near 100: exp(x) overflows without the max shift
         x[(0,) * len(shape)] += 100.0
@@ -58,7 +64,7 @@ def _case(rng, shape, axis, large):
     w = rng.uniform(0.5, 2.0, shape[axis])
     where = rng.random(np.delete(shape, axis)) < 0.8
     where.flat[0] = True
-    return x.astype(np.float32), q.astype(np.float32), w.astype(np.float32), where
+    return x.astype(dtype), q.astype(q_dtype), w.astype(np.float32), where
 
 
 def test_loop_matches_pytorch_and_numpy(forced_loop):
@@ -71,11 +77,11 @@ def test_loop_matches_pytorch_and_numpy(forced_loop):
     # Four configurations a shape, each option in half of them.
     configs = [("mean", True, 0.1, True, False), ("sum", False, 0.0, True, True),
                ("mean", False, 0.0, False, True), ("sum", True, 0.1, False, False)]
-    for (name, (shape, axis)), (reduction, weighted, eps, masked, large) in itertools.product(
-        CASES.items(), configs
+    for (name, (shape, axis, dtype, q_dtype)), (reduction, weighted, eps, masked, large) in (
+        itertools.product(CASES.items(), configs)
     ):
         rng = rng_for("soft-loop", name, reduction, weighted, eps, masked, large)
-        x, q, w, where = _case(rng, shape, axis, large)
+        x, q, w, where = _case(rng, shape, axis, large, dtype, q_dtype)
         assert _losses._soft_loop_applies(jnp.asarray(x), axis)
         key = f"{name} {reduction} w={weighted} eps={eps} where={masked} large={large}"
         cases[key] = (x, q, axis, reduction, w if weighted else None, eps,
@@ -93,8 +99,9 @@ def test_loop_is_what_runs(forced_loop):
     """The forced configuration compiles a loop, forward and fwd+bwd, that
     the default one (whole arrays at this size) does not: the tests above
     exercise the loop."""
-    x = jnp.zeros((2, 50, 3, 5), jnp.float32)
-    assert all("while" in text for text in _programs(x))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.zeros((2, 50, 3, 5), dtype)
+        assert all("while" in text for text in _programs(x)), dtype
 
 
 def test_default_path_at_this_size_has_no_loop():
@@ -132,10 +139,9 @@ def test_nothing_to_average_and_bad_rows(forced_loop, reduction):
 
 
 def test_full_size_temporaries():
-    """At seg150's size with the classes along axis 1 (8x150x512x512
-    float32) the fwd+bwd holds under 1% of the logits in temporaries
-    (compiled, not run); the whole-array derivative it replaces held
-    200%."""
+    """At seg150's size with the classes along axis 1 (8x150x512x512) the
+    float32 fwd+bwd holds under 1% of the logits in temporaries (compiled,
+    not run); the whole-array derivative it replaces held 200%."""
     s = jax.ShapeDtypeStruct
     shape = (8, 150, 512, 512)
     step = jax.jit(jax.value_and_grad(
@@ -145,6 +151,12 @@ def test_full_size_temporaries():
                           s((150,), jnp.float32)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 0.01 * np.prod(shape) * 4, temp / (np.prod(shape) * 4)
+    # bfloat16: the bits of logits and targets copied once for the loop
+    # (200.8%); the whole-array derivative held 400%.
+    compiled = step.lower(s(shape, jnp.bfloat16), s(shape, jnp.bfloat16),
+                          s((150,), jnp.float32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 2.05 * np.prod(shape) * 2, temp / (np.prod(shape) * 2)
 
 
 def test_loop_under_vmap_jvp_and_second_order(monkeypatch):
