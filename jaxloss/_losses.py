@@ -2642,11 +2642,11 @@ def _soft_chunk(
 ) -> tuple[Array, Array | None]:
     """One chunk of :func:`_soft_loop_total_and_grad`: the per-position loss
     ``sum_c w_c q'_c (m - x_c) + A log s`` and, given ``scale_grad``, the
-    gradient ``scale_grad * (A p - w q')``, the exponentials shared."""
-    c = xb.shape[cax]
-    qw = qb * (1.0 - eps) + eps / c if eps > 0.0 else qb
-    if w is not None:
-        qw = qw * _broadcast_weight(w.astype(xb.dtype), xb.ndim, cax)
+    gradient ``scale_grad * (A p - w q')``: :func:`_soft_terms`' maths, but
+    with the exponentials shared by the row sum and the gradient (through
+    ``_soft_terms``, which recomputes them, the loop measured 0.78-0.92x at
+    4x64x128x128 float32)."""
+    _, xb, qw, _ = _weighted_targets(xb, qb, w, eps, cax)
     m = jax.lax.stop_gradient(jnp.max(xb, axis=cax, keepdims=True))
     if scale_grad is None:
         log_s = jnp.log(jnp.sum(_exp(xb - m), axis=cax, keepdims=True))

@@ -1,7 +1,7 @@
 """Probability targets over a strided class axis: the chunked loop.
 
-On XLA:CPU a reduced loss with float32 probability targets over a class axis
-other than the last, of ``_SOFT_FLAT_MIN_CLASSES`` classes or more, takes
+On XLA:CPU a reduced loss with probability targets and float32 or bfloat16
+logits over a class axis other than the last, of ``_SOFT_FLAT_MIN_CLASSES`` classes or more, takes
 ``_soft_loop_total_and_grad`` from ``_SOFT_LOOP_MIN_ELEMENTS`` logits up (the
 forward alone from planes of ``_SOFT_LOOP_FORWARD_MIN_PLANE`` positions). The
 tests force it at small sizes, with chunks small enough that the loop takes
@@ -26,14 +26,18 @@ import jaxloss
 from jaxloss import _losses
 
 
-@pytest.fixture(params=[64, 1 << 18], ids=["tiny-chunks", "default-chunks"])
-def forced_loop(request, monkeypatch):
-    """The loop at any size, chunks of ``request.param`` logits (jit caches
-    cleared, as they do not see module constants)."""
+def _force_loop(monkeypatch, chunk: int) -> None:
+    """The loop at any size (the forward too), chunks of ``chunk`` logits;
+    the core's jit cache cleared, as it does not see module constants."""
     monkeypatch.setattr(_losses, "_SOFT_LOOP_MIN_ELEMENTS", 0)
     monkeypatch.setattr(_losses, "_SOFT_LOOP_FORWARD_MIN_PLANE", 0)
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", chunk)
     _losses._soft_impl.clear_cache()
+
+
+@pytest.fixture(params=[64, 1 << 18], ids=["tiny-chunks", "default-chunks"])
+def forced_loop(request, monkeypatch):
+    _force_loop(monkeypatch, request.param)
     yield request.param
     _losses._soft_impl.clear_cache()
 
@@ -180,9 +184,7 @@ def test_loop_under_vmap_jvp_and_second_order(monkeypatch):
         return batched, tangent, hvp
 
     want = jax.jit(run)()
-    monkeypatch.setattr(_losses, "_SOFT_LOOP_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
-    _losses._soft_impl.clear_cache()
+    _force_loop(monkeypatch, 64)
     try:
         forced = jax.jit(lambda: run())  # a new function: not the trace above
         assert "while" in forced.lower().as_text()
