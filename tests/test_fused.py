@@ -401,6 +401,24 @@ def test_cpu_probability_target_temporaries(shape, dtype, axis, bound):
     assert temp <= bound * nbytes, (temp / nbytes, bound)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(4, 24, 64, 64), (4, 48, 32, 32), (2, 150, 64, 64)])
+def test_cpu_probability_target_forward_16bit_strided_temporaries(shape, reduction):
+    """The forward alone of bfloat16 logits with probability targets over a
+    strided class axis of more than 19 classes (the whole-array forward, no
+    ``native`` reductions) takes the max shift, which XLA:CPU puts in one
+    fusion: no float32 copy of the logits. With the unshifted statistics the
+    conversion shared by their sum of ``exp(x)`` and the loss term was
+    written out: 204-233% of the logits."""
+    s = jax.ShapeDtypeStruct
+    fwd = jax.jit(lambda x, q, w: jaxloss.cross_entropy(x, q, weight=w, axis=1,
+                                                        reduction=reduction))
+    compiled = fwd.lower(s(shape, jnp.bfloat16), s(shape, jnp.bfloat16),
+                         s((shape[1],), jnp.float32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 0.01 * np.prod(shape) * 2, temp / (np.prod(shape) * 2)
+
+
 @pytest.mark.parametrize("shape,axis", [((3, 8, 7, 19), -1), ((12, 19, 11), 1)])
 def test_fused_narrow_labels_equal_int32_labels(chunk, shape, axis):
     """8- and 16-bit labels (sliced chunk by chunk as they are, widened at
