@@ -11,9 +11,13 @@ either is below 1.
 Channels-last cases are ``(P // 128, 128, C)`` (``(P, C)`` below 4096
 positions); ``axis=1`` cases ``(P // S², C, S, S)`` with ``S = --spatial``.
 
+``--soft`` sweeps probability targets instead (``bench.soft_targets``,
+``bench.soft_impls``: the mean), ``--label-smoothing`` smooths every loss.
+
 Run:  PYTHONPATH=. python benchmarks/sweep.py [--elements 2.5e6]
       [--classes 1,2,5,10,19,150,1000] [--dtypes float32,bfloat16]
       [--axes=-1,1] [--spatial 16] [--reps 15] [--reduction none]
+      [--soft] [--label-smoothing 0.1]
 """
 
 from __future__ import annotations
@@ -44,7 +48,16 @@ def parse_args(argv=None):
         choices=["mean", "none"],
         help="none: jaxloss's per-position losses, reduced by the step (as bench.py)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--soft",
+        action="store_true",
+        help="probability targets (bench.soft_targets) instead of class indices; the mean",
+    )
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="for every loss")
+    args = p.parse_args(argv)
+    if args.soft and args.reduction != "mean":
+        p.error("--soft sweeps the mean only")
+    return args
 
 
 def shape_of(elements: int, c: int, axis: int, spatial: int) -> tuple[int, ...] | None:
@@ -74,7 +87,14 @@ def main(argv=None) -> list[dict]:
                 if shape is None:
                     continue
                 x, y, w, _ = bench.make_case(shape, getattr(jnp, dt), axis)
-                impls = bench.jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction)
+                ls = args.label_smoothing
+                if args.soft:
+                    y = bench.soft_targets(x, axis)
+                    impls = bench.soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=ls)
+                else:
+                    impls = bench.jax_impls(
+                        jnp, jax, optax, jaxloss, axis, args.reduction, label_smoothing=ls
+                    )
                 fns = {}
                 for name in ("jaxloss", "optax"):
                     vg = jax.jit(jax.value_and_grad(impls[name]))

@@ -101,6 +101,14 @@ def test_sweep_runs_and_reports_both_modes():
     assert [r["shape"] for r in rows] == [(25, 5, 4, 4)]
     assert set(rows[0]["ratio"]) == {"fwd", "fwdbwd"}
     assert all(v > 0 for v in rows[0]["ms"].values())
+    soft = sweep.main(
+        ["--elements", "2000", "--classes", "5", "--dtypes", "bfloat16", "--axes=-1",
+         "--reps", "1", "--soft", "--label-smoothing", "0.1"]
+    )
+    assert [r["shape"] for r in soft] == [(400, 5)]
+    assert all(v > 0 for v in soft[0]["ms"].values())
+    with pytest.raises(SystemExit):
+        sweep.main(["--soft", "--reduction", "none"])
 
 
 def test_unweighted_impls_agree_with_label_smoothing():
