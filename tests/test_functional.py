@@ -674,6 +674,76 @@ def test_probability_targets_forward_only(dtype, large):
                      f"{shape} forward vs the differentiated loss")
 
 
+SLICED_SOFT_CASES = {  # name: (shape, class axis, dtype): 2 to 16 classes
+    "300x2": ((300, 2), -1, np.float32),
+    "6x7x5": ((6, 7, 5), -1, np.float32),
+    "2x3x16": ((2, 3, 16), -1, np.float32),
+    "4x2x3x5-axis1": ((4, 2, 3, 5), 1, np.float32),
+    "3x16x4x5-axis1": ((3, 16, 4, 5), 1, np.float32),
+    "9x3x7-axis0": ((3, 9, 7), 0, np.float32),
+    "64x2-bf16": ((64, 2), -1, ml_dtypes.bfloat16),  # the pairs read as uint32
+    "3x5x2-bf16": ((3, 5, 2), -1, ml_dtypes.bfloat16),
+}
+
+
+def test_probability_targets_forward_by_class_slices():
+    """The forward alone of probability targets over 2 to 16 classes takes
+    each class as an array of the positions (``_soft_sliced_loss``, where
+    ``_sliced_applies``): float32 either layout, bfloat16 pairs along the
+    last axis; weighted or not, smoothed or not, every reduction, with
+    ``where``. Against PyTorch and NumPy in float64: ``"none"`` with a row of
+    logits near 100 (beyond the unshifted range), a row of -inf and a +inf
+    logit (NaN, as PyTorch); the reductions with those two rows masked out.
+    All under one ``jit``."""
+    from jaxloss import _losses
+
+    configs, wants = {}, {}
+    for (name, (shape, axis, dtype)), weighted, eps in itertools.product(
+        SLICED_SOFT_CASES.items(), (True, False), (0.0, 0.1)
+    ):
+        rng = rng_for("soft-sliced", name, weighted, eps)
+        x = (2.0 * rng.standard_normal(shape)).astype(np.float64)
+        rows = np.moveaxis(x, axis, -1)  # a view of x; its first three positions:
+        first = (0,) * (x.ndim - 2)
+        rows[first + (0,)] += 100.0
+        rows[first + (1,)] = -np.inf
+        rows[first + (2, -1)] = np.inf
+        x = x.astype(dtype)
+        assert _losses._sliced_applies(jnp.asarray(x), axis), name
+        q = rng.uniform(0.0, 1.0, shape).astype(dtype)
+        w = rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32) if weighted else None
+        where = rng.random(positions(x, axis)) < 0.8
+        where.reshape(-1)[:3] = (True, False, False)
+        for reduction in REDUCTIONS:
+            mask = None if reduction == "none" else where
+            key = f"{name} weighted={weighted} eps={eps} {reduction}"
+            configs[key] = (x, q, dict(weight=w, axis=axis, reduction=reduction,
+                                       label_smoothing=eps, where=mask))
+            x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):  # the non-finite rows
+                want, _ = reference.loss_and_grad(x64, q64, weight=w, reduction=reduction,
+                                                  label_smoothing=eps, axis=axis, where=mask)
+            tl, _ = torch_loss_and_grad(
+                to_torch_layout(x64, axis), to_torch_layout(q64, axis), np.ones(want.shape),
+                nll=False, weight=w, reduction="none", label_smoothing=eps,
+            ) if reduction == "none" else (None, None)
+            wants[key] = (want, tl)
+
+    def forwards(args):
+        return [jaxloss.cross_entropy(x, q, **kw)
+                for (x, q), (_, _, kw) in zip(args, configs.values(), strict=True)]
+
+    gots = jax.jit(forwards)([(c[0], c[1]) for c in configs.values()])
+    for (key, (want, tl)), got in zip(wants.items(), gots, strict=True):
+        got = np.asarray(got, np.float64)
+        assert_close(got, want, LOSS_TOL["float32"], f"{key} vs numpy")
+        if tl is not None:
+            assert np.isnan(got).sum() == 2, key
+            assert_close(got, tl, LOSS_TOL["float32"], f"{key} vs pytorch")
+        else:
+            assert np.isfinite(got), key
+
+
 SOFT_REDUCED_CASES = {  # name: (shape, class axis)
     "64x19": ((64, 19), -1),
     "3x4x300": ((3, 4, 300), -1),
