@@ -683,17 +683,20 @@ SLICED_SOFT_CASES = {  # name: (shape, class axis, dtype): 2 to 16 classes
     "9x3x7-axis0": ((3, 9, 7), 0, np.float32),
     "64x2-bf16": ((64, 2), -1, ml_dtypes.bfloat16),  # the pairs read as uint32
     "3x5x2-bf16": ((3, 5, 2), -1, ml_dtypes.bfloat16),
+    "4x3x5x6-axis1-bf16": ((4, 3, 5, 6), 1, ml_dtypes.bfloat16),  # contiguous slices
+    "2x12x3x4-axis1-bf16": ((2, 12, 3, 4), 1, ml_dtypes.bfloat16),
 }
 
 
 def test_probability_targets_forward_by_class_slices():
     """The forward alone of probability targets over 2 to 16 classes takes
     each class as an array of the positions (``_soft_sliced_loss``, where
-    ``_sliced_applies``): float32 either layout, bfloat16 pairs along the
-    last axis; weighted or not, smoothed or not, every reduction, with
-    ``where``. Against PyTorch and NumPy in float64: ``"none"`` with a row of
-    logits near 100 (beyond the unshifted range), a row of -inf and a +inf
-    logit (NaN, as PyTorch); the reductions with those two rows masked out.
+    ``_soft_sliced_applies``): float32 either layout, bfloat16 pairs along
+    the last axis and up to 12 strided bfloat16 classes; weighted or not,
+    smoothed or not, every reduction, with ``where``. Against PyTorch and
+    NumPy in float64: ``"none"`` with a row of logits near 100 (beyond the
+    unshifted range), a row of -inf and a +inf logit (NaN, as PyTorch); the
+    reductions with those two rows masked out.
     All under one ``jit``."""
     from jaxloss import _losses
 
@@ -709,7 +712,7 @@ def test_probability_targets_forward_by_class_slices():
         rows[first + (1,)] = -np.inf
         rows[first + (2, -1)] = np.inf
         x = x.astype(dtype)
-        assert _losses._sliced_applies(jnp.asarray(x), axis), name
+        assert _losses._soft_sliced_applies(jnp.asarray(x), axis), name
         q = rng.uniform(0.0, 1.0, shape).astype(dtype)
         w = rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32) if weighted else None
         where = rng.random(positions(x, axis)) < 0.8
