@@ -747,6 +747,57 @@ def test_probability_targets_forward_by_class_slices():
             assert np.isfinite(got), key
 
 
+SLICED_SOFT_GRAD_CASES = {  # name: (shape, class axis): two float32 classes
+    "300x2": ((300, 2), -1),
+    "3x5x2": ((3, 5, 2), -1),
+    "2x2x32x33-axis1": ((2, 2, 32, 33), 1),
+    "3x2x1024-axis1": ((3, 2, 1024), 1),
+}
+
+
+def test_probability_targets_two_classes_fwd_bwd_by_class_slices():
+    """The mean and the sum of two float32 classes of probability targets,
+    differentiated, take the class slices (``_soft_sliced_total_and_grad``,
+    where ``_soft_sliced_grad_applies``): weighted, smoothed or not, with a
+    ``where`` mask and a row of logits near 100, loss and gradient against
+    PyTorch and NumPy in float64 (``check_soft_reduced``). A row of -inf and
+    a +inf logit masked out by ``where`` add nothing and get a zero
+    gradient."""
+    from jaxloss import _losses
+
+    cases = {}
+    for (name, (shape, axis)), reduction, eps in itertools.product(
+        SLICED_SOFT_GRAD_CASES.items(), ("mean", "sum"), (0.0, 0.1)
+    ):
+        rng = rng_for("soft-sliced-grad", name, reduction, eps)
+        x, q, w = soft_case(rng, shape, axis, True, np.float32)
+        assert _losses._soft_sliced_grad_applies(jnp.asarray(x), axis), name
+        where = rng.random(positions(x, axis)) < 0.8
+        where.flat[0] = True  # the row of large logits counts
+        cases[f"{name} {reduction} eps={eps}"] = (x, q, axis, reduction, w, eps, where)
+
+    def check(x, q, axis, reduction, w, eps, where):
+        check_soft_reduced(x, q, axis, reduction, w, eps, where)
+        bad = np.moveaxis(x.copy(), axis, -1)
+        first = (0,) * (x.ndim - 2)
+        bad[first + (1,)] = -np.inf
+        bad[first + (2, 0)] = np.inf
+        bad = np.moveaxis(bad, -1, axis)
+        mask = where.copy()
+        mask.reshape(-1)[1:3] = False
+        kw = dict(weight=w, axis=axis, reduction=reduction, label_smoothing=eps, where=mask)
+        f = jax.jit(jax.value_and_grad(lambda a: jaxloss.cross_entropy(a, q, **kw)))
+        loss, grad = f(bad)
+        want, want_grad = f(np.where(np.isfinite(bad), bad, 0.0).astype(np.float32))
+        assert_close(loss, want, LOSS_TOL["float32"], "masked non-finite rows")
+        grad, want_grad = np.moveaxis(np.asarray(grad), axis, -1), np.moveaxis(
+            np.asarray(want_grad), axis, -1)
+        assert np.all(grad[first + (1,)] == 0) and np.all(grad[first + (2,)] == 0)
+        assert_close(grad, want_grad, GRAD_TOL["float32"], "masked non-finite rows' gradient")
+
+    check_each(cases, check)
+
+
 SOFT_REDUCED_CASES = {  # name: (shape, class axis)
     "64x19": ((64, 19), -1),
     "3x4x300": ((3, 4, 300), -1),
