@@ -652,13 +652,18 @@ def test_probability_targets_forward_only(dtype, large):
     """The forward of probability targets without differentiation (on
     XLA:CPU the unshifted row statistics, ``_unshifted_row_stats``; a batch
     with a row of logits near 100 takes the max shift; bfloat16 over more
-    than 19 strided classes the max shift always) equals PyTorch in
-    float64 and the loss of the differentiated path, per position, weighted
-    and smoothed, channels-last and ``axis=1``."""
+    than 19 strided classes the max shift always, float32 over 25-256
+    strided classes before small planes too, ``_soft_small_plane_applies``)
+    equals PyTorch in float64 and the loss of the differentiated path, per
+    position, weighted and smoothed, channels-last and ``axis=1``."""
+    from jaxloss import _losses
+
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
-                        ((2, 50, 3, 4), 1)):
+                        ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
+        small_plane = dtype == np.float32 and axis == 1 and shape[1] > 24
+        assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
                          np.float64)
