@@ -2474,9 +2474,10 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     ``_SOFT_SMALL_PLANE_MAX_CLASSES``, followed by a plane of at most
     ``_SOFT_SMALL_PLANE_MAX`` positions. There the unshifted statistics and the flat view's sums ran
     at 0.62-0.89x optax; ``ab.py --soft --axis 1 --base 6f42e90`` (forward,
-    weighted mean, 2-core EPYC): 65x150x16x16 1.55x faster (0.62x -> 0.96x
-    optax), 38x256x16x16 1.45x, 16x150x32x32 1.29x, 38x64x32x32 1.24x,
-    295x33x16x16 and 152x64x16x16 1.12x (0.93-1.03x optax now). Not on
+    weighted mean, 2-core EPYC, two runs): 65x150x16x16 1.28-1.55x faster
+    (0.62-0.74x -> 0.94-0.96x optax), 38x256x16x16 1.21-1.45x, 16x150x32x32
+    1.01-1.29x, 38x64x32x32 1.15-1.24x, 295x33x16x16 1.12-1.20x,
+    152x64x16x16 1.12x (0.89-1.03x optax now: the same fusion as optax's). Not on
     larger planes, where the statistics were the faster (4x64x128x128
     1.08-1.17x optax against 0.97x this way, 8x150x128x128 1.53x against
     1.02x), nor over 1000 classes (1.18-1.40x optax against 1.05-1.07x);
