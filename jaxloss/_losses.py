@@ -2403,8 +2403,9 @@ def _soft_parts(
       by XLA:CPU's own reductions) converts the loss term's ``x`` apart
       from theirs, through an optimization barrier, so that XLA's CSE does
       not merge the two conversions: bfloat16 8x19x128x128 1.6x faster
-      (1.8x -> 3.0x optax), 8x8x128x128 1.06x. Channels-last rows keep the one conversion:
-      apart, 512x32000, 64x1000 and 8x128x128x19 measured 0.73-0.87x."""
+      (1.8x -> 3.0x optax), 8x8x128x128 1.06x. Channels-last rows keep the
+      one conversion: apart, 512x32000, 64x1000 and 8x128x128x19 measured
+      0.73-0.87x."""
     cdt, xc, qc, xs = _weighted_targets(x, q, w, eps, axis)
     narrow = xs.dtype != cdt  # 16-bit logits read as they are
     strided = axis % x.ndim != x.ndim - 1
@@ -2445,7 +2446,11 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     1.0-1.15x, 2x64x128x19 1.0x, 8192x32 0.93-0.96x; over axis 1,
     8x19x128x128 1.3x (0.88x -> 1.13x optax), 8x24x128x128 1.4x, bfloat16
     8x19x128x128 1.7x (temporaries 242% -> 53% of the logits). Over 32 or
-    150 strided classes XLA's reductions were 2-7x slower."""
+    150 strided classes XLA's reductions were 2-7x slower.
+
+    Before all that, on XLA:CPU: few classes take the class slices
+    (:func:`_soft_sliced_applies`), and float32 over a strided class axis
+    before a small plane optax's own fusion (:func:`_soft_small_plane_applies`)."""
     if _soft_sliced_applies(x, axis):
         return _soft_sliced_loss(x, q, w, eps, axis)
     if _soft_small_plane_applies(x, axis):  # the max shift, as optax's
@@ -2472,13 +2477,14 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     fusion as it does optax's: float32, more classes than the native
     reductions take (``_SOFT_STRIDED_MAX_CLASSES``) and at most
     ``_SOFT_SMALL_PLANE_MAX_CLASSES``, followed by a plane of at most
-    ``_SOFT_SMALL_PLANE_MAX`` positions. There the unshifted statistics and the flat view's sums ran
-    at 0.62-0.89x optax; ``ab.py --soft --axis 1 --base 6f42e90`` (forward,
+    ``_SOFT_SMALL_PLANE_MAX`` positions. There the unshifted statistics and
+    the flat view's sums ran at 0.62-0.89x optax; ``ab.py --soft --axis 1
+    --base 6f42e90`` (forward,
     weighted mean, 2-core EPYC, two runs): 65x150x16x16 1.28-1.55x faster
     (0.62-0.74x -> 0.94-0.96x optax), 38x256x16x16 1.21-1.45x, 16x150x32x32
     1.01-1.29x, 38x64x32x32 1.15-1.24x, 295x33x16x16 1.12-1.20x,
-    152x64x16x16 1.12x (0.89-1.03x optax now: the same fusion as optax's). Not on
-    larger planes, where the statistics were the faster (4x64x128x128
+    152x64x16x16 1.12x (0.89-1.03x optax now: the same fusion as
+    optax's). Not on larger planes, where the statistics were the faster (4x64x128x128
     1.08-1.17x optax against 0.97x this way, 8x150x128x128 1.53x against
     1.02x), nor over 1000 classes (1.18-1.40x optax against 1.05-1.07x);
     bfloat16 measured the same either way (0.94-1.01x)."""

@@ -78,9 +78,13 @@ def test_loop_matches_pytorch_and_numpy(forced_loop):
     position's cotangent its share) and NumPy in float64; the loss also
     against the forward alone."""
     cases = {}
-    # Four configurations a shape, each option in half of them.
+    # Four configurations a shape, each option in half of them; with the
+    # default chunks (one step at these sizes; the tiny chunks take many and
+    # shift the last one back) the first of them only.
     configs = [("mean", True, 0.1, True, False), ("sum", False, 0.0, True, True),
                ("mean", False, 0.0, False, True), ("sum", True, 0.1, False, False)]
+    if forced_loop > 64:
+        configs = configs[:1]
     for (name, (shape, axis, dtype, q_dtype)), (reduction, weighted, eps, masked, large) in (
         itertools.product(CASES.items(), configs)
     ):
