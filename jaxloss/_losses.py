@@ -2578,15 +2578,9 @@ def _soft_slice_terms(
     """``(loss, A, [exp(x_c - m)], s, [w_c q'_c])`` on the positions' shape
     from the class slices, for :func:`_soft_sliced_loss` and
     :func:`_soft_sliced_total_and_grad`; the loss NaN where ``s`` is."""
-    cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
+    cdt, _, qw, _ = _weighted_targets(x, q, w, eps, axis)
     xs = [v.astype(cdt) for v in _class_slices(x, axis)]
-    c = len(xs)
-    qs = [jax.lax.index_in_dim(q, k, axis, False).astype(cdt) for k in range(c)]
-    if eps > 0.0:
-        qs = [v * (1.0 - eps) + eps / c for v in qs]
-    if w is not None:
-        wc = w.astype(cdt)
-        qs = [v * wc[k] for k, v in enumerate(qs)]
+    qs = [jax.lax.index_in_dim(qw, k, axis, False) for k in range(len(xs))]
     m, es, s = _sliced_exps(xs)
     total_w = functools.reduce(jnp.add, qs)
     loss = functools.reduce(jnp.add, [v * (m - u) for v, u in zip(qs, xs, strict=True)])
