@@ -895,8 +895,16 @@ def _sliced_exps(xs: list[Array]) -> tuple[Array, list[Array], Array]:
     """``(m, [exp(x_c - m)], s)`` on the positions' shape from the class
     slices: the row max ``m`` as the shift (:func:`_row_stats`'s non-finite
     semantics: NaN for a NaN or +inf logit and for a row of -inf) and ``s``
-    the exponentials' sum."""
+    the exponentials' sum.
+
+    One class (probability targets, :func:`_soft_sliced_applies`): ``x - m``
+    is 0, or NaN where ``x`` is not finite, and ``exp`` of it is ``1 + (x -
+    m)``, exactly (the polynomial's pass took 1.6-1.9x the time: 19531x128x1
+    float32, forward).
+    """
     m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
+    if len(xs) == 1:
+        return m, [1.0 + (xs[0] - m)], 1.0 + (xs[0] - m)
     es = [_exp(v - m, elements=len(xs) * v.size) for v in xs]
     return m, es, functools.reduce(jnp.add, es)
 
@@ -1024,12 +1032,19 @@ def _target_shift_applies(shape: tuple[int, ...], axis: int, dtype: Any) -> bool
     1.06-1.07x. Around 2**20-2**21 the target shift was 1.10-1.14x faster
     at 13982x150 in two processes; 4097x256, 1049x1000, 2098x1000, 16385x64
     and 65537x16 scattered by 0.8-1.4x either way.
+
+    Not for one class, whose max is its target logit already: the check and
+    the loop were all the shift changed. ``ab.py --base 7350f23 --reps 15``
+    (fwd+bwd, weighted mean, 2-core EPYC): 19531x128x1 2.9x faster (2.9x ->
+    8.4x optax), 9765x1x16x16 ``axis=1`` 2.4x, 4x512x512x1 1.14x; smoothed
+    (``--label-smoothing 0.1``) 3.1x, 3.3x (0.43x -> 1.41x optax), 1.21x.
     """
     return (
         jax.default_backend() == "cpu"
         and jnp.dtype(dtype) == jnp.float32
         and math.prod(shape) >= _TARGET_SHIFT_MIN_ELEMENTS
         and _row_group(shape, axis, dtype) == 1
+        and shape[axis] > 1
     )
 
 
@@ -2451,11 +2466,11 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     Before all that, on XLA:CPU: few classes take the class slices
     (:func:`_soft_sliced_applies`), and float32 over a strided class axis
     before a small plane optax's own fusion (:func:`_soft_small_plane_applies`)."""
-    if _soft_sliced_applies(x, axis):
-        return _soft_sliced_loss(x, q, w, eps, axis)
     if _soft_small_plane_applies(x, axis):  # the max shift, as optax's
         qw, neg_logp = _soft_parts(x, q, w, eps, axis)
         return jnp.sum(qw * neg_logp, axis=axis)
+    if _soft_sliced_applies(x, axis):
+        return _soft_sliced_loss(x, q, w, eps, axis)
     native = jax.default_backend() == "cpu" and _soft_fused_applies(x, axis)
     strided = axis % x.ndim != x.ndim - 1
     qw, neg_logp = _soft_parts(x, q, w, eps, axis, forward=True, native=native and strided)
@@ -2487,8 +2502,18 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     optax's). Not on larger planes, where the statistics were the faster (4x64x128x128
     1.08-1.17x optax against 0.97x this way, 8x150x128x128 1.53x against
     1.02x), nor over 1000 classes (1.18-1.40x optax against 1.05-1.07x);
-    bfloat16 measured the same either way (0.94-1.01x)."""
+    bfloat16 measured the same either way (0.94-1.01x).
+
+    And one class over a strided axis, any dtype and plane: the unshifted
+    statistics (forced by the native reductions) took 9-24 ms at 9765x1x16x16
+    (0.07-0.10x optax); now ``ab.py --soft --axis 1 --base 7350f23``
+    (forward, 2-core EPYC) 9765x1x16x16 10-18x faster, 8x1x128x128 3.1-3.9x,
+    float32 and bfloat16, 0.85-1.27x optax (its program). The class slices
+    measured 0.33-0.58x optax there (:func:`_soft_sliced_applies` takes
+    them for channels-last rows)."""
     axis = axis % x.ndim
+    if x.shape[axis] == 1:
+        return jax.default_backend() == "cpu" and axis != x.ndim - 1
     return (
         jax.default_backend() == "cpu"
         and x.dtype == jnp.float32
@@ -2513,8 +2538,17 @@ def _soft_sliced_grad_applies(x: Array, axis: int) -> bool:
     1.60x, 76x2x128x128 1.33-1.54x, 305x2x64x64 1.30x, 1220x2x32x32 1.36x
     (0.83x -> 1.13x optax), 1000x2 and 20000x2 1.0x. Not below: 4882x2x16x16
     0.88-0.90x; nor from 3 classes (the gradient's slices stacked along the
-    class axis: 3 and 5 channels-last 0.57-0.96x, 5 over 16x16 maps 0.66x)."""
-    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or x.shape[axis] != 2:
+    class axis: 3 and 5 channels-last 0.57-0.96x, 5 over 16x16 maps 0.66x).
+
+    One class of any 16- or 32-bit dtype too, under the same condition on the
+    layout: ``ab.py --soft --base 7350f23`` (fwd+bwd, weighted mean): float32
+    19531x128x1 7.5-11x faster (0.42x -> 3.3-4.7x optax), 1024x256x1 5.9x,
+    bfloat16 19531x128x1 12-17x (0.38x -> 4.6-6.5x optax), 1024x256x1 7.4x;
+    8x1x128x128 ``axis=1`` 1.1-1.3x. Below the plane (9765x1x16x16) float32
+    measured 0.69x this way."""
+    c = x.shape[axis]
+    one = c == 1 and jnp.dtype(x.dtype).itemsize in (2, 4)
+    if jax.default_backend() != "cpu" or not (one or (x.dtype == jnp.float32 and c == 2)):
         return False
     axis = axis % x.ndim
     return axis == x.ndim - 1 or math.prod(x.shape[axis + 1 :]) >= _SOFT_SLICED_GRAD_MIN_PLANE
@@ -2535,16 +2569,22 @@ def _soft_sliced_applies(x: Array, axis: int) -> bool:
     maps of 2-12 classes 1.1-2.4x faster (2: 0.57x -> 1.37x optax, 4: 0.54x
     -> 1.32x), 128x128 maps of 2-12 classes 1.0-1.9x; 16 classes 0.60-0.72x.
     The index targets' forward measured 0.18-0.45x the same way (not
-    taken)."""
+    taken).
+
+    And one class along the last axis, any 16- or 32-bit dtype
+    (:func:`_sliced_exps`: no exponential): the max and the row sums over
+    the size-1 axis ran 14-17 ms at 19531x128x1, as optax's; ``ab.py --soft
+    --base 7350f23`` (forward) float32 7.7-8.0x faster, bfloat16 9.1-11x,
+    1024x256x1 6.6x. The index targets' forward keeps its own path there
+    (3-7x optax)."""
     if _sliced_applies(x, axis):
         return True
     c = x.shape[axis]
-    return (
-        jax.default_backend() == "cpu"
-        and jnp.dtype(x.dtype) == jnp.bfloat16
-        and axis % x.ndim != x.ndim - 1
-        and 2 <= c <= _SOFT_SLICED_MAX_BF16_STRIDED
-    )
+    if jax.default_backend() != "cpu":
+        return False
+    if axis % x.ndim == x.ndim - 1:
+        return c == 1 and jnp.dtype(x.dtype).itemsize in (2, 4)
+    return jnp.dtype(x.dtype) == jnp.bfloat16 and 2 <= c <= _SOFT_SLICED_MAX_BF16_STRIDED
 
 
 def _soft_sliced_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
