@@ -2507,7 +2507,7 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     And one class over a strided axis, any dtype and plane: the unshifted
     statistics (forced by the native reductions) took 9-24 ms at 9765x1x16x16
     (0.07-0.10x optax); now ``ab.py --soft --axis 1 --base 7350f23``
-    (forward, 2-core EPYC) 9765x1x16x16 10-18x faster, 8x1x128x128 3.1-3.9x,
+    (forward, 2-core EPYC) 9765x1x16x16 9.8-18x faster, 8x1x128x128 2.8-3.9x,
     float32 and bfloat16, 0.85-1.27x optax (its program). The class slices
     measured 0.33-0.58x optax there (:func:`_soft_sliced_applies` takes
     them for channels-last rows)."""
