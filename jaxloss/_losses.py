@@ -382,6 +382,8 @@ _UNSHIFTED_RANGE = (2.0**-80, 2.0**80)
 
 # In the chunked loop, float32 channels-last rows of fewer classes keep the max.
 _UNSHIFTED_MIN_ROW = 64
+# 16-bit logits over a strided class axis of fewer classes keep the max.
+_UNSHIFTED_MIN_STRIDED_16BIT = 6
 
 
 def _unshifted_applies(x: Array, axis: int, chunked: bool = False) -> bool:
@@ -412,11 +414,28 @@ def _unshifted_applies(x: Array, axis: int, chunked: bool = False) -> bool:
     rows of fewer than ``_UNSHIFTED_MIN_ROW`` classes keep the max, fused
     into the exponentials' reduction: at 4x512x512x19 the forward measured
     0.89-0.90x without it.
+
+    And except 16-bit logits over a strided class axis of fewer than
+    ``_UNSHIFTED_MIN_STRIDED_16BIT`` classes, whose max XLA:CPU fuses with
+    the rest into YNNPACK passes, as optax's; the unshifted sums' range
+    check and conditional cost more there. ``ab.py --axis 1 --dtype
+    bfloat16 --base ed8309c`` (forward, weighted mean, 10% ignored, 2-core
+    EPYC, two runs): 3255x3x16x16 1.31-1.45x faster, 1953x5x16x16
+    1.02-1.14x, 76x2x128x128 1.14-1.19x, 8x5x128x128 1.08-1.16x,
+    4882x2x16x16 0.99-1.03x (0.76-0.90x optax in the sweeps, 1.02-1.15x
+    now); with ``label_smoothing=0.1`` 4882x2x16x16 2.0-2.1x (0.52-0.60x
+    -> 1.10-1.21x optax), 3255x3x16x16 1.78-1.82x (0.66-0.72x -> 1.18-1.31x),
+    1953x5x16x16 1.41-1.44x, 76x2x128x128 1.36-1.41x (0.57-0.60x ->
+    0.77-0.85x), 8x5x128x128 1.21-1.45x; ``reduction="none"`` 1.18-1.26x
+    (8x5x128x128 0.98x). From 8-10 classes it was 0.78-1.14x unsmoothed, and
+    above 64 classes 0.77-1.05x smoothed.
     """
     size = jnp.dtype(x.dtype).itemsize
     if jax.default_backend() != "cpu" or size not in (2, 4) or x.shape[axis] == 1:
         return False
     last = axis % x.ndim == x.ndim - 1
+    if size == 2 and not last and x.shape[axis] < _UNSHIFTED_MIN_STRIDED_16BIT:
+        return False
     return not (chunked and size == 4 and last and x.shape[axis] < _UNSHIFTED_MIN_ROW)
 
 

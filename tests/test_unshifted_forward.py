@@ -47,6 +47,13 @@ def _case(shape, seed, scale=3.0, offset=0.0):
         ((2, 8, 63), -1, jnp.float32, True),
         ((2, 8, 1), -1, jnp.float32, False),  # one class: the max is the row
         ((2, 1, 8), 1, jnp.bfloat16, False),
+        # 16-bit over a strided class axis of 2-5 classes: the max shift
+        ((2, 2, 8, 8), 1, jnp.bfloat16, False),
+        ((2, 5, 8), 1, jnp.float16, False),
+        ((5, 2, 8), 0, jnp.bfloat16, False),
+        ((2, 6, 8, 8), 1, jnp.bfloat16, True),
+        ((2, 8, 8, 2), -1, jnp.bfloat16, True),
+        ((2, 2, 8, 8), 1, jnp.float32, True),
         ((2, 8, 8, 150), 3, jnp.float32, True),
         ((2, 150), -1, jnp.float64, False),
         ((2, 19, 8, 8), 1, jnp.float64, False),
@@ -111,6 +118,33 @@ def test_forward_matches_float64_oracles(offset):
         np.testing.assert_allclose(loss, rl, **tol)
 
     check_each({name: (kw, losses[name]) for name, kw in configs.items()}, check)
+
+
+def test_16bit_strided_few_classes_forward_matches_float64_oracles():
+    """bfloat16 over a strided class axis of 2-5 classes (the max shift, not
+    the unshifted statistics): weighted, with and without label smoothing,
+    every reduction, against PyTorch and NumPy in float64; all under one
+    ``jit`` per shape."""
+    for shape in ((3, 2, 4, 5), (2, 3, 7), (2, 5, 3, 3)):
+        x, t, w = _case(shape, 4, scale=4.0)
+        x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # exact
+        assert not _losses._unshifted_applies(jnp.asarray(x, jnp.bfloat16), 1)
+        configs = {
+            f"{shape} label_smoothing={ls} reduction={r}": dict(
+                weight=w, ignore_index=IGN, reduction=r, label_smoothing=ls
+            )
+            for ls in (0.0, 0.1)
+            for r in ("none", "mean", "sum")
+        }
+        losses = config_forwards(jnp.asarray(x, jnp.bfloat16), t, 1, configs)
+
+        def check(kw, loss, x=x, t=t):
+            tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
+            rl, _ = reference.loss_and_grad(np.moveaxis(x, 1, -1), t, **kw)
+            np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
+            np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
+
+        check_each({name: (kw, losses[name]) for name, kw in configs.items()}, check)
 
 
 def test_bfloat16_forward_matches_pytorch():
