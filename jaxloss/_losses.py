@@ -2520,10 +2520,10 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
 
     Before all that, on XLA:CPU: few classes take the class slices
     (:func:`_soft_sliced_applies`), and float32 over a strided class axis
-    before a small plane optax's own fusion (:func:`_soft_small_plane_applies`)."""
-    if _soft_small_plane_applies(x, axis):  # the max shift, as optax's
-        qw, neg_logp = _soft_parts(x, q, w, eps, axis)
-        return jnp.sum(qw * neg_logp, axis=axis)
+    before a small plane optax's own program (:func:`_soft_small_plane_applies`)."""
+    if _soft_small_plane_applies(x, axis):  # optax's program
+        _, xc, qw, _ = _weighted_targets(x, q, w, eps, axis)
+        return -jnp.sum(qw * jax.nn.log_softmax(xc, axis=axis), axis=axis)
     if _soft_sliced_applies(x, axis):
         return _soft_sliced_loss(x, q, w, eps, axis)
     native = jax.default_backend() == "cpu" and _soft_fused_applies(x, axis)
@@ -2539,12 +2539,15 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
 # optax's (_soft_small_plane_applies).
 _SOFT_SMALL_PLANE_MAX_CLASSES = 256
 _SOFT_SMALL_PLANE_MAX = 1024
+# bfloat16 over more strided classes than this before such a plane: the same.
+_SOFT_SMALL_PLANE_MIN_CLASSES_BF16 = 512
 
 
 def _soft_small_plane_applies(x: Array, axis: int) -> bool:
-    """Whether :func:`_soft_loss`'s forward over a strided class axis is the
-    max shift and ``jnp`` sums, which XLA:CPU puts whole in one YNNPACK
-    fusion as it does optax's: float32, more classes than the native
+    """Whether :func:`_soft_loss`'s forward over a strided class axis is
+    optax's program, ``-sum(w q' log_softmax(x))`` (``jax.nn.log_softmax``
+    of ``x`` in float32: the max shift and ``jnp`` sums), which XLA:CPU puts
+    in YNNPACK fusions as it does optax's: float32, more classes than the native
     reductions take (``_SOFT_STRIDED_MAX_CLASSES``) and at most
     ``_SOFT_SMALL_PLANE_MAX_CLASSES``, followed by a plane of at most
     ``_SOFT_SMALL_PLANE_MAX`` positions. There the unshifted statistics and
@@ -2565,17 +2568,33 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     (forward, 2-core EPYC) 9765x1x16x16 9.8-18x faster, 8x1x128x128 2.8-3.9x,
     float32 and bfloat16, 0.85-1.27x optax (its program). The class slices
     measured 0.33-0.58x optax there (:func:`_soft_sliced_applies` takes
-    them for channels-last rows)."""
+    them for channels-last rows).
+
+    And bfloat16 over more than ``_SOFT_SMALL_PLANE_MIN_CLASSES_BF16``
+    classes before such a plane, where the max over the 16-bit logits
+    (:func:`_row_stats`) had XLA:CPU write out the float32 conversion of
+    ``x`` and the max broadcast to its shape (0.32-0.66x optax). Since the
+    program took ``jax.nn.log_softmax`` (it had been :func:`_soft_parts`'s
+    shifted statistics and ``jnp.sum``, 0.91-1.06x the same way for
+    bfloat16), ``ab.py --soft --axis 1 --base 131eca0`` (forward, weighted
+    mean, 2-core EPYC): bfloat16 9x1000x16x16 1.84-2.18x faster (0.44-0.59x
+    -> 0.97-1.09x optax), 2x4096x16x16 1.91-2.05x, 1x4096x32x32 2.4x,
+    12x768x16x16 2.0x, 3x700x32x32 1.50-1.74x, 2x1000x32x32 1.72x,
+    16x1000x8x8 1.62x; not 512 or fewer (30x300x16x16 0.99-1.01x,
+    4x512x32x32 0.94x) nor planes of 4096 (1x1000x64x64 0.87x). float32:
+    65x150x16x16 1.07x, 38x256x16x16 1.12x, 295x33x16x16 1.28x (0.98-1.00x
+    optax); one class the same (0.97-1.08x)."""
     axis = axis % x.ndim
-    if x.shape[axis] == 1:
-        return jax.default_backend() == "cpu" and axis != x.ndim - 1
-    return (
-        jax.default_backend() == "cpu"
-        and x.dtype == jnp.float32
-        and axis != x.ndim - 1
-        and _SOFT_STRIDED_MAX_CLASSES[0] < x.shape[axis] <= _SOFT_SMALL_PLANE_MAX_CLASSES
-        and math.prod(x.shape[axis + 1 :]) <= _SOFT_SMALL_PLANE_MAX
-    )
+    c = x.shape[axis]
+    if jax.default_backend() != "cpu" or axis == x.ndim - 1:
+        return False
+    if c == 1:
+        return True
+    if math.prod(x.shape[axis + 1 :]) > _SOFT_SMALL_PLANE_MAX:
+        return False
+    if x.dtype == jnp.float32:
+        return _SOFT_STRIDED_MAX_CLASSES[0] < c <= _SOFT_SMALL_PLANE_MAX_CLASSES
+    return x.dtype == jnp.bfloat16 and c > _SOFT_SMALL_PLANE_MIN_CLASSES_BF16
 
 
 # Two float32 classes along an axis followed by a plane of at least this

@@ -653,17 +653,19 @@ def test_probability_targets_forward_only(dtype, large):
     """The forward of probability targets without differentiation (on
     XLA:CPU the unshifted row statistics, ``_unshifted_row_stats``; a batch
     with a row of logits near 100 takes the max shift; bfloat16 over more
-    than 19 strided classes the max shift always, float32 over 25-256
-    strided classes before small planes too, ``_soft_small_plane_applies``)
+    than 19 strided classes the max shift always; before small planes
+    float32 over 25-256 strided classes and bfloat16 over more than 512
+    optax's program, ``_soft_small_plane_applies``)
     equals PyTorch in float64 and the loss of the differentiated path, per
     position, weighted and smoothed, channels-last and ``axis=1``."""
     from jaxloss import _losses
 
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
-                        ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1)):
+                        ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
-        small_plane = dtype == np.float32 and axis == 1 and shape[1] > 24
+        c = shape[axis]
+        small_plane = axis == 1 and (24 < c <= 256 if dtype == np.float32 else c > 512)
         assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
@@ -678,6 +680,19 @@ def test_probability_targets_forward_only(dtype, large):
         assert_close(got, want, LOSS_TOL["float32"], f"{shape} forward vs pytorch")
         assert_close(got, np.asarray(with_grad, np.float64), LOSS_TOL["float32"],
                      f"{shape} forward vs the differentiated loss")
+        if small_plane:  # a row of -inf and a +inf logit: NaN, as PyTorch's
+            bad = x64.copy()
+            bad[0, :, 0, 0] = -np.inf
+            bad[1, 3, 1, 1] = np.inf
+            got = jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(
+                bad.astype(dtype), q)
+            want, _ = torch_loss_and_grad(
+                to_torch_layout(bad, axis), to_torch_layout(q64, axis),
+                np.ones(positions(x, axis)), nll=False, weight=w, reduction="none",
+                label_smoothing=0.1,
+            )
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            assert np.isnan(want).sum() == 2
 
 
 SLICED_SOFT_CASES = {  # name: (shape, class axis, dtype): 2 to 16 classes
