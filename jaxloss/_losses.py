@@ -958,7 +958,8 @@ def _sliced_exps(xs: list[Array]) -> tuple[Array, list[Array], Array]:
     """
     m = jax.lax.stop_gradient(functools.reduce(jnp.maximum, xs))
     if len(xs) == 1:
-        return m, [1.0 + (xs[0] - m)], 1.0 + (xs[0] - m)
+        e = 1.0 + (xs[0] - m)
+        return m, [e], e
     es = [_exp(v - m, elements=len(xs) * v.size) for v in xs]
     return m, es, functools.reduce(jnp.add, es)
 
@@ -2580,7 +2581,12 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     mean, 2-core EPYC): bfloat16 9x1000x16x16 1.84-2.18x faster (0.44-0.59x
     -> 0.97-1.09x optax), 2x4096x16x16 1.91-2.05x, 1x4096x32x32 2.4x,
     12x768x16x16 2.0x, 3x700x32x32 1.50-1.74x, 2x1000x32x32 1.72x,
-    16x1000x8x8 1.62x; not 512 or fewer (30x300x16x16 0.99-1.01x,
+    16x1000x8x8 1.62x. It takes ``jax.nn.log_softmax`` itself, not
+    :func:`_row_stats` of the conversion (which :func:`log_softmax` uses):
+    that forms ``x - m`` for the exponentials and ``m - x`` for the loss
+    apart, and XLA:CPU wrote the conversion and the broadcast max out again
+    (``ab.py --base 6699faf``: 9x1000x16x16 0.50x, 2x4096x16x16 0.69x).
+    Not 512 or fewer (30x300x16x16 0.99-1.01x,
     4x512x32x32 0.94x) nor planes of 4096 (1x1000x64x64 0.87x). float32:
     65x150x16x16 1.07x, 38x256x16x16 1.12x, 295x33x16x16 1.28x (0.98-1.00x
     optax); one class the same (0.97-1.08x)."""
@@ -2621,8 +2627,9 @@ def _soft_sliced_grad_applies(x: Array, axis: int) -> bool:
     8x1x128x128 ``axis=1`` 1.1-1.3x. Below the plane (9765x1x16x16) float32
     measured 0.69x this way."""
     c = x.shape[axis]
-    one = c == 1 and jnp.dtype(x.dtype).itemsize in (2, 4)
-    if jax.default_backend() != "cpu" or not (one or (x.dtype == jnp.float32 and c == 2)):
+    if jax.default_backend() != "cpu" or not (
+        _one_class(x, axis) or (x.dtype == jnp.float32 and c == 2)
+    ):
         return False
     axis = axis % x.ndim
     return axis == x.ndim - 1 or math.prod(x.shape[axis + 1 :]) >= _SOFT_SLICED_GRAD_MIN_PLANE
@@ -2657,8 +2664,15 @@ def _soft_sliced_applies(x: Array, axis: int) -> bool:
     if jax.default_backend() != "cpu":
         return False
     if axis % x.ndim == x.ndim - 1:
-        return c == 1 and jnp.dtype(x.dtype).itemsize in (2, 4)
+        return _one_class(x, axis)
     return jnp.dtype(x.dtype) == jnp.bfloat16 and 2 <= c <= _SOFT_SLICED_MAX_BF16_STRIDED
+
+
+def _one_class(x: Array, axis: int) -> bool:
+    """Whether ``x`` has one class of a 16- or 32-bit dtype, which the
+    class slices of probability targets take along the last axis
+    (:func:`_soft_sliced_applies`, :func:`_soft_sliced_grad_applies`)."""
+    return x.shape[axis] == 1 and jnp.dtype(x.dtype).itemsize in (2, 4)
 
 
 def _soft_sliced_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:

@@ -90,6 +90,29 @@ def test_the_fast_branch_runs_and_falls_back():
         np.testing.assert_allclose(m + log_s, lse, rtol=1e-7, atol=1e-5)
 
 
+def _check_forwards(x, t, w, atol, logits=None):
+    """The weighted forward (``logits``, default ``x``; classes on axis 1)
+    with and without label smoothing, every reduction: the six losses under
+    one ``jit``, then each against PyTorch and NumPy in float64 (``x``)
+    within ``RTOL`` and ``atol`` (``check_each``)."""
+    configs = {
+        f"{x.shape} label_smoothing={ls} reduction={r}": dict(
+            weight=w, ignore_index=IGN, reduction=r, label_smoothing=ls
+        )
+        for ls in (0.0, 0.1)
+        for r in ("none", "mean", "sum")
+    }
+    losses = config_forwards(x if logits is None else logits, t, 1, configs)
+
+    def check(kw, loss):
+        tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
+        rl, _ = reference.loss_and_grad(np.moveaxis(x, 1, -1), t, **kw)
+        np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=atol)
+        np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=atol)
+
+    check_each({name: (kw, losses[name]) for name, kw in configs.items()}, check)
+
+
 @pytest.mark.parametrize("offset", [0.0, 45.0, -45.0])
 def test_forward_matches_float64_oracles(offset):
     """Logits around 0 and near the range's edges (rows of log-sum-exp ~ +-48,
@@ -99,25 +122,9 @@ def test_forward_matches_float64_oracles(offset):
     x, t, w = _case((2, 19, 5, 7), 1, offset=offset)
     m, _ = _stats(x, 1)
     np.testing.assert_array_equal(m, np.round(m))  # the unshifted branch
-    configs = {
-        f"label_smoothing={ls} reduction={r}": dict(
-            weight=w, ignore_index=IGN, reduction=r, label_smoothing=ls
-        )
-        for ls in (0.0, 0.1)
-        for r in ("none", "mean", "sum")
-    }
-    losses = config_forwards(x, t, 1, configs)
-
-    def check(kw, loss):
-        tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
-        rl, _ = reference.loss_and_grad(np.moveaxis(x, 1, -1), t, **kw)
-        # Relative: the losses are 5-20 here. The shifted sums measured within
-        # 1.7e-7 of float64; log(s0) taken whole, 5.9e-6 at offsets of 45.
-        tol = dict(rtol=RTOL, atol=1e-7)
-        np.testing.assert_allclose(loss, tl, **tol)
-        np.testing.assert_allclose(loss, rl, **tol)
-
-    check_each({name: (kw, losses[name]) for name, kw in configs.items()}, check)
+    # Relative: the losses are 5-20 here. The shifted sums measured within
+    # 1.7e-7 of float64; log(s0) taken whole, 5.9e-6 at offsets of 45.
+    _check_forwards(x, t, w, atol=1e-7)
 
 
 def test_16bit_strided_few_classes_forward_matches_float64_oracles():
@@ -129,22 +136,7 @@ def test_16bit_strided_few_classes_forward_matches_float64_oracles():
         x, t, w = _case(shape, 4, scale=4.0)
         x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # exact
         assert not _losses._unshifted_applies(jnp.asarray(x, jnp.bfloat16), 1)
-        configs = {
-            f"{shape} label_smoothing={ls} reduction={r}": dict(
-                weight=w, ignore_index=IGN, reduction=r, label_smoothing=ls
-            )
-            for ls in (0.0, 0.1)
-            for r in ("none", "mean", "sum")
-        }
-        losses = config_forwards(jnp.asarray(x, jnp.bfloat16), t, 1, configs)
-
-        def check(kw, loss, x=x, t=t):
-            tl, _ = torch_loss_and_grad(x, t, np.ones(np.shape(loss)), nll=False, **kw)
-            rl, _ = reference.loss_and_grad(np.moveaxis(x, 1, -1), t, **kw)
-            np.testing.assert_allclose(loss, tl, rtol=RTOL, atol=LOSS_ATOL)
-            np.testing.assert_allclose(loss, rl, rtol=RTOL, atol=LOSS_ATOL)
-
-        check_each({name: (kw, losses[name]) for name, kw in configs.items()}, check)
+        _check_forwards(x, t, w, atol=LOSS_ATOL, logits=jnp.asarray(x, jnp.bfloat16))
 
 
 def test_bfloat16_forward_matches_pytorch():
