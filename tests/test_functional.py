@@ -173,6 +173,27 @@ def check_configs_against_oracles(configs: dict, also=None) -> None:
     )
 
 
+def check_forwards_alone(configs: dict, tol_key: str | None = None) -> None:
+    """The forward alone (no gradient in its pass) of every cross-entropy
+    configuration of ``check_configs_against_oracles``'s form, all under one
+    ``jit``, against the NumPy reference in float64 within ``LOSS_TOL`` of
+    ``tol_key`` (default: the logits' dtype)."""
+
+    def forwards(args):
+        return [jaxloss.cross_entropy(x, t, axis=axis, reduction=reduction, **kw)
+                for (x, t), (_, _, _, axis, reduction, kw, _) in zip(
+                    args, configs.values(), strict=True)]
+
+    gots = jax.jit(forwards)([(c[1], c[2]) for c in configs.values()])
+    for (key, (_, x, t, axis, reduction, kw, _)), got in zip(configs.items(), gots, strict=True):
+        t = np.asarray(t)
+        t = t.astype(np.float64) if np.issubdtype(t.dtype, np.floating) else t
+        want, _ = reference.loss_and_grad(np.asarray(x, np.float64), t, axis=axis,
+                                          reduction=reduction, **kw)
+        assert_close(np.asarray(got, np.float64), want,
+                     LOSS_TOL[tol_key or str(np.asarray(x).dtype)], f"{key} forward alone")
+
+
 # ---------------------------------------------------------------------------
 # the main sweep: index targets
 # ---------------------------------------------------------------------------
@@ -557,23 +578,7 @@ def test_strided_label_smoothing():
             key = f"{name} weighted={weighted} reduction={reduction}"
             configs[key] = ("ce", x, t, axis, reduction, kw, cot)
     check_configs_against_oracles(configs)
-
-    def forwards(args):  # every forward alone, under one jit
-        return [
-            jaxloss.cross_entropy(x, t, weight=kw["weight"], ignore_index=255,
-                                  label_smoothing=0.1, axis=axis, reduction=reduction)
-            for (_, _, _, axis, reduction, kw, _), (x, t)
-            in zip(configs.values(), args, strict=True)
-        ]
-
-    gots = jax.jit(forwards)([(c[1], c[2]) for c in configs.values()])
-    for (key, (_, x, t, axis, reduction, kw, _)), got in zip(configs.items(), gots, strict=True):
-        want, _ = reference.loss_and_grad(
-            np.asarray(x, np.float64), t, weight=kw["weight"], ignore_index=255,
-            reduction=reduction, label_smoothing=0.1, axis=axis,
-        )
-        assert_close(np.asarray(got, np.float64), want,
-                     LOSS_TOL[str(np.asarray(x).dtype)], f"{key} forward alone")
+    check_forwards_alone(configs)
 
 
 SOFT_GRAD_CASES = {  # name: (shape, class axis, dtype)

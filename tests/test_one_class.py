@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import reference
 import torch  # noqa: F401  -- the suite must fail, not skip, without PyTorch
 from oracles import (
     GRAD_TOL,
@@ -27,7 +26,12 @@ from oracles import (
     to_torch_layout,
     torch_loss_and_grad,
 )
-from test_functional import check_configs_against_oracles, default_cotangent, positions
+from test_functional import (
+    check_configs_against_oracles,
+    check_forwards_alone,
+    default_cotangent,
+    positions,
+)
 
 import jaxloss
 from jaxloss import _losses
@@ -133,17 +137,7 @@ def test_probability_targets():
         configs[f"{name} w={weighted} eps={eps} {reduction}"] = (
             "ce", x, q, axis, reduction, kw, cot)
     check_configs_against_oracles(configs)
-
-    def forwards(args):
-        return [jaxloss.cross_entropy(x, q, axis=axis, reduction=reduction, **kw)
-                for (x, q), (_, _, _, axis, reduction, kw, _) in zip(
-                    args, configs.values(), strict=True)]
-
-    gots = jax.jit(forwards)([(c[1], c[2]) for c in configs.values()])
-    for (key, (_, x, q, axis, reduction, kw, _)), got in zip(configs.items(), gots, strict=True):
-        want, _ = reference.loss_and_grad(np.asarray(x, np.float64), np.asarray(q, np.float64),
-                                          axis=axis, reduction=reduction, **kw)
-        assert_close(np.asarray(got, np.float64), want, LOSS_TOL["float32"], key)
+    check_forwards_alone(configs, tol_key="float32")
 
 
 def _plant(x):
