@@ -654,23 +654,29 @@ def soft_case(rng, shape, axis, large, dtype) -> tuple:
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("large", [False, True], ids=["moderate", "large"])
-def test_probability_targets_forward_only(dtype, large):
+def test_probability_targets_forward_only(dtype, large, monkeypatch):
     """The forward of probability targets without differentiation (on
     XLA:CPU the unshifted row statistics, ``_unshifted_row_stats``; a batch
     with a row of logits near 100 takes the max shift; bfloat16 over more
     than 19 strided classes the max shift always; before small planes
-    float32 over 25-256 strided classes and bfloat16 over more than 512
-    optax's program, ``_soft_small_plane_applies``)
-    equals PyTorch in float64 and the loss of the differentiated path, per
-    position, weighted and smoothed, channels-last and ``axis=1``."""
+    float32 over 25-256 strided classes, more where classes times plane is
+    small and the input large, and bfloat16 over more than 512 optax's
+    program, ``_soft_small_plane_applies``) equals PyTorch in float64 and
+    the loss of the differentiated path, per position, weighted and
+    smoothed, channels-last and ``axis=1``. The input size from which
+    float32 over more than 256 such classes takes optax's program is
+    lowered to 4096 logits here (2x300x3x4 takes it, 1x300x2x3 not)."""
     from jaxloss import _losses
 
+    monkeypatch.setattr(_losses, "_SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS", 4096)
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
-                        ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1)):
+                        ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1),
+                        ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
         c = shape[axis]
-        small_plane = axis == 1 and (24 < c <= 256 if dtype == np.float32 else c > 512)
+        wide = c > 256 and x.size >= 4096
+        small_plane = axis == 1 and (24 < c <= 256 or wide if dtype == np.float32 else c > 512)
         assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
