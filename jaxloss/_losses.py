@@ -2539,10 +2539,10 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
 # classes followed by a plane of at most this many positions: the forward as
 # optax's (_soft_small_plane_applies).
 _SOFT_SMALL_PLANE_MAX_CLASSES = 256
-# ... or more classes, where classes * plane is at most this and the logits
-# are at least _SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS.
+# ... or more classes, where classes * plane is at most this; float32 either
+# way over at least _SOFT_SMALL_PLANE_MIN_POSITIONS positions.
 _SOFT_SMALL_PLANE_MAX_ROW = 150 * 1024
-_SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS = 1 << 21
+_SOFT_SMALL_PLANE_MIN_POSITIONS = 4096
 _SOFT_SMALL_PLANE_MAX = 1024
 # bfloat16 over more strided classes than this before such a plane: the same.
 _SOFT_SMALL_PLANE_MIN_CLASSES_BF16 = 512
@@ -2596,16 +2596,23 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
     optax); one class the same (0.97-1.08x).
 
     And float32 over more than 256 such classes where classes times plane
-    is at most ``_SOFT_SMALL_PLANE_MAX_ROW`` and the input holds at least
-    ``_SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS`` logits: ``ab.py --soft --axis 1
+    is at most ``_SOFT_SMALL_PLANE_MAX_ROW``: ``ab.py --soft --axis 1
     --base d8b1764`` (forward, weighted mean, 2-core EPYC, 2-5 runs):
     16x512x16x16 1.39-1.42x faster (0.70-0.72x -> 0.99-1.00x optax),
     19x512x16x16 1.36-1.44x, 17x600x16x16 1.32-1.52x, 24x512x16x16
-    1.25-1.42x, 32x512x16x16 1.52-1.73x (0.56-0.66x -> 0.97-1.00x). Not on
-    smaller inputs, where the statistics ran at 1.1-1.2x optax and this way
-    0.75-0.89x the speed (4x512x16x16 to 14x512x16x16, 8x600x16x16,
-    4x300x32x16), nor over more (13x768x16x16 0.88-0.98x, 9x1000x16x16
-    0.87x, 7x384x32x32 0.82x, 5x512x32x32 0.81x)."""
+    1.25-1.42x, 32x512x16x16 1.52-1.73x (0.56-0.66x -> 0.97-1.00x),
+    8x300x32x16 1.10-1.31x. Not over more (13x768x16x16 0.88-0.98x,
+    9x1000x16x16 0.87x, 7x384x32x32 0.82x, 5x512x32x32 0.81x).
+
+    float32 only from ``_SOFT_SMALL_PLANE_MIN_POSITIONS`` positions: over
+    fewer the statistics ran at 1.0-1.3x optax and optax's program at
+    0.75-0.89x their speed (4x512x16x16 to 14x512x16x16, 8x600x16x16,
+    4x300x32x16); from 4096 positions the program was the faster
+    (16x64x16x16, 24x150x16x16, 8x150x32x32, 16x256x16x16: 1.03-1.41x).
+    ``ab.py --soft --axis 1 --base e2d98d6`` (two runs): 4x150x16x16
+    1.04-1.15x faster, 8x150x16x16 1.00-1.15x, 12x150x16x16 1.17-1.23x,
+    10x64x16x16 1.13-1.14x, 8x256x16x16 1.09-1.19x, 12x256x16x16
+    1.10-1.11x."""
     axis = axis % x.ndim
     c = x.shape[axis]
     if jax.default_backend() != "cpu" or axis == x.ndim - 1:
@@ -2616,12 +2623,10 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
         return False
     if x.dtype == jnp.float32:
         plane = math.prod(x.shape[axis + 1 :])
-        return _SOFT_STRIDED_MAX_CLASSES[0] < c and (
-            c <= _SOFT_SMALL_PLANE_MAX_CLASSES
-            or (
-                c * plane <= _SOFT_SMALL_PLANE_MAX_ROW
-                and x.size >= _SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS
-            )
+        return (
+            _SOFT_STRIDED_MAX_CLASSES[0] < c
+            and x.size // c >= _SOFT_SMALL_PLANE_MIN_POSITIONS
+            and (c <= _SOFT_SMALL_PLANE_MAX_CLASSES or c * plane <= _SOFT_SMALL_PLANE_MAX_ROW)
         )
     return x.dtype == jnp.bfloat16 and c > _SOFT_SMALL_PLANE_MIN_CLASSES_BF16
 

@@ -659,24 +659,25 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
     XLA:CPU the unshifted row statistics, ``_unshifted_row_stats``; a batch
     with a row of logits near 100 takes the max shift; bfloat16 over more
     than 19 strided classes the max shift always; before small planes
-    float32 over 25-256 strided classes, more where classes times plane is
-    small and the input large, and bfloat16 over more than 512 optax's
-    program, ``_soft_small_plane_applies``) equals PyTorch in float64 and
-    the loss of the differentiated path, per position, weighted and
-    smoothed, channels-last and ``axis=1``. The input size from which
-    float32 over more than 256 such classes takes optax's program is
-    lowered to 4096 logits here (2x300x3x4 takes it, 1x300x2x3 not)."""
+    float32 over 25-256 strided classes, or more where classes times plane
+    is small, over enough positions, and bfloat16 over more than 512
+    optax's program, ``_soft_small_plane_applies``) equals PyTorch in
+    float64 and the loss of the differentiated path, per position, weighted
+    and smoothed, channels-last and ``axis=1``. The number of positions
+    from which float32 takes optax's program is lowered to 12 here
+    (2x300x3x4 and 2x30x3x4 take it, 1x300x2x3 and 1x40x2x3 not)."""
     from jaxloss import _losses
 
-    monkeypatch.setattr(_losses, "_SOFT_SMALL_PLANE_WIDE_MIN_ELEMENTS", 4096)
+    monkeypatch.setattr(_losses, "_SOFT_SMALL_PLANE_MIN_POSITIONS", 12)
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
                         ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1),
-                        ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1)):
+                        ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1), ((1, 40, 2, 3), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
         c = shape[axis]
-        wide = c > 256 and x.size >= 4096
-        small_plane = axis == 1 and (24 < c <= 256 or wide if dtype == np.float32 else c > 512)
+        narrow = c <= 256 or c * x[0, 0].size <= 150 * 1024
+        f32_plane = 24 < c and np.prod(positions(x, axis)) >= 12 and narrow
+        small_plane = axis == 1 and (f32_plane if dtype == np.float32 else c > 512)
         assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
