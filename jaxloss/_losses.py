@@ -2619,10 +2619,10 @@ def _soft_small_plane_applies(x: Array, axis: int) -> bool:
         return False
     if c == 1:
         return True
-    if math.prod(x.shape[axis + 1 :]) > _SOFT_SMALL_PLANE_MAX:
+    plane = math.prod(x.shape[axis + 1 :])
+    if plane > _SOFT_SMALL_PLANE_MAX:
         return False
     if x.dtype == jnp.float32:
-        plane = math.prod(x.shape[axis + 1 :])
         return (
             _SOFT_STRIDED_MAX_CLASSES[0] < c
             and x.size // c >= _SOFT_SMALL_PLANE_MIN_POSITIONS
