@@ -156,11 +156,12 @@ def jax_impls(jnp, jax, optax, jaxloss, axis, reduction="mean", label_smoothing=
     return {"jaxloss": ours, "optax": optax_loss, "log_softmax": log_softmax_loss}
 
 
-def soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=0.0):
+def soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=0.0, reduction="mean"):
     """``{name: loss(x, q, w)}`` for probability targets ``q``: PyTorch's
     weighted loss ``-sum_c w_c q'_c log p_c`` averaged over the positions.
     optax as a user writes it: ``softmax_cross_entropy`` of the weighted
-    (and ``optax.smooth_labels``-smoothed) targets."""
+    (and ``optax.smooth_labels``-smoothed) targets. ``reduction="none"``:
+    jaxloss's per-position losses, averaged by the step (``jnp.mean``)."""
     ls = label_smoothing
 
     def optax_loss(x, q, w):
@@ -172,6 +173,12 @@ def soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=0.0):
         return jnp.mean(optax.softmax_cross_entropy(x.astype(jnp.float32), qf * wb, axis=ax))
 
     def ours(x, q, w):
+        if reduction == "none":
+            return jnp.mean(
+                jaxloss.cross_entropy(
+                    x, q, weight=w, axis=axis, label_smoothing=ls, reduction="none"
+                )
+            )
         return jaxloss.cross_entropy(x, q, weight=w, axis=axis, label_smoothing=ls)
 
     return {"jaxloss": ours, "optax": optax_loss}

@@ -12,7 +12,9 @@ Channels-last cases are ``(P // 128, 128, C)`` (``(P, C)`` below 4096
 positions); ``axis=1`` cases ``(P // S², C, S, S)`` with ``S = --spatial``.
 
 ``--soft`` sweeps probability targets instead (``bench.soft_targets``,
-``bench.soft_impls``: the mean), ``--label-smoothing`` smooths every loss.
+``bench.soft_impls``: the mean; with ``--reduction none`` jaxloss's
+per-position losses averaged by the step), ``--label-smoothing`` smooths
+every loss.
 
 Run:  PYTHONPATH=. python benchmarks/sweep.py [--elements 2.5e6]
       [--classes 1,2,5,10,19,150,1000] [--dtypes float32,bfloat16]
@@ -51,12 +53,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--soft",
         action="store_true",
-        help="probability targets (bench.soft_targets) instead of class indices; the mean",
+        help="probability targets (bench.soft_targets) instead of class indices; the mean "
+        "(with --reduction none: jaxloss's per-position losses, averaged by the step)",
     )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for every loss")
     args = p.parse_args(argv)
-    if args.soft and args.reduction != "mean":
-        p.error("--soft sweeps the mean only")
     return args
 
 
@@ -90,7 +91,9 @@ def main(argv=None) -> list[dict]:
                 ls = args.label_smoothing
                 if args.soft:
                     y = bench.soft_targets(x, axis)
-                    impls = bench.soft_impls(jnp, jax, optax, jaxloss, axis, label_smoothing=ls)
+                    impls = bench.soft_impls(
+                        jnp, jax, optax, jaxloss, axis, label_smoothing=ls, reduction=args.reduction
+                    )
                 else:
                     impls = bench.jax_impls(
                         jnp, jax, optax, jaxloss, axis, args.reduction, label_smoothing=ls

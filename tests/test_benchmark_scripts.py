@@ -107,8 +107,35 @@ def test_sweep_runs_and_reports_both_modes():
     )
     assert [r["shape"] for r in soft] == [(400, 5)]
     assert all(v > 0 for v in soft[0]["ms"].values())
-    with pytest.raises(SystemExit):
-        sweep.main(["--soft", "--reduction", "none"])
+    soft_none = sweep.main(
+        ["--elements", "2000", "--classes", "5", "--dtypes", "float32", "--axes=1",
+         "--spatial", "4", "--reps", "1", "--soft", "--reduction", "none"]
+    )
+    assert [r["shape"] for r in soft_none] == [(25, 5, 4, 4)]
+    assert all(v > 0 for v in soft_none[0]["ms"].values())
+
+
+def test_soft_impls_per_position_losses_agree_with_optax():
+    """``bench.soft_impls(reduction="none")`` (``sweep.py --soft --reduction
+    none``): jaxloss's per-position losses averaged by the step equal optax's
+    mean and the library's own mean, loss and gradient, both layouts, with
+    label smoothing."""
+    import optax
+
+    import jaxloss
+
+    for axis, shape in ((-1, (4, 6, 5, 19)), (1, (4, 19, 6, 5))):
+        x, _, w, ax = bench.make_case(shape, jnp.float32, axis)
+        q = bench.soft_targets(x, ax)
+        got = {}
+        for reduction in ("mean", "none"):
+            impls = bench.soft_impls(jnp, jax, optax, jaxloss, ax, label_smoothing=0.1,
+                                     reduction=reduction)
+            got[reduction] = jax.value_and_grad(impls["jaxloss"])(x, q, w)
+        want_loss, want_grad = jax.value_and_grad(impls["optax"])(x, q, w)
+        for reduction, (loss, grad) in got.items():
+            assert abs(float(loss - want_loss)) < 1e-5 * abs(float(want_loss)), (axis, reduction)
+            assert float(jnp.max(jnp.abs(grad - want_grad))) < 1e-6, (axis, reduction)
 
 
 def test_unweighted_impls_agree_with_label_smoothing():
