@@ -13,7 +13,8 @@ Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       as bench.py does; optax stays the mean)
       [--label-smoothing 0.1]  (every loss; optax smooths a one-hot)
       [--unweighted]  (no class weights; index targets)
-      [--soft]  (probability targets; the mean over positions, reduction ignored)
+      [--soft]  (probability targets; the mean over positions, or with
+      --reduction none jaxloss's per-position losses averaged by the step)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
 """
@@ -138,6 +139,7 @@ def run(args) -> list[dict]:
                 kw = {"axis": ax, "label_smoothing": args.label_smoothing}
                 if args.soft:
                     y = bench.soft_targets(x, ax)
+                    kw["reduction"] = args.reduction
                     impls_of = functools.partial(bench.soft_impls, jnp, jax, optax, **kw)
                 else:
                     kw["reduction"] = args.reduction
