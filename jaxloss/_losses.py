@@ -2489,9 +2489,13 @@ def _soft_parts(
     return qc, (m.astype(cdt) - xc) + log_s.astype(cdt)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
-    """``-sum_c w_c q'_c log p_c`` with ``q' = (1 - eps) q + eps / C``.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _soft_loss(
+    x: Array, q: Array, w: Array | None, where: Array | None, eps: float, axis: int
+) -> Array:
+    """``-sum_c w_c q'_c log p_c`` with ``q' = (1 - eps) q + eps / C``, 0
+    where the positions' mask ``where`` (or None) is False, and so are its
+    derivatives there, whatever the logits (a non-finite row included).
 
     A custom JVP forms the derivative in the loss's pass, as for index
     targets (:func:`_index_loss_jvp`): ``dl/dx_c = A p_c - w_c q'_c`` with
@@ -2522,6 +2526,17 @@ def _soft_loss(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Ar
     Before all that, on XLA:CPU: few classes take the class slices
     (:func:`_soft_sliced_applies`), and float32 over a strided class axis
     before a small plane optax's own program (:func:`_soft_small_plane_applies`)."""
+    return _masked(_soft_loss_values(x, q, w, eps, axis), where)
+
+
+def _masked(v: Array, where: Array | None) -> Array:
+    """``v`` (per position, or shaped like the logits with ``where``
+    broadcast along the class axis by the caller), 0 where ``where`` is False."""
+    return v if where is None else jnp.where(where, v, jnp.zeros((), v.dtype))
+
+
+def _soft_loss_values(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
+    """:func:`_soft_loss`'s per-position values, every position."""
     if _soft_small_plane_applies(x, axis):  # optax's program
         _, xc, qw, _ = _weighted_targets(x, q, w, eps, axis)
         return -jnp.sum(qw * jax.nn.log_softmax(xc, axis=axis), axis=axis)
@@ -2794,28 +2809,30 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     2x40x256x256 1.15x; bfloat16 8x33x64x64 1.62x, 8x36 1.84x, 8x40 1.62x,
     4x44x128x128 1.78x. At 33 float32 classes and below the view measured
     0.87-1.23x (33: 0.87-1.09x; 32: 0.85-0.93x; 28: 0.93-1.23x)."""
-    x, q, w = primals
-    x_dot, q_dot, _ = tangents
+    x, q, w, where = primals
+    x_dot, q_dot = tangents[:2]
+    keep = None if where is None else jnp.expand_dims(where, axis)
     if (
         isinstance(q_dot, SymbolicZero)
         and not isinstance(x_dot, SymbolicZero)
         and _soft_native_grad_applies(x, axis)
     ):
         loss, g = _soft_loss_and_grad(x, q, w, eps, axis)
-        return loss, jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
+        g = _masked(g, keep)
+        return _masked(loss, where), jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
     qw, neg_logp = _soft_parts(x, q, w, eps, axis)
     c = x.shape[axis]
     flat = c >= _SOFT_FLAT_MIN_CLASSES
     # The loss term's threshold lies below the weights' sum's (34/33 < 48).
     flat_loss = c >= _SOFT_FLAT_LOSS_MIN_CLASSES[0 if x.dtype.itemsize >= 4 else 1]
-    loss = _class_sum(qw * neg_logp, x, axis, flat=flat_loss)
+    loss = _masked(_class_sum(qw * neg_logp, x, axis, flat=flat_loss), where)
     loss_dot = jnp.zeros_like(loss)
     if not isinstance(x_dot, SymbolicZero):
         total = jnp.expand_dims(_class_sum(qw, x, axis, flat=flat), axis)
-        g = jnp.exp(-neg_logp) * total - qw
+        g = _masked(jnp.exp(-neg_logp) * total - qw, keep)
         loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
     if not isinstance(q_dot, SymbolicZero):
-        h = _target_grad(neg_logp, w, eps, axis)
+        h = _masked(_target_grad(neg_logp, w, eps, axis), keep)
         loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
     return loss, loss_dot
 
@@ -3216,7 +3233,7 @@ def _soft_total(
     gradient."""
     if _soft_loop_applies(x, axis, forward=True):
         return _soft_loop_total_and_grad(x, q, where, w, scale, eps, axis, with_grad=False)[0]
-    return _scaled_total(_soft_loss(x, q, w, eps, axis), where, scale)
+    return _scaled_total(_soft_loss(x, q, w, None, eps, axis), where, scale)
 
 
 def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tuple[Array, Array]:
@@ -3356,12 +3373,9 @@ def _soft_impl(
     nan_if_empty: bool,
 ) -> Array:
     if reduction == "none" or not (_soft_fused_applies(x, axis) or _soft_loop_applies(x, axis)):
-        loss = _soft_loss(x, q, w, eps, axis)
-        if where is None:
-            count = jnp.ones(loss.shape, loss.dtype)
-        else:
-            count = where.astype(loss.dtype)
-            loss = jnp.where(where, loss, jnp.zeros((), loss.dtype))
+        # 0 where masked out, and its gradient there, whatever the logits.
+        loss = _soft_loss(x, q, w, where, eps, axis)
+        count = jnp.ones(loss.shape, loss.dtype) if where is None else where.astype(loss.dtype)
         return _reduce(loss, count, reduction, axis_name, nan_if_empty)
     # "mean"/"sum": the gradient formed in the loss's pass, the mean's
     # 1/denominator folded in (as _index_impl).

@@ -192,3 +192,50 @@ def test_forward_mode_and_second_order():
         x64 = x.astype(np.float64)
         want = (ref_grad(x64 + h * v) - ref_grad(x64 - h * v)) / (2 * h)
         assert_close(np.asarray(hvp, np.float64), want, (1e-4, 1e-6), "Hessian-vector product")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "name", ["64x19", "3x4x19-bf16", "2x19x3x4-axis1", "2x25x3x4-axis1", "2x5x3x4-axis1-bf16"]
+)
+def test_masked_positions_take_no_gradient_whatever_their_logits(name, reduction):
+    """``where=False`` positions count as ignored: with a row of -inf, a
+    +inf logit and a NaN logit there, the loss and the gradients of the
+    logits and of the targets (the two apart and together) are those of the
+    same call with finite logits there, and 0 there, no NaN anywhere; each
+    class axis and path (the native and the generic derivative, and the
+    reduced loss over more strided classes than the fused one takes)."""
+    shape, axis, dtype, _ = CASES[name]
+    rng = rng_for("soft-masked", name, reduction)
+    x, q = _case(rng, shape, dtype)
+    pos = positions(x, axis)
+    where = rng.random(pos) < 0.6
+    where.flat[:3] = False
+    where.flat[-1] = True
+    bad = np.ascontiguousarray(np.moveaxis(np.asarray(x, np.float64), axis, -1))
+    bad.reshape(-1, shape[axis])[0] = -np.inf
+    bad.reshape(-1, shape[axis])[1, 1] = np.inf
+    bad.reshape(-1, shape[axis])[2, 0] = np.nan
+    bad = np.moveaxis(bad, -1, axis).astype(dtype)
+    assert np.isnan(np.asarray(bad, np.float64)).sum() == 1
+    w = rng.uniform(0.5, 2.0, shape[axis]).astype(F32)
+    cot = jnp.asarray(rng.uniform(0.5, 2.0, pos).astype(F32))
+
+    def f(a, b):
+        loss = jaxloss.cross_entropy(a, b, weight=w, axis=axis, reduction=reduction,
+                                     label_smoothing=0.1, where=where)
+        return jnp.sum(loss * cot) if reduction == "none" else loss
+
+    masked = np.expand_dims(~where, axis) & np.ones(shape, bool)
+    for argnums in (0, 1, (0, 1)):
+        got = jax.jit(jax.value_and_grad(f, argnums=argnums))(bad, q)
+        want = jax.jit(jax.value_and_grad(f, argnums=argnums))(x, q)
+        for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            g, h = np.asarray(g, np.float64), np.asarray(h, np.float64)
+            assert not np.isnan(g).any(), (argnums, name)
+            # the non-finite rows may switch the batch's row statistics to
+            # the max shift: rounding apart
+            key = "bfloat16" if dtype == BF16 else "float32"
+            assert_close(g, h, GRAD_TOL[key], f"{argnums}")
+            if g.shape == shape:
+                assert np.all(g[masked] == 0.0), argnums
