@@ -2529,10 +2529,13 @@ def _soft_loss(
     return _masked(_soft_loss_values(x, q, w, eps, axis), where)
 
 
-def _masked(v: Array, where: Array | None) -> Array:
-    """``v`` (per position, or shaped like the logits with ``where``
-    broadcast along the class axis by the caller), 0 where ``where`` is False."""
-    return v if where is None else jnp.where(where, v, jnp.zeros((), v.dtype))
+def _masked(v: Array, where: Array | None, axis: int | None = None) -> Array:
+    """``v``, 0 where the positions' mask ``where`` (or None) is False: ``v``
+    per position, or shaped like the logits with the class ``axis``."""
+    if where is None:
+        return v
+    keep = where if axis is None else jnp.expand_dims(where, axis)
+    return jnp.where(keep, v, jnp.zeros((), v.dtype))
 
 
 def _soft_loss_values(x: Array, q: Array, w: Array | None, eps: float, axis: int) -> Array:
@@ -2811,14 +2814,13 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     0.87-1.23x (33: 0.87-1.09x; 32: 0.85-0.93x; 28: 0.93-1.23x)."""
     x, q, w, where = primals
     x_dot, q_dot = tangents[:2]
-    keep = None if where is None else jnp.expand_dims(where, axis)
     if (
         isinstance(q_dot, SymbolicZero)
         and not isinstance(x_dot, SymbolicZero)
         and _soft_native_grad_applies(x, axis)
     ):
         loss, g = _soft_loss_and_grad(x, q, w, eps, axis)
-        g = _masked(g, keep)
+        g = _masked(g, where, axis)
         return _masked(loss, where), jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
     qw, neg_logp = _soft_parts(x, q, w, eps, axis)
     c = x.shape[axis]
@@ -2829,10 +2831,10 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     loss_dot = jnp.zeros_like(loss)
     if not isinstance(x_dot, SymbolicZero):
         total = jnp.expand_dims(_class_sum(qw, x, axis, flat=flat), axis)
-        g = _masked(jnp.exp(-neg_logp) * total - qw, keep)
+        g = _masked(jnp.exp(-neg_logp) * total - qw, where, axis)
         loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
     if not isinstance(q_dot, SymbolicZero):
-        h = _masked(_target_grad(neg_logp, w, eps, axis), keep)
+        h = _masked(_target_grad(neg_logp, w, eps, axis), where, axis)
         loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
     return loss, loss_dot
 
@@ -2899,8 +2901,7 @@ def _soft_loss_and_grad(
     transposes ``sum(g * dx)`` into ``g * ct``. The native reductions have
     no derivative of their own: differentiating ``g`` (second order) goes
     through the plain expression."""
-    loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, True, xla_exp=x.dtype == jnp.bfloat16)
-    return loss, p * jnp.expand_dims(total_w, axis) - qw
+    return _soft_loss_and_grad_terms(x, q, w, eps, axis, True)
 
 
 @_soft_loss_and_grad.defjvp
@@ -2910,10 +2911,18 @@ def _soft_loss_and_grad_jvp(
     x, q, w = primals
 
     def plain(x: Array, q: Array) -> tuple[Array, Array]:
-        loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, False)
-        return loss, p * jnp.expand_dims(total_w, axis) - qw
+        return _soft_loss_and_grad_terms(x, q, w, eps, axis, False)
 
     return jax.jvp(plain, (x, q), tuple(tangents[:2]))
+
+
+def _soft_loss_and_grad_terms(
+    x: Array, q: Array, w: Array | None, eps: float, axis: int, native: bool
+) -> tuple[Array, Array]:
+    """``(l, A p - w q')`` from :func:`_soft_terms` (``native``: its XLA:CPU
+    reductions, bfloat16's exponentials XLA's)."""
+    loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native, xla_exp=x.dtype == jnp.bfloat16)
+    return loss, p * jnp.expand_dims(total_w, axis) - qw
 
 
 # Probability targets, reduced ("mean"/"sum"): the gradient formed in the
@@ -3028,9 +3037,7 @@ def _soft_plain_total_and_grad(
     s = scale.astype(loss.dtype)
     s_grad = jnp.where(jnp.isinf(s), zero, s)
     grad = p * jnp.expand_dims(s_grad * total_w, axis) - s_grad * qw
-    if where is not None:
-        grad = jnp.where(jnp.expand_dims(where, axis), grad, zero)
-    return _scaled_total(loss, where, scale), grad
+    return _scaled_total(loss, where, scale), _masked(grad, where, axis)
 
 
 # XLA:CPU, float32 and bfloat16 probability targets over a strided class axis
@@ -3180,8 +3187,7 @@ def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:
     """``scale * sum(loss)`` over the positions ``where`` keeps (0 when
     ``scale`` is 0, whatever the sum)."""
     zero = jnp.zeros((), loss.dtype)
-    if where is not None:
-        loss = jnp.where(where, loss, zero)
+    loss = _masked(loss, where)
     s = scale.astype(loss.dtype)
     return jnp.where(s != 0, s * jnp.sum(loss), zero)
 
@@ -3251,9 +3257,7 @@ def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> t
     if not isinstance(q_dot, SymbolicZero):
         h = _target_grad(_soft_parts(x, q, w, eps, axis)[1], w, eps, axis)
         s = scale.astype(h.dtype)
-        h = jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s) * h
-        if where is not None:
-            h = jnp.where(jnp.expand_dims(where, axis), h, jnp.zeros((), h.dtype))
+        h = _masked(jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s) * h, where, axis)
         total_dot = total_dot + jnp.sum(h * q_dot.astype(h.dtype))
     return total, total_dot
 
