@@ -92,6 +92,15 @@ def jaxloss_call(fn_name, axis, reduction, *, weight=None, ignore_index=-100,
     return (jaxloss.nll_loss if nll else jaxloss.cross_entropy), kw
 
 
+def nothing_to_average(t, weight, ignore_index, num_classes: int) -> bool:
+    """Whether a mean over index targets ``t`` has a denominator of 0: every
+    target ignored, or the weights of the targets all 0."""
+    t = np.asarray(t).reshape(-1).astype(np.int64)
+    valid = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
+    w = np.ones(num_classes) if weight is None else np.asarray(weight, np.float64)
+    return float(np.sum(np.where(valid, w[np.clip(t, 0, num_classes - 1)], 0.0))) == 0.0
+
+
 def check_against_oracles(
     fn_name, x, t, axis, reduction, *, weight=None, ignore_index=-100,
     label_smoothing=0.0, where=None, cotangent=None, torch_too=True, dtype_key=None,
@@ -133,8 +142,8 @@ def check_against_oracles(
             # insists on its default there.
             ignore_index=-100 if soft else ignore_index,
         )
-        if reduction == "mean" and not soft and np.isnan(t_loss) and np.all(
-            ~np.isnan(ref_grad)
+        if reduction == "mean" and not soft and np.isnan(t_loss) and nothing_to_average(
+            t, weight, ignore_index, x64.shape[axis]
         ):
             # Nothing to average (e.g. a 1-D input whose one target is ignored):
             # PyTorch's 0/0 = NaN, jaxloss's deliberate 0.0 (checked above).
@@ -499,6 +508,57 @@ def test_infinite_weight_of_a_class_no_label_takes(request, through):
         assert np.isfinite(loss).all() and np.isfinite(grad).all()
 
     check_configs_against_oracles(configs, also=finite)
+
+
+MINUS_INF_CASES = {  # name: (shape, class axis, dtype)
+    "6x5": ((6, 5), -1, np.float32),
+    "2x5x3x4-axis1": ((2, 5, 3, 4), 1, np.float32),
+    "8x64x19": ((8, 64, 19), -1, np.float32),
+    "4x300-bf16": ((4, 300), -1, ml_dtypes.bfloat16),
+    "2x5000-bf16": ((2, 5000), -1, ml_dtypes.bfloat16),  # the kernel's two-read loop
+}
+
+
+@pytest.mark.parametrize("through", ["xla", "kernel"])
+def test_minus_inf_logits_with_label_smoothing(request, through):
+    """Logits of -inf (masked classes) under label smoothing and class
+    weights, as PyTorch computes them: the smoothing term sums
+    ``w_c log p_c`` over every class, so a -inf logit makes the position's
+    loss +inf, or NaN where that class's weight is 0 (``0 * -inf``), and its
+    gradient stays finite; a target on a -inf logit gives +inf. The kernel
+    once left classes of weight 0 out of that sum (finite losses where
+    PyTorch and the XLA path give NaN). Every reduction, against PyTorch and
+    the NumPy reference in float64, all under one ``jit``."""
+    if through == "kernel":
+        request.getfixturevalue("kernel_everywhere")
+    configs = {}
+    for name, (shape, axis, dtype) in MINUS_INF_CASES.items():
+        rng = rng_for("minus-inf", name)
+        c = shape[axis]
+        rows = 2.0 * rng.standard_normal(np.moveaxis(np.empty(shape), axis, -1).shape)
+        t = rng.integers(2, c, rows.shape[:-1])
+        flat, tl = rows.reshape(-1, c), t.reshape(-1)  # views: channels-last
+        flat[0, 0] = -np.inf  # class 0, weight 0: NaN
+        if tl.size > 2:
+            flat[1, 1] = -np.inf  # class 1, weight > 0: +inf
+            flat[2, tl[2]] = -np.inf  # the target's logit: +inf
+        x = np.moveaxis(rows, -1, axis)
+        w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        w[0] = 0.0
+        kw = dict(weight=w, ignore_index=255, label_smoothing=0.1)
+        for reduction in REDUCTIONS:
+            cot = default_cotangent("ce", x, axis, reduction)
+            configs[f"{name} reduction={reduction}"] = (
+                "ce", x.astype(dtype), t, axis, reduction, kw, cot)
+
+    def as_pytorch(reduction, x, axis, loss, grad):
+        assert np.isnan(loss).any() and np.isfinite(grad).all()
+        if reduction == "none":
+            assert np.isnan(loss.reshape(-1)[0])
+            assert loss.size < 3 or np.all(loss.reshape(-1)[1:3] == np.inf)
+
+    with np.errstate(invalid="ignore"):  # the oracles' 0 * -inf
+        check_configs_against_oracles(configs, also=as_pytorch)
 
 
 ONE_ROW_CASES = {  # name: (shape, dtype)

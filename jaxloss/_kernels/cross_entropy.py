@@ -263,11 +263,14 @@ def _kernel(
         is_t = along(ci) == per_class(t)
         return mask, ci, x, w, is_t
 
-    def chunk_stats(x, w, is_t):
+    def chunk_stats(ci, x, w, is_t):
         x_t = jnp.sum(jnp.where(is_t, x, zero), axis=cax)
         w_t = jnp.sum(jnp.where(is_t, along(w), zero), axis=cax) if load_w else None
         m = jnp.max(x, axis=cax)
-        wx = jnp.sum(jnp.where(along(w) != 0, along(w) * x, zero), axis=cax) if eps else None
+        # Padding columns (x = -inf, w = 0) are left out; a class of weight 0
+        # is not: its w x is NaN at a logit of -inf, as in PyTorch (and the
+        # XLA path), whose smoothing term sums w_c log p_c over every class.
+        wx = jnp.sum(jnp.where(along(ci < c), along(w) * x, zero), axis=cax) if eps else None
         return x_t, w_t, m, wx
 
     n_chunks = -(-c // block_c)
@@ -278,7 +281,7 @@ def _kernel(
         # tile when it is a power of two; 16 + 4 lanes for 19 classes when
         # block_c is 20, instead of 32).
         tiles = [(c0, bc, *load_x(c0, bc)) for c0, bc in split_tiles(block_c)]
-        parts = [chunk_stats(x, w, is_t) for *_, x, w, is_t in tiles]
+        parts = [chunk_stats(ci, x, w, is_t) for *_, ci, x, w, is_t in tiles]
 
         def combine(k, op=jnp.add):
             return functools.reduce(op, [p[k] for p in parts])
@@ -298,8 +301,8 @@ def _kernel(
 
         def body(k, carry):
             m, s, x_t, w_t, wx, wsum = carry
-            _, _, x, w, is_t = load_x(k * block_c)
-            cx_t, cw_t, cm, cwx = chunk_stats(x, w, is_t)
+            _, ci, x, w, is_t = load_x(k * block_c)
+            cx_t, cw_t, cm, cwx = chunk_stats(ci, x, w, is_t)
             m_new = jnp.maximum(m, cm)
             m_safe = _finite_shift(m_new)
             # exp(-inf - m_safe) = 0 rescales the empty sum of a row's first
