@@ -10,7 +10,9 @@
 #    and label_smoothing=0.1, all three without PyTorch);
 # 2. benchmarks/mosaic_probe.py (at most 90 s): the Mosaic GPU prototypes of
 #    the kernel (both layouts) on the device, against jaxloss and the copy floor;
-# 3. with the time left, the test files that reach the kernel through the
+# 3. if over 150 s are left, 45 s of tests/fuzz.py (random configurations
+#    through the real kernel against PyTorch);
+# 4. with the time left, the test files that reach the kernel through the
 #    public API, on the device.
 # Everything lands in $OUT (default /tmp/jaxloss-gpu). Nothing is installed:
 # the package runs from the tree.
@@ -26,6 +28,13 @@ grep '"ok": false' "$OUT/gpu_check.log" | head -3
 timeout 90 python3 benchmarks/mosaic_probe.py --reps 10 > "$OUT/mosaic_probe.log" 2>&1
 echo "mosaic_probe rc=$?"
 grep -E "^seg|^interpret" "$OUT/mosaic_probe.log" | cut -c1-300
+if [ $((BUDGET - SECONDS)) -gt 150 ]; then
+    # Random configurations through the real kernel against PyTorch (float64).
+    timeout 60 python3 tests/fuzz.py --mode oracle --seconds 45 --max-logits 4000000 \
+        > "$OUT/fuzz.log" 2>&1
+    echo "fuzz rc=$?"
+    grep -E "FAILED|configurations from" "$OUT/fuzz.log" | cut -c1-300 | tail -6
+fi
 left=$((BUDGET - SECONDS))
 if [ "$left" -gt 30 ]; then
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$left" python3 -m pytest -q -n 12 \
