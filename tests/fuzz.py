@@ -139,44 +139,35 @@ def loss_fn(cfg: dict):
 
 
 def pytorch(cfg: dict, case: dict, cot: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """PyTorch's float64 loss and gradient in jaxloss's layout, with the
-    README's deliberate differences applied (None: PyTorch refuses)."""
-    import torch
-    import torch.nn.functional as F
+    """PyTorch's float64 loss and gradient in jaxloss's layout (the suite's
+    ``oracles.torch_loss_and_grad``), with the README's deliberate
+    differences applied (None: PyTorch refuses)."""
+    from oracles import nothing_to_average, to_torch_layout, torch_loss_and_grad
 
     ax, x64, c = case["ax"], case["x64"], case["c"]
-    torch_layout = (lambda a: a) if x64.ndim == 1 else (lambda a: np.moveaxis(a, ax, 1))
-    xt = torch.tensor(np.ascontiguousarray(torch_layout(x64)), requires_grad=True)
-    kw: dict[str, Any] = dict(reduction=cfg["reduction"])
-    if case["w"] is not None:
-        kw["weight"] = torch.tensor(case["w"].astype(np.float64))
-    if cfg["kind"] != "nll":
-        kw["label_smoothing"] = cfg["smoothing"]
+    t, ignore = case["t"], case["ignore"]
     if cfg["kind"] == "soft":
-        tt = torch.tensor(np.ascontiguousarray(torch_layout(case["t"].astype(np.float64))))
+        t = to_torch_layout(t, ax)
     else:
         # where=False is ignore_index; an ignore_index no label takes stands for None.
-        ignore = -7777 if case["ignore"] is None else case["ignore"]
-        t = case["t"].astype(np.int64)
+        ignore = -7777 if ignore is None else ignore
+        t = t.astype(np.int64)
         if case["where"] is not None:
             t = np.where(case["where"], t, ignore)
-        kw["ignore_index"] = ignore
-        tt = torch.tensor(t)
     try:
-        loss = (F.nll_loss if cfg["kind"] == "nll" else F.cross_entropy)(xt, tt, **kw)
+        tl, tg = torch_loss_and_grad(
+            to_torch_layout(x64, ax), t, cot, nll=cfg["kind"] == "nll", weight=case["w"],
+            ignore_index=-100 if cfg["kind"] == "soft" else ignore,
+            reduction=cfg["reduction"], label_smoothing=cfg["smoothing"],
+        )
     except (RuntimeError, ValueError):
         return None
-    loss.backward(torch.tensor(cot.astype(np.float64)).expand_as(loss).contiguous())
-    tl, tg = loss.detach().numpy(), xt.grad.numpy()
     tg = tg if x64.ndim == 1 else np.moveaxis(tg, 1, ax)
     if cfg["kind"] != "soft":
-        ignored = np.asarray(t == ignore)
         rows = np.moveaxis(tg, ax, -1).copy()
-        rows[ignored] = 0.0  # PyTorch: NaN on an ignored row of -inf
+        rows[t == ignore] = 0.0  # PyTorch: NaN on an ignored row of -inf
         tg = np.moveaxis(rows, -1, ax)
-        w = np.ones(c) if case["w"] is None else case["w"].astype(np.float64)
-        count = np.sum(np.where(ignored, 0.0, w[np.clip(t, 0, c - 1)]))
-        if cfg["reduction"] == "mean" and count == 0:
+        if cfg["reduction"] == "mean" and nothing_to_average(t, case["w"], ignore, c):
             tl, tg = np.zeros_like(tl), np.zeros_like(tg)  # a mean over nothing is 0
     return tl, tg
 

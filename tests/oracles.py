@@ -177,6 +177,15 @@ def torch_loss_and_grad(
     return loss.detach().numpy(), xt.grad.numpy()
 
 
+def nothing_to_average(t, weight, ignore_index, num_classes: int) -> bool:
+    """Whether a mean over index targets ``t`` has a denominator of 0: every
+    target ignored, or the weights of the targets all 0."""
+    t = np.asarray(t).reshape(-1).astype(np.int64)
+    valid = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
+    w = np.ones(num_classes) if weight is None else np.asarray(weight, np.float64)
+    return float(np.sum(np.where(valid, w[np.clip(t, 0, num_classes - 1)], 0.0))) == 0.0
+
+
 def float64_oracles(x64, t, axis, cot, **kw) -> list:
     """``[(loss, grad, name)]`` of PyTorch and the NumPy reference in float64
     for cross-entropy, gradients in ``x64``'s layout (``kw``: the loss's

@@ -21,6 +21,7 @@ from oracles import (
     check_soft_reduced,
     jax_loss_and_grad,
     jax_losses_and_grads,
+    nothing_to_average,
     rng_for,
     to_torch_layout,
     torch_loss_and_grad,
@@ -90,15 +91,6 @@ def jaxloss_call(fn_name, axis, reduction, *, weight=None, ignore_index=-100,
     if where is not None:
         kw["where"] = jnp.asarray(where)
     return (jaxloss.nll_loss if nll else jaxloss.cross_entropy), kw
-
-
-def nothing_to_average(t, weight, ignore_index, num_classes: int) -> bool:
-    """Whether a mean over index targets ``t`` has a denominator of 0: every
-    target ignored, or the weights of the targets all 0."""
-    t = np.asarray(t).reshape(-1).astype(np.int64)
-    valid = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
-    w = np.ones(num_classes) if weight is None else np.asarray(weight, np.float64)
-    return float(np.sum(np.where(valid, w[np.clip(t, 0, num_classes - 1)], 0.0))) == 0.0
 
 
 def check_against_oracles(
