@@ -321,7 +321,7 @@ def check_transforms(cfg: dict, rng: np.random.Generator) -> list:
         got, want = jax.jit(lambda: transform(f))(), jax.jit(lambda: transform(g))()  # noqa: B023
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             problems += compare(name, np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                rtol, 1e-6)
+                                rtol, 1e-6, GRAD_ATOL["float32"])
     xs = jnp.stack([x, x + 0.5 * v])
     batched = jax.jit(jax.vmap(jax.value_and_grad(
         lambda x, t: jnp.sum(fn(x, t, reduction=cfg["reduction"], **kw) * cot))))(
@@ -329,7 +329,7 @@ def check_transforms(cfg: dict, rng: np.random.Generator) -> list:
     for i in range(2):
         for a, b in zip(batched, jax.value_and_grad(f)(xs[i]), strict=True):
             problems += compare(f"vmap {i}", np.asarray(a[i], np.float64),
-                                np.asarray(b, np.float64), 2e-4, 1e-6)
+                                np.asarray(b, np.float64), 2e-4, 1e-6, GRAD_ATOL["float32"])
     return problems
 
 
