@@ -3358,6 +3358,10 @@ def _index_impl(
     total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
+    if nan_if_empty and reduction == "mean":
+        # PyTorch's mean over nothing is 0/0 = NaN whatever label smoothing's
+        # sum (which an infinite scale would make +inf); gradient 0.
+        total = jnp.where(jnp.isinf(scale), jnp.full((), jnp.nan, total.dtype), total)
     return total
 
 

@@ -3,7 +3,10 @@
 Code ported from PyTorch behaves identically: the class dimension is 1 (0 for
 a 1-D input), the legacy ``size_average``/``reduce`` arguments map to
 ``reduction`` exactly as PyTorch maps them (with a deprecation warning), and
-a mean over nothing (all targets ignored, empty batch) is NaN as in PyTorch.
+a mean over nothing (all targets ignored or of class weight 0, empty batch)
+is NaN as in PyTorch. Gradients are PyTorch's except where PyTorch's are NaN
+for rows that add nothing to the loss (an ignored row whose log-softmax is
+NaN, the rows of such a mean): 0 there (see the README's Semantics).
 This module holds no loss maths: it only translates arguments.
 
 Examples:

@@ -333,7 +333,99 @@ def check_transforms(cfg: dict, rng: np.random.Generator) -> list:
     return problems
 
 
-CHECKS = {"oracle": check_oracle, "invalid": check_invalid, "transforms": check_transforms}
+def compat_arguments(cfg: dict, case: dict, rng: np.random.Generator) -> tuple[dict, str]:
+    """Keyword arguments of a ``torch.nn.functional`` call (``reduction`` or
+    the legacy ``size_average``/``reduce``, sometimes both; ``ignore_index``
+    and ``label_smoothing`` when not the defaults, else half the time) and
+    the reduction that PyTorch makes of them."""
+    from torch.nn import _reduction
+
+    kw: dict[str, Any] = {}
+    if rng.random() < 0.5:
+        kw["reduction"] = cfg["reduction"]
+    else:
+        kw["size_average"], kw["reduce"] = (
+            [None, True, False][int(i)] for i in rng.integers(0, 3, 2))
+        if rng.random() < 0.3:
+            kw["reduction"] = cfg["reduction"]  # disregarded unless both are None
+    legacy = kw.get("size_average") is not None or kw.get("reduce") is not None
+    reduction = (_reduction.legacy_get_string(kw["size_average"], kw["reduce"], False)
+                 if legacy else kw.get("reduction", "mean"))
+    ignore = -100 if cfg["kind"] == "soft" or case["ignore"] is None else case["ignore"]
+    if ignore != -100 or rng.random() < 0.5:
+        kw["ignore_index"] = ignore
+    if cfg["kind"] != "nll" and (cfg["smoothing"] or rng.random() < 0.5):
+        kw["label_smoothing"] = cfg["smoothing"]
+    return kw, reduction
+
+
+def check_compat(cfg: dict, rng: np.random.Generator) -> list:
+    """``jaxloss.torch_compat`` (a function or a loss class, eager and under
+    ``jit``) against ``torch.nn.functional`` called with the same arguments,
+    in PyTorch's layout (class dim 1, or 0 for 1-D): PyTorch's behaviour
+    exactly, a mean over nothing NaN as in PyTorch."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    from oracles import nothing_to_average, torch_loss_and_grad
+
+    from jaxloss import torch_compat
+
+    shape = list(cfg["shape"])
+    c = shape.pop(cfg["axis"] % len(shape))
+    shape.insert(min(1, len(shape)), c)
+    dim = 0 if len(shape) == 1 else 1
+    case = make_case(dict(cfg, shape=tuple(shape), axis=dim, where=False), rng)
+    nll = cfg["kind"] == "nll"
+    kw, reduction = compat_arguments(cfg, case, rng)
+    cot = rng.uniform(0.5, 1.5, case["pos"] if reduction == "none" else ()).astype(np.float32)
+    legacy = {k: kw[k] for k in ("size_average", "reduce") if k in kw}
+    ignore = kw.get("ignore_index", -100)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PyTorch's on size_average/reduce
+            tl, tg = torch_loss_and_grad(
+                case["x64"], case["t"], cot, nll=nll, weight=case["w"], ignore_index=ignore,
+                reduction=kw.get("reduction", "mean"),
+                label_smoothing=kw.get("label_smoothing", 0.0), legacy=legacy)
+    except (RuntimeError, ValueError):
+        return []
+    if cfg["kind"] != "soft":
+        # The README's two gradients: 0 where PyTorch's are NaN for rows that
+        # contribute nothing (an ignored row, a mean over nothing).
+        rows = np.moveaxis(tg, dim, -1).copy()
+        rows[case["t"].astype(np.int64) == ignore] = 0.0
+        tg = np.moveaxis(rows, -1, dim)
+        if reduction == "mean" and nothing_to_average(case["t"], case["w"], ignore, c):
+            tg = np.zeros_like(tg)
+    want = tl, tg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if rng.random() < 0.3:
+            fn = (torch_compat.NLLLoss if nll else torch_compat.CrossEntropyLoss)(
+                weight=case["w"], **kw)
+        else:
+            fn = functools.partial(torch_compat.nll_loss if nll else torch_compat.cross_entropy,
+                                   weight=case["w"], **kw)
+
+        @jax.jit
+        def with_grad(x, t):
+            loss, vjp = jax.vjp(lambda x: fn(x, t), x)
+            return loss, vjp(jnp.asarray(cot))[0]
+
+        loss, grad = with_grad(case["x"], case["t"])
+        alone, eager = jax.jit(fn)(case["x"], case["t"]), fn(case["x"], case["t"])
+    as64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    d = cfg["dtype"]
+    return (compare("loss", as64(loss), want[0], LOSS_RTOL[d], 1.0)
+            + compare("loss without gradient", as64(alone), want[0], LOSS_RTOL[d], 1.0)
+            + compare("loss, eager", as64(eager), want[0], LOSS_RTOL[d], 1.0)
+            + compare("gradient", as64(grad), want[1], GRAD_RTOL[d], 1e-30, GRAD_ATOL[d]))
+
+
+CHECKS = {"oracle": check_oracle, "invalid": check_invalid, "transforms": check_transforms,
+          "compat": check_compat}
 
 
 def route_through_kernel_interpreted() -> None:

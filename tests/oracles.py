@@ -151,10 +151,12 @@ def torch_loss_and_grad(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     target_grad: bool = False,
+    legacy: dict | None = None,
 ) -> tuple:
     """PyTorch (float64) loss and input gradient; ``x`` in PyTorch's layout.
     With ``target_grad`` (probability targets) the targets' gradient too, a
-    third element."""
+    third element. ``legacy``: ``size_average``/``reduce`` passed on (PyTorch
+    then maps them to the reduction itself)."""
     xt = torch.tensor(np.ascontiguousarray(x, np.float64), requires_grad=True)
     target = np.asarray(target)
     if np.issubdtype(target.dtype, np.floating):
@@ -166,6 +168,7 @@ def torch_loss_and_grad(
         # PyTorch has no "ignore nothing"; -100 never occurs where None is tested.
         "ignore_index": -100 if ignore_index is None else int(ignore_index),
         "reduction": reduction,
+        **(legacy or {}),
     }
     if nll:
         loss = F.nll_loss(xt, tt, **kw)

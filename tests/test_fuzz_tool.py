@@ -26,9 +26,10 @@ def test_each_mode_passes_its_first_seeds(mode):
     assert failing == [], "\n".join(lines)
 
 
-def test_through_the_kernel_interpreted(kernel_everywhere):
+@pytest.mark.parametrize("mode", ["oracle", "compat"])
+def test_through_the_kernel_interpreted(kernel_everywhere, mode):
     lines = []
-    n, failing = fuzz.run("oracle", seed=100, cases=4, seconds=120, max_logits=SMALL,
+    n, failing = fuzz.run(mode, seed=100, cases=4, seconds=120, max_logits=SMALL,
                           hole_value=float("-inf"), out=lines.append)
     assert failing == [], "\n".join(lines)
     assert kernel_everywhere, "no configuration reached the kernel"

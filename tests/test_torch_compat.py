@@ -233,6 +233,48 @@ def test_all_ignored_mean_is_nan(fn, weighted):
         np.testing.assert_array_equal(g, t_g)
 
 
+@pytest.mark.parametrize("through", ["xla", "kernel"])
+@pytest.mark.parametrize("fn", ["nll", "ce", "ce_ls"])
+def test_gradients_where_pytorchs_are_nan_for_rows_that_contribute_nothing(request, fn, through):
+    """The README's two gradients that are not PyTorch's: where PyTorch's
+    gradient is NaN although the row adds nothing to the loss, torch_compat's
+    is 0, and the loss is PyTorch's (NaN included).
+
+    - a mean whose denominator is 0 although targets are counted (their
+      class weights 0): PyTorch's rows of those targets are 0/0 = NaN;
+    - cross-entropy, an ignored row whose log-softmax is NaN (every logit
+      -inf, a +inf or a NaN logit): PyTorch's 0 * NaN.
+
+    Everywhere else the gradients are equal, and PyTorch's NaNs are checked
+    to be there (this fails if either side changes). Through the XLA path
+    and the Pallas kernel (interpret mode): with the weights' zero
+    denominator the first gave +inf for the smoothed mean, the kernel
+    NaN or +-inf gradients, before both took these rules."""
+    if through == "kernel":
+        request.getfixturevalue("kernel_everywhere")
+    nll, ls = fn == "nll", 0.1 if fn == "ce_ls" else 0.0
+    compat = torch_compat.nll_loss if nll else torch_compat.cross_entropy
+    kw = {} if nll else dict(label_smoothing=ls)
+    x, _ = make(("nan-grad", fn), (4, 5, 2))
+    t = np.array([[0, 255], [1, 255], [255, 0], [1, 1]], np.int64)
+    w = np.array([0.0, 0.0, 1.0, 2.0, 0.5], np.float32)
+    bad_rows = x.copy()
+    bad_rows[0, :, 1] = -np.inf  # ignored rows: all -inf, a +inf, a NaN
+    bad_rows[1, 3, 1] = np.inf
+    bad_rows[2, 2, 0] = np.nan
+    cases = [(x, "mean", w)]  # counted targets all of weight 0
+    if not nll:  # NLL's gradient does not read the ignored rows
+        cases += [(bad_rows, r, None) for r in REDUCTIONS] + [(bad_rows, "mean", w[::-1])]
+    for xi, reduction, wi in cases:
+        args = dict(weight=wi, ignore_index=255, reduction=reduction)
+        cot = np.full((4, 2), 0.5) if reduction == "none" else 1.0
+        want, t_g = torch_loss_and_grad(xi, t, cot, nll=nll, **args, **kw)
+        got, g = compat_loss_and_grad(compat, xi, t, cot, **args, **kw)
+        assert_close(got, want, LOSS_TOL["float32"], f"{reduction} {wi}")  # NaN == NaN
+        assert np.isnan(t_g).any(), (reduction, wi)
+        assert_close(g, np.where(np.isnan(t_g), 0.0, t_g), GRAD_TOL["float32"])
+
+
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4)], ids=str)
 def test_empty_batch_mean_is_nan(shape, soft):
