@@ -379,6 +379,14 @@ def check_compat(cfg: dict, rng: np.random.Generator) -> list:
     case = make_case(dict(cfg, shape=tuple(shape), axis=dim, where=False), rng)
     nll = cfg["kind"] == "nll"
     kw, reduction = compat_arguments(cfg, case, rng)
+    if cfg["kind"] != "soft" and rng.random() < 0.2:
+        # A mean over nothing: the counted targets' weights 0, or all ignored.
+        t = case["t"]
+        if case["w"] is not None and rng.random() < 0.5:
+            case["w"] = case["w"].copy()
+            case["w"][np.unique(t[(t >= 0) & (t < c)].astype(np.int64))] = 0.0
+        elif case["ignore"] is not None:
+            t[...] = case["ignore"]
     cot = rng.uniform(0.5, 1.5, case["pos"] if reduction == "none" else ()).astype(np.float32)
     legacy = {k: kw[k] for k in ("size_average", "reduce") if k in kw}
     ignore = kw.get("ignore_index", -100)
