@@ -715,21 +715,27 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
     is small, over enough positions, and bfloat16 over more than 512
     optax's program, ``_soft_small_plane_applies``) equals PyTorch in
     float64 and the loss of the differentiated path, per position, weighted
-    and smoothed, channels-last and ``axis=1``. The number of positions
-    from which float32 takes optax's program is lowered to 12 here
-    (2x300x3x4 and 2x30x3x4 take it, 1x300x2x3 and 1x40x2x3 not)."""
+    and smoothed, channels-last and ``axis=1``; bfloat16 also over more
+    than 19 classes before a plane of at most 512 positions where classes
+    times plane is small (1x40x24x24, a plane of 576, keeps the max shift).
+    The number of positions from which float32 takes optax's program is
+    lowered to 12 here (2x300x3x4 and 2x30x3x4 take it, 1x300x2x3 and
+    1x40x2x3 not)."""
     from jaxloss import _losses
 
     monkeypatch.setattr(_losses, "_SOFT_SMALL_PLANE_MIN_POSITIONS", 12)
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
                         ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1),
-                        ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1), ((1, 40, 2, 3), 1)):
+                        ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1), ((1, 40, 2, 3), 1),
+                        ((1, 40, 24, 24), 1)):
         rng = rng_for("soft-forward", shape, large, str(np.dtype(dtype)))
         x, q, w = soft_case(rng, shape, axis, large, dtype)
         c = shape[axis]
         narrow = c <= 256 or c * x[0, 0].size <= 150 * 1024
         f32_plane = 24 < c and np.prod(positions(x, axis)) >= 12 and narrow
-        small_plane = axis == 1 and (f32_plane if dtype == np.float32 else c > 512)
+        plane = x[0, 0].size
+        bf16_plane = c > 512 or (c > 19 and plane <= 512 and c * plane <= 150 * 1024)
+        small_plane = axis == 1 and (f32_plane if dtype == np.float32 else bf16_plane)
         assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
         got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
@@ -747,7 +753,7 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
         if small_plane:  # a row of -inf and a +inf logit: NaN, as PyTorch's
             bad = x64.copy()
             bad[0, :, 0, 0] = -np.inf
-            bad[1, 3, 1, 1] = np.inf
+            bad[-1, 3, 1, 1] = np.inf
             got = jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(
                 bad.astype(dtype), q)
             want, _ = torch_loss_and_grad(
