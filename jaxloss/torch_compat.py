@@ -6,7 +6,8 @@ a 1-D input), the legacy ``size_average``/``reduce`` arguments map to
 a mean over nothing (all targets ignored or of class weight 0, empty batch)
 is NaN as in PyTorch. Gradients are PyTorch's except where PyTorch's are NaN
 for rows that add nothing to the loss (an ignored row whose log-softmax is
-NaN, the rows of such a mean): 0 there (see the README's Semantics).
+NaN, the rows of such a mean whose log-softmax is finite): 0 there (see the
+README's Semantics).
 This module holds no loss maths: it only translates arguments.
 
 Examples:

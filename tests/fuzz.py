@@ -138,6 +138,20 @@ def loss_fn(cfg: dict):
     return jaxloss.nll_loss if cfg["kind"] == "nll" else jaxloss.cross_entropy
 
 
+def nothing_averaged_grad(cfg: dict, case: dict, t: np.ndarray, ignore: int) -> np.ndarray:
+    """jaxloss's gradient of a mean over nothing (the README): 0, but NaN on
+    the rows of counted targets (class weight 0) whose log-softmax is NaN (a
+    NaN or +inf logit, or every logit -inf), as PyTorch's there (0 * NaN)."""
+    ax, x64 = case["ax"], case["x64"]
+    rows = np.moveaxis(x64, ax, -1)
+    bad = np.isnan(rows).any(-1) | np.isposinf(rows).any(-1) | np.isneginf(rows).all(-1)
+    bad &= np.asarray(t).astype(np.int64) != ignore
+    if cfg["kind"] == "nll":
+        bad &= False  # NLL's gradient does not read the logits
+    grad = np.where(bad[..., None], np.nan, np.zeros(rows.shape))
+    return np.moveaxis(grad, -1, ax)
+
+
 def pytorch(cfg: dict, case: dict, cot: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """PyTorch's float64 loss and gradient in jaxloss's layout (the suite's
     ``oracles.torch_loss_and_grad``), with the README's deliberate
@@ -168,7 +182,8 @@ def pytorch(cfg: dict, case: dict, cot: np.ndarray) -> tuple[np.ndarray, np.ndar
         rows[t == ignore] = 0.0  # PyTorch: NaN on an ignored row of -inf
         tg = np.moveaxis(rows, -1, ax)
         if cfg["reduction"] == "mean" and nothing_to_average(t, case["w"], ignore, c):
-            tl, tg = np.zeros_like(tl), np.zeros_like(tg)  # a mean over nothing is 0
+            # a mean over nothing is 0
+            tl, tg = np.zeros_like(tl), nothing_averaged_grad(cfg, case, t, ignore)
     return tl, tg
 
 
@@ -406,7 +421,7 @@ def check_compat(cfg: dict, rng: np.random.Generator) -> list:
         rows[case["t"].astype(np.int64) == ignore] = 0.0
         tg = np.moveaxis(rows, -1, dim)
         if reduction == "mean" and nothing_to_average(case["t"], case["w"], ignore, c):
-            tg = np.zeros_like(tg)
+            tg = nothing_averaged_grad(cfg, case, case["t"], ignore)
     want = tl, tg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -24,6 +24,7 @@ from oracles import (
     warnings_as_errors,
 )
 
+import jaxloss
 from jaxloss import torch_compat
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -273,6 +274,25 @@ def test_gradients_where_pytorchs_are_nan_for_rows_that_contribute_nothing(reque
         assert_close(got, want, LOSS_TOL["float32"], f"{reduction} {wi}")  # NaN == NaN
         assert np.isnan(t_g).any(), (reduction, wi)
         assert_close(g, np.where(np.isnan(t_g), 0.0, t_g), GRAD_TOL["float32"])
+    if nll:
+        return
+    # A counted row of weight 0 whose log-softmax is NaN keeps its NaN
+    # gradient row (0 * NaN), in PyTorch, torch_compat and the native API
+    # (whose mean over nothing is 0); every other row 0.
+    x_nan = x.copy()
+    x_nan[3, 1, 0] = np.nan  # position (3, 0): target 1, weight 0
+    args = dict(weight=w, ignore_index=255, **kw)
+    _, t_g = torch_loss_and_grad(x_nan, t, 1.0, nll=False, reduction="mean", **args)
+    got, g = compat_loss_and_grad(compat, x_nan, t, 1.0, reduction="mean", **args)
+    native, g_native = compat_loss_and_grad(jaxloss.cross_entropy, x_nan, t, 1.0, axis=1, **args)
+    assert np.isnan(got) and float(native) == 0.0
+    nan_row = np.zeros(t_g.shape, bool)
+    nan_row[3, :, 0] = True
+    assert np.isnan(t_g[nan_row]).all()
+    for grad in (g, g_native):
+        grad = np.asarray(grad)
+        assert np.isnan(grad[nan_row]).all()
+        np.testing.assert_array_equal(grad[~nan_row], 0.0)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "prob"])
