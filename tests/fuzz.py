@@ -143,11 +143,11 @@ def nothing_averaged_grad(cfg: dict, case: dict, t: np.ndarray, ignore: int) -> 
     the rows of counted targets (class weight 0) whose log-softmax is NaN (a
     NaN or +inf logit, or every logit -inf), as PyTorch's there (0 * NaN)."""
     ax, x64 = case["ax"], case["x64"]
+    if cfg["kind"] == "nll":  # NLL's gradient does not read the logits
+        return np.zeros_like(x64)
     rows = np.moveaxis(x64, ax, -1)
     bad = np.isnan(rows).any(-1) | np.isposinf(rows).any(-1) | np.isneginf(rows).all(-1)
     bad &= np.asarray(t).astype(np.int64) != ignore
-    if cfg["kind"] == "nll":
-        bad &= False  # NLL's gradient does not read the logits
     grad = np.where(bad[..., None], np.nan, np.zeros(rows.shape))
     return np.moveaxis(grad, -1, ax)
 
