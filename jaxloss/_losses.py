@@ -1978,17 +1978,13 @@ def _fused_pass(
     scale = scale.astype(cdt)
     zero = jnp.zeros((), cdt)
     if math.prod(shape[:axis] + shape[axis + 1 :]) == 0:
-        # scale * 0: 0 for "sum" and jaxloss's mean, NaN for PyTorch's 0/0 mean.
-        return scale * zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
+        return zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
 
     # All views are reshapes of contiguous dimensions, i.e. free.
     cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
     xs = x.reshape(cut.view)
     ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)
-    # An infinite scale (torch_compat's mean over nothing, where every
-    # position is ignored) must leave their zero gradient zero, as in PyTorch.
-    scale_grad = jnp.where(jnp.isinf(scale), zero, scale)
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
@@ -2017,7 +2013,7 @@ def _fused_pass(
         if not with_grad:
             return total, g
         assert grad is not None
-        grad = scale_grad * grad
+        grad = scale * grad
         g = jax.lax.dynamic_update_slice(g, grad.astype(x.dtype), xstart)
         return total, g
 
@@ -2368,11 +2364,8 @@ def _plain_total_and_grad(
         plan = _cpu_exp_plan(x, axis, reduced=True)
         plan["scatter_target"] = _target_by_scatter(x, axis, normalize)
     s = scale.astype(_compute_dtype(x.dtype))
-    # An infinite scale (torch_compat's mean over nothing, where every
-    # position is ignored) must leave their zero gradient zero, as in PyTorch.
-    s_grad = jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s)
     loss, grad = _index_loss_and_grad(
-        x, t, valid, w, eps, normalize, axis, True, grad_scale=s_grad, **plan
+        x, t, valid, w, eps, normalize, axis, True, grad_scale=s, **plan
     )
     assert grad is not None
     total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
@@ -2793,9 +2786,8 @@ def _soft_sliced_total_and_grad(
     loss, total_w, es, s, qs = _soft_slice_terms(x, q, w, eps, axis)
     zero = jnp.zeros((), loss.dtype)
     sc = scale.astype(loss.dtype)
-    s_grad = jnp.where(jnp.isinf(sc), zero, sc)
-    inv = s_grad * total_w / s
-    gs = [e * inv - s_grad * v for e, v in zip(es, qs, strict=True)]
+    inv = sc * total_w / s
+    gs = [e * inv - sc * v for e, v in zip(es, qs, strict=True)]
     if where is not None:  # 0 where masked out, whatever the logits there
         gs = [jnp.where(where, g, zero) for g in gs]
     return _scaled_total(loss, where, scale), jnp.stack(gs, axis)
@@ -3054,10 +3046,8 @@ def _soft_plain_total_and_grad(
     if native and _soft_sliced_grad_applies(x, axis):
         return _soft_sliced_total_and_grad(x, q, where, w, scale, eps, axis)
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
-    zero = jnp.zeros((), loss.dtype)
     s = scale.astype(loss.dtype)
-    s_grad = jnp.where(jnp.isinf(s), zero, s)
-    grad = p * jnp.expand_dims(s_grad * total_w, axis) - s_grad * qw
+    grad = p * jnp.expand_dims(s * total_w, axis) - s * qw
     return _scaled_total(loss, where, scale), _masked(grad, where, axis)
 
 
@@ -3157,7 +3147,6 @@ def _soft_loop_total_and_grad(
     xs, qs = (_bf16_as_bits(v).reshape(cut.view) for v in (x, q))
     bits = xs.dtype == jnp.uint16
     ms = None if where is None else where.reshape(cut.pview)
-    scale_grad = jnp.where(jnp.isinf(scale), zero, scale)
     # The chunk without its dimensions of size 1 (a chunk of one leading
     # position ran 6-8x slower with it).
     chunk = tuple(n for k, n in enumerate(cut.chunk) if n > 1 or k == cut.cax)
@@ -3171,7 +3160,7 @@ def _soft_loop_total_and_grad(
             _bits_to_float(jax.lax.dynamic_slice(v, xstart, cut.chunk)).astype(cdt).reshape(chunk)
             for v in (xs, qs)
         )
-        loss, grad = _soft_chunk(xb, qb, w, eps, cax, scale_grad if with_grad else None)
+        loss, grad = _soft_chunk(xb, qb, w, eps, cax, scale if with_grad else None)
         keep = fresh.reshape(pchunk)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk).reshape(pchunk)
         if mb is not None:
@@ -3278,7 +3267,7 @@ def _soft_total_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> t
     if not isinstance(q_dot, SymbolicZero):
         h = _target_grad(_soft_parts(x, q, w, eps, axis)[1], w, eps, axis)
         s = scale.astype(h.dtype)
-        h = _masked(jnp.where(jnp.isinf(s), jnp.zeros((), s.dtype), s) * h, where, axis)
+        h = _masked(s * h, where, axis)
         total_dot = total_dot + jnp.sum(h * q_dot.astype(h.dtype))
     return total, total_dot
 
@@ -3317,22 +3306,30 @@ def _reduce(
 
 
 def _reduced_scale(
-    reduction: str, denominator: Any, axis_name: Any, nan_if_empty: bool, dtype: Any
-) -> Array:
-    """The factor of a reduced loss's sum, gradient stopped: 1 for "sum",
-    ``1 / denominator()`` for "mean" (summed over ``axis_name`` first)."""
+    reduction: str, denominator: Any, axis_name: Any, dtype: Any
+) -> tuple[Array, Array]:
+    """``(scale, nothing)``: the factor of a reduced loss's sum, gradient
+    stopped (1 for "sum", ``1 / denominator()`` for "mean", summed over
+    ``axis_name`` first), and whether a mean has nothing to average.
+
+    The scale of a mean over nothing (all ignored, weights all 0, an empty
+    batch) is 0, so every pass leaves the gradient 0 there; PyTorch's loss
+    there is 0/0 = NaN, which the callers set from ``nothing`` (torch_compat)
+    or leave 0 (jaxloss's own API)."""
     if reduction == "sum":
-        return jnp.ones((), dtype)
+        return jnp.ones((), dtype), jnp.zeros((), bool)
     denom = denominator()
     if axis_name is not None:
         denom = jax.lax.psum(denom, axis_name)
-    if nan_if_empty:
-        return jax.lax.stop_gradient(1 / denom)
-    # Nothing to average (all ignored, empty batch): 0 with zero gradients,
-    # not PyTorch's 0/0 = NaN.
-    nonzero = denom != 0
-    scale = jnp.where(nonzero, 1 / jnp.where(nonzero, denom, 1), jnp.zeros((), dtype))
-    return jax.lax.stop_gradient(scale)
+    nothing = denom == 0
+    scale = jnp.where(nothing, jnp.zeros((), dtype), 1 / jnp.where(nothing, 1, denom))
+    return jax.lax.stop_gradient(scale), nothing
+
+
+def _nan_if_nothing(total: Array, nothing: Array) -> Array:
+    """PyTorch's mean over nothing: 0/0 = NaN whatever the sum (label
+    smoothing's included), its gradient 0."""
+    return jnp.where(nothing, jnp.full((), jnp.nan, total.dtype), total)
 
 
 @functools.partial(
@@ -3369,21 +3366,16 @@ def _index_impl(
     # "mean"/"sum": the chunked pass, with the mean's 1/denominator folded in
     # so that the gradient it writes needs no rescaling.
     cdt = _compute_dtype(x.dtype)
-    scale = _reduced_scale(
+    scale, nothing = _reduced_scale(
         reduction,
         lambda: _weight_count(t, where, w, ignore_index, x.shape[axis], cdt),
         axis_name,
-        nan_if_empty,
         cdt,
     )
     total = _index_total(x, t, where, w, scale, ignore_index, eps, normalize, axis, pallas)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
-    if nan_if_empty and reduction == "mean":
-        # PyTorch's mean over nothing is 0/0 = NaN whatever label smoothing's
-        # sum (which an infinite scale would make +inf); gradient 0.
-        total = jnp.where(jnp.isinf(scale), jnp.full((), jnp.nan, total.dtype), total)
-    return total
+    return _nan_if_nothing(total, nothing) if nan_if_empty else total
 
 
 @functools.partial(
@@ -3410,17 +3402,16 @@ def _soft_impl(
     # 1/denominator folded in (as _index_impl).
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
     n = math.prod(x.shape) // x.shape[axis]
-    scale = _reduced_scale(
+    scale, nothing = _reduced_scale(
         reduction,
         lambda: jnp.asarray(n, cdt) if where is None else jnp.sum(where, dtype=cdt),
         axis_name,
-        nan_if_empty,
         cdt,
     )
     total = _soft_total(x, q, where, w, scale, eps, axis)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
-    return total
+    return _nan_if_nothing(total, nothing) if nan_if_empty else total
 
 
 def _loss(

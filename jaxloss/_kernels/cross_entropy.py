@@ -456,10 +456,7 @@ def cross_entropy_pallas(
     else:
         wtv = jnp.zeros((1,), f32)
     iv = jnp.ones((1,), jnp.int32)
-    # The gradient's scale: an infinite one (torch_compat's mean over nothing)
-    # leaves the gradient 0, as _fused_pass does.
     sv = jnp.reshape(scale.astype(f32), (1,))
-    sv = jnp.where(jnp.isinf(sv), jnp.zeros((), f32), sv)
     # Inside shard_map (check_vma) the outputs must say which mesh axes they
     # vary over: those of the logits (the caller casts every operand alike).
     typeof = getattr(jax, "typeof", None)
