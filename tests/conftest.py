@@ -14,6 +14,7 @@ _flags = ["--xla_force_host_platform_device_count=4"]
 # HLO programs (fusion, buffers, temporaries), compiled about 40% faster,
 # which is most of the suite's time. Keep LLVM's default level with
 #   JAXLOSS_TEST_FULL_OPT=1 python -m pytest -n 2 -q
+# (benchmarks/gpu_session.sh does, on a GPU: level 0 is measured on XLA:CPU only).
 if os.environ.get("JAXLOSS_TEST_FULL_OPT", "").strip() in ("", "0"):
     _flags.append("--xla_backend_optimization_level=0")
 for _flag in _flags:
