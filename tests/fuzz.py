@@ -152,6 +152,23 @@ def nothing_averaged_grad(cfg: dict, case: dict, t: np.ndarray, ignore: int) -> 
     return np.moveaxis(grad, -1, ax)
 
 
+def readme_grad(cfg: dict, case: dict, t: np.ndarray, ignore: int, reduction: str,
+                tg: np.ndarray) -> np.ndarray:
+    """PyTorch's gradient ``tg`` of index targets ``t`` (the class axis
+    ``case["ax"]``) with the README's deliberate differences: 0 on ignored
+    rows (PyTorch: NaN on an ignored row of -inf), and a mean over nothing's
+    gradient (:func:`nothing_averaged_grad`)."""
+    from oracles import nothing_to_average
+
+    ax, t = case["ax"], np.asarray(t).astype(np.int64)
+    rows = np.moveaxis(tg, ax, -1).copy()
+    rows[t == ignore] = 0.0
+    tg = np.moveaxis(rows, -1, ax)
+    if reduction == "mean" and nothing_to_average(t, case["w"], ignore, case["c"]):
+        tg = nothing_averaged_grad(cfg, case, t, ignore)
+    return tg
+
+
 def pytorch(cfg: dict, case: dict, cot: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """PyTorch's float64 loss and gradient in jaxloss's layout (the suite's
     ``oracles.torch_loss_and_grad``), with the README's deliberate
@@ -178,12 +195,9 @@ def pytorch(cfg: dict, case: dict, cot: np.ndarray) -> tuple[np.ndarray, np.ndar
         return None
     tg = tg if x64.ndim == 1 else np.moveaxis(tg, 1, ax)
     if cfg["kind"] != "soft":
-        rows = np.moveaxis(tg, ax, -1).copy()
-        rows[t == ignore] = 0.0  # PyTorch: NaN on an ignored row of -inf
-        tg = np.moveaxis(rows, -1, ax)
+        tg = readme_grad(cfg, case, t, ignore, cfg["reduction"], tg)
         if cfg["reduction"] == "mean" and nothing_to_average(t, case["w"], ignore, c):
-            # a mean over nothing is 0
-            tl, tg = np.zeros_like(tl), nothing_averaged_grad(cfg, case, t, ignore)
+            tl = np.zeros_like(tl)  # a mean over nothing is 0
     return tl, tg
 
 
@@ -383,7 +397,7 @@ def check_compat(cfg: dict, rng: np.random.Generator) -> list:
 
     import jax
     import jax.numpy as jnp
-    from oracles import nothing_to_average, torch_loss_and_grad
+    from oracles import torch_loss_and_grad
 
     from jaxloss import torch_compat
 
@@ -414,14 +428,8 @@ def check_compat(cfg: dict, rng: np.random.Generator) -> list:
                 label_smoothing=kw.get("label_smoothing", 0.0), legacy=legacy)
     except (RuntimeError, ValueError):
         return []
-    if cfg["kind"] != "soft":
-        # The README's two gradients: 0 where PyTorch's are NaN for rows that
-        # contribute nothing (an ignored row, a mean over nothing).
-        rows = np.moveaxis(tg, dim, -1).copy()
-        rows[case["t"].astype(np.int64) == ignore] = 0.0
-        tg = np.moveaxis(rows, -1, dim)
-        if reduction == "mean" and nothing_to_average(case["t"], case["w"], ignore, c):
-            tg = nothing_averaged_grad(cfg, case, case["t"], ignore)
+    if cfg["kind"] != "soft":  # case["ax"] is dim
+        tg = readme_grad(cfg, case, case["t"], ignore, reduction, tg)
     want = tl, tg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
