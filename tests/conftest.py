@@ -8,7 +8,10 @@ small on XLA:CPU (``_losses._CPU_SMALL_ELEMENTS``, see below).
 """
 
 import os
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+LLVM_LEVEL_FLAG = "--xla_backend_optimization_level"
 _flags = ["--xla_force_host_platform_device_count=4"]
 # XLA compiles the suite's programs with LLVM's optimisation level 0: the same
 # HLO programs (fusion, buffers, temporaries), compiled about 40% faster,
@@ -16,11 +19,23 @@ _flags = ["--xla_force_host_platform_device_count=4"]
 #   JAXLOSS_TEST_FULL_OPT=1 python -m pytest -n 2 -q
 # (benchmarks/gpu_session.sh does, on a GPU: level 0 is measured on XLA:CPU only).
 if os.environ.get("JAXLOSS_TEST_FULL_OPT", "").strip() in ("", "0"):
-    _flags.append("--xla_backend_optimization_level=0")
+    _flags.append(f"{LLVM_LEVEL_FLAG}=0")
 for _flag in _flags:
     _name = _flag.split("=")[0]
     if _name not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def default_level_env() -> dict:
+    """This process's environment for a fresh Python process that compiles
+    at XLA's default LLVM level (the suite's level flag taken out of
+    ``XLA_FLAGS``) and imports this tree's ``jaxloss``."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(LLVM_LEVEL_FLAG)]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
 
 import jax  # noqa: E402
 

@@ -5,7 +5,7 @@ level 0, which the suite compiles at, leaves XLA's programs as they are."""
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import set_core_constant, sync_traces
+from conftest import default_level_env, set_core_constant, sync_traces
 
 from jaxloss import _losses
 
@@ -94,18 +94,15 @@ def test_llvm_level_0_compiles_the_same_programs():
     buffers, so the temporaries) are those of its default level, checked
     on index and probability targets, float32 and bfloat16, both layouts."""
     import json
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    level = "--xla_backend_optimization_level"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if level not in f)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", _PROGRAMS], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _PROGRAMS],
+        env=default_level_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     at_default = json.loads(proc.stdout.strip().splitlines()[-1])

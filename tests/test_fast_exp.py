@@ -11,7 +11,6 @@ derivatives, and that the compiled fwd+bwd steps really take it (no
 it are checked against PyTorch and NumPy by the rest of the suite.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import default_level_env
 from oracles import rng_for
 
 import jaxloss
 from jaxloss import _losses
 
-ROOT = Path(__file__).resolve().parents[1]
 ULP = 2.0**-24  # float32's unit roundoff
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_TINY = float(np.finfo(np.float32).tiny)
@@ -42,19 +41,16 @@ from jaxloss import _losses
 v = np.load(sys.argv[1])
 np.save(sys.argv[2], np.asarray(jax.jit(_losses._poly_exp)(v)))
 """
-_LEVEL_FLAG = "--xla_backend_optimization_level"
 
 
 def _exp_at_default_level(v: np.ndarray, tmp: Path) -> np.ndarray:
     """``_poly_exp(v)`` compiled at XLA:CPU's default LLVM level."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_LEVEL_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     src, out = tmp / "v.npy", tmp / "exp.npy"
     np.save(src, v)
     cmd = [sys.executable, "-c", _AT_DEFAULT_LEVEL, str(src), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=default_level_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out)
 
