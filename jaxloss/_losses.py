@@ -3283,31 +3283,6 @@ _soft_total.defjvp(_soft_total_jvp, symbolic_zeros=True)
 # ---------------------------------------------------------------------------
 
 
-def _reduce(
-    loss: Array,
-    count: Array,
-    reduction: str,
-    axis_name: Any,
-    nan_if_empty: bool,
-) -> Array:
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if axis_name is not None:
-        total = jax.lax.psum(total, axis_name)
-    if reduction == "sum":
-        return total
-    denom = jnp.sum(count)
-    if axis_name is not None:
-        denom = jax.lax.psum(denom, axis_name)
-    if nan_if_empty:
-        return total / denom
-    # Nothing to average (all ignored, empty batch): 0 with zero gradients,
-    # not PyTorch's 0/0 = NaN. The inner where keeps the gradient finite.
-    nonzero = denom != 0
-    return jnp.where(nonzero, total / jnp.where(nonzero, denom, 1), jnp.zeros_like(total))
-
-
 def _reduced_scale(
     reduction: str, denominator: Any, axis_name: Any, dtype: Any
 ) -> tuple[Array, Array]:
@@ -3396,13 +3371,9 @@ def _soft_impl(
     axis_name: Any,
     nan_if_empty: bool,
 ) -> Array:
-    if reduction == "none" or not (_soft_fused_applies(x, axis) or _soft_loop_applies(x, axis)):
+    if reduction == "none":
         # 0 where masked out, and its gradient there, whatever the logits.
-        loss = _soft_loss(x, q, w, where, eps, axis)
-        count = jnp.ones(loss.shape, loss.dtype) if where is None else where.astype(loss.dtype)
-        return _reduce(loss, count, reduction, axis_name, nan_if_empty)
-    # "mean"/"sum": the gradient formed in the loss's pass, the mean's
-    # 1/denominator folded in (as _index_impl).
+        return _soft_loss(x, q, w, where, eps, axis)
     cdt = _compute_dtype(jnp.promote_types(x.dtype, q.dtype))
     n = math.prod(x.shape) // x.shape[axis]
     scale, nothing = _reduced_scale(
@@ -3411,7 +3382,12 @@ def _soft_impl(
         axis_name,
         cdt,
     )
-    total = _soft_total(x, q, where, w, scale, eps, axis)
+    if _soft_fused_applies(x, axis) or _soft_loop_applies(x, axis):
+        # The gradient formed in the loss's pass, the mean's 1/denominator
+        # folded in (as _index_impl).
+        total = _soft_total(x, q, where, w, scale, eps, axis)
+    else:  # the derivative of _soft_loss (0 where masked out, as above)
+        total = _scaled_total(_soft_loss(x, q, w, where, eps, axis), None, scale)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     return _nan_if_nothing(total, nothing) if nan_if_empty else total
