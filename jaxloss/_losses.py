@@ -2371,8 +2371,7 @@ def _plain_total_and_grad(
         x, t, valid, w, eps, normalize, axis, True, grad_scale=s, **plan
     )
     assert grad is not None
-    total = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), loss.dtype))
-    return total, grad
+    return _scaled_total(loss, None, s), grad
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
