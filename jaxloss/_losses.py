@@ -2024,7 +2024,7 @@ def _fused_pass(
     carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, grad0))
     total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
     # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
-    total = jnp.where(scale != 0, scale * total, zero)
+    total = _scaled(total, scale)
     if not with_grad:
         return total, None
     return total, g.reshape(shape)
@@ -2108,8 +2108,7 @@ def _pass(
                 return jnp.sum(loss[0])
 
             total = functools.reduce(jnp.add, _by_parts(loss_sum, False, x, axis, t, where))
-            s = scale.astype(total.dtype)
-            return jnp.where(s != 0, s * total, jnp.zeros((), total.dtype)), None
+            return _scaled(total, scale), None
         total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
         return total, _to_dtype(grad, x.dtype)
 
@@ -3178,7 +3177,7 @@ def _soft_loop_total_and_grad(
     grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, xs.dtype)
     carry = tuple(_varying_like(v, xs, qs, ms, w, scale) for v in (zero, grad0))
     total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
-    total = jnp.where(scale != 0, scale * total, zero)
+    total = _scaled(total, scale)
     if not with_grad:
         return total, None
     g = jax.lax.bitcast_convert_type(g, jnp.bfloat16) if bits else g
@@ -3196,12 +3195,18 @@ def _bits_to_float(v: Array) -> Array:
 
 
 def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:
-    """``scale * sum(loss)`` over the positions ``where`` keeps (0 when
-    ``scale`` is 0, whatever the sum)."""
-    zero = jnp.zeros((), loss.dtype)
-    loss = _masked(loss, where)
-    s = scale.astype(loss.dtype)
-    return jnp.where(s != 0, s * jnp.sum(loss), zero)
+    """``scale * sum(loss)`` over the positions ``where`` keeps, by
+    :func:`_scaled`."""
+    return _scaled(jnp.sum(_masked(loss, where)), scale)
+
+
+def _scaled(total: Array, scale: Array) -> Array:
+    """``scale * total`` for a summed loss ``total``, 0 when ``scale`` is 0
+    whatever the sum (a mean over nothing: 0 even where a bad label made the
+    sum NaN; torch_compat's NaN is set apart, :func:`_nan_if_nothing`). Every
+    reduced loss is scaled here, the kernel's too."""
+    s = scale.astype(total.dtype)
+    return jnp.where(s != 0, s * total, jnp.zeros((), total.dtype))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))

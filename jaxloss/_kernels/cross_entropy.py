@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxloss._losses import _scaled
+
 Array = jax.Array
 
 # Rows of up to this many classes are held on chip whole (single read).
@@ -500,7 +502,6 @@ def cross_entropy_pallas(
     if per_position:
         loss = loss.reshape(t.shape)
     else:
-        s = scale.astype(f32)
-        loss = jnp.where(s != 0, s * jnp.sum(loss), jnp.zeros((), f32))
+        loss = _scaled(jnp.sum(loss), scale)
     grad = outs[1].reshape(shape) if with_grad else None
     return loss, grad
