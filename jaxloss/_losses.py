@@ -647,9 +647,10 @@ def _index_loss_and_grad(
     :func:`_index_loss_jvp`). ``grad_scale``, if given, multiplies the
     gradient (in the class slices' form before their stacking, which a
     consumer of one class then reads without the stacked array: see
-    :func:`_to_dtype`). ``scatter_target``: the gradient's ``-b [c == t]``
-    term is added at each row's target by a scatter after the elementwise
-    pass, not selected in it (see :func:`_target_by_scatter`).
+    :func:`_to_dtype`); a scalar or one factor per position.
+    ``scatter_target``: the gradient's ``-b [c == t]`` term is added at each
+    row's target by a scatter after the elementwise pass, not selected in it
+    (see :func:`_target_by_scatter`).
     """
     by_target = normalize and share_exp and target_shift and stats is None
     by_group = (
@@ -734,8 +735,12 @@ def _index_loss_and_grad(
     is_t = iota == t_keep
     b_t = (1.0 - eps) * (jnp.ones((), cdt) if w is None else w_t)
     # With the target's term scattered, the scale goes into the per-position
-    # and per-class factors: no elementwise pass after the scatter.
-    fold = scatter_target and grad_scale is not None
+    # and per-class factors: no elementwise pass after the scatter. So does
+    # a scale per position (one per example, _batch_folded): the elementwise
+    # pass then reads no more per-position operands than with a scalar.
+    fold = grad_scale is not None and (scatter_target or jnp.ndim(grad_scale) > 0)
+    # The target's term in the elementwise pass, scaled there where folded.
+    b_in_pass = b_t if scatter_target or not fold else grad_scale * b_t
     if normalize:
         # dl/dx_c = a p_c - b [c == t] - eps / C * w_c with per-position a
         # and b: few per-position operands for the elementwise pass (on
@@ -777,11 +782,14 @@ def _index_loss_and_grad(
                 q = exp(grad_x - (m + log_s))
         grad = q * along(a_t)
         if not scatter_target:
-            grad = grad - jnp.where(is_t, along(b_t), zero)
+            grad = grad - jnp.where(is_t, along(b_in_pass), zero)
         if eps > 0.0:
-            grad = grad - eps_c * (1.0 if w is None else wb)
+            grad = grad - along(eps_c) * (1.0 if w is None else wb)
     else:
-        at_t = jnp.zeros(x.shape, cdt) if scatter_target else jnp.where(is_t, -along(b_t), zero)
+        if scatter_target:
+            at_t = jnp.zeros(x.shape, cdt)
+        else:
+            at_t = jnp.where(is_t, -along(b_in_pass), zero)
         grad = jnp.where(along(in_range), at_t, nan)
     if not by_group and _select_by_iota(x.shape, axis, x.dtype):
         keep = iota < along(jnp.where(valid, num_classes, 0))
@@ -791,7 +799,7 @@ def _index_loss_and_grad(
     if scatter_target:
         minus_b = -jnp.where(valid, b_t, zero)
         grad = _add_at_target(grad, t_safe, grad_scale * minus_b if fold else minus_b, axis)
-    return loss, grad if grad_scale is None or fold else grad_scale * grad
+    return loss, grad if grad_scale is None or fold else along(grad_scale) * grad
 
 
 def _add_at_target(grad: Array, t: Array, v: Array, axis: int) -> Array:
@@ -1428,6 +1436,125 @@ def _joined(values: list, shape: tuple[int, ...]) -> Array:
     return values[0] if len(values) == 1 else jnp.concatenate(values).reshape(shape)
 
 
+def _xla_losses(
+    x: Array,
+    t: Array,
+    valid: Array,
+    w: Array | None,
+    eps: float,
+    normalize: bool,
+    axis: int,
+    with_grad: bool,
+    reduced: bool = False,
+    grad_scale: Array | None = None,
+) -> tuple[Array, Array | None]:
+    """The XLA path's per-position losses (``t.shape``) and, ``with_grad``,
+    their gradients (``x.shape``, compute dtype, times ``grad_scale``, one
+    factor per position, if given): the formulation :func:`_cpu_exp_plan`
+    picks, over :func:`_by_parts`. ``reduced``: for a reduced loss, whose
+    caller converts the gradient with :func:`_to_dtype` (the plan of
+    :func:`_plain_total_and_grad`), not for ``reduction="none"``, whose
+    gradient reverse mode converts with XLA's ``convert``."""
+    if not with_grad:
+
+        def loss(x, t, valid, axis):
+            return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+
+        return _joined(_by_parts(loss, False, x, axis, t, valid), t.shape), None
+
+    def one_part(x, t, valid, scale, axis):
+        on_cpu = normalize and jax.default_backend() == "cpu"
+        plan = _cpu_exp_plan(x, axis, reduced=reduced) if on_cpu else {}
+        # Reverse mode ends the gradient's pass with XLA's convert to
+        # bfloat16 (the transpose of x_dot's upcast in _index_loss_jvp),
+        # which XLA:CPU does not vectorise: the whole pass runs scalar, where
+        # _exp's polynomial is slower than XLA's exp (1953x128x10 bfloat16
+        # fwd+bwd: 9.2-9.9 ms against 3.9-4.5).
+        xla_exp = x.dtype == jnp.bfloat16 and not reduced
+        return _index_loss_and_grad(
+            x,
+            t,
+            valid,
+            w,
+            eps,
+            normalize,
+            axis,
+            True,
+            xla_exp=xla_exp,
+            grad_scale=scale,
+            scatter_target=_target_by_scatter(x, axis, normalize),
+            **plan,
+        )
+
+    parts = _by_parts(one_part, True, x, axis, t, valid, grad_scale)
+    return _joined([v for v, _ in parts], t.shape), _joined([g for _, g in parts], x.shape)
+
+
+# ---------------------------------------------------------------------------
+# jax.vmap: the batch folded into the positions
+# ---------------------------------------------------------------------------
+
+
+def _positions(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """The position shape of logits of ``shape`` (class axis ``axis``)."""
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def _folded(
+    size: int, in_batched: Any, x: Array, axis: int, per_position: tuple[Array | None, ...]
+) -> tuple[Array, int, list[Array | None]]:
+    """Batched logits ``x`` (``(size,) + S``, class axis ``axis`` of ``S``)
+    as one batch of positions, and the per-position arrays (batched where
+    ``in_batched`` says, else broadcast) the same way: ``(size * S[0],) +
+    S[1:]`` with class axis ``axis`` (a view), or where the classes lead
+    ``S``, ``(size,) + S`` with class axis 1. Returns ``(x, axis, arrays)``."""
+    fold = axis >= 1
+    shape = (size * x.shape[1],) + x.shape[2:] if fold else x.shape
+    faxis = axis if fold else axis + 1
+    pshape = _positions(shape, faxis)
+    arrays: list[Array | None] = []
+    for v, batched in zip(per_position, in_batched, strict=True):
+        if v is not None:
+            v = v if batched else jnp.broadcast_to(v, (size,) + v.shape)
+            v = v.reshape(pshape)
+        arrays.append(v)
+    return x.reshape(shape), faxis, arrays
+
+
+def _can_fold(in_batched: Any, *args: Any) -> bool:
+    """Whether :func:`_batch_folded` folds a call ``(x, t, valid or where, w,
+    ...)``: the logits batched, the class weights not (one set per example
+    is not a per-position array)."""
+    return bool(in_batched[0]) and not in_batched[3]
+
+
+def _batch_folded(body: Any, fold: Any, can_fold: Any) -> Any:
+    """``body`` as is, but under ``jax.vmap`` computed by
+    ``fold(size, in_batched, *args)`` on the batched arguments where
+    ``can_fold(in_batched, *args)``, else by ``jax.vmap(body)``.
+
+    The XLA path picks its formulation from the logits' shape, and under
+    ``jax.vmap`` it sees one example's: a per-example loss (``vmap`` over
+    rows, images or ensemble members) took the plan of a small input for the
+    whole batch. Folded, the batch is one call on all the positions, planned
+    for its real size. Only primal computations are wrapped (the body of a
+    ``custom_jvp`` function, or a branch under one), never a function that
+    reverse mode differentiates: ``custom_vmap`` has no transpose rule.
+    """
+    f = jax.custom_batching.custom_vmap(body)
+
+    @f.def_vmap
+    def rule(axis_size: int, in_batched: Any, *args: Any) -> tuple[Any, Any]:
+        if can_fold(in_batched, *args):
+            out = fold(axis_size, in_batched, *args)
+        else:
+            in_axes = tuple(0 if b else None for b in in_batched)
+            out = jax.vmap(body, in_axes=in_axes, axis_size=axis_size)(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _index_loss(
     x: Array,
@@ -1441,13 +1568,17 @@ def _index_loss(
 ) -> Array:
     # Primal only: evaluation never pays for the gradient.
     def xla(x, t, valid, w):
-        def loss(x, t, valid, axis):
-            return _index_loss_and_grad(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
+        return _xla_losses(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
 
-        return _joined(_by_parts(loss, False, x, axis, t, valid), t.shape)
+    def fold(size, in_batched, x, t, valid, w):
+        xf, fa, (tf, vf) = _folded(size, in_batched[1:3], x, axis, (t, valid))
+        loss = _xla_losses(xf, tf, vf, w, eps, normalize, fa, with_grad=False)[0]
+        return loss.reshape((size,) + _positions(x.shape[1:], axis))
 
     def kernel(x, t, valid, w):
         return _kernel_stats_pass(x, t, valid, w, eps, axis)[0]
+
+    xla = _batch_folded(xla, fold, _can_fold)
 
     # NLL's per-position loss is a gather: no kernel for it.
     use_kernel = normalize and _kernel_applies(pallas, x)
@@ -1465,32 +1596,8 @@ def _index_loss_jvp(
     x, t, valid, w = primals
     x_dot = tangents[0]
 
-    def one_part(x, t, valid, axis):
-        on_cpu = normalize and jax.default_backend() == "cpu"
-        plan = _cpu_exp_plan(x, axis) if on_cpu else {}
-        # Reverse mode ends the gradient's pass with XLA's convert to
-        # bfloat16 (the transpose of x_dot's upcast below), which XLA:CPU
-        # does not vectorise: the whole pass runs scalar, where _exp's
-        # polynomial is slower than XLA's exp (1953x128x10 bfloat16 fwd+bwd:
-        # 9.2-9.9 ms against 3.9-4.5).
-        xla_exp = x.dtype == jnp.bfloat16
-        return _index_loss_and_grad(
-            x,
-            t,
-            valid,
-            w,
-            eps,
-            normalize,
-            axis,
-            True,
-            xla_exp=xla_exp,
-            scatter_target=_target_by_scatter(x, axis, normalize),
-            **plan,
-        )
-
     def xla(x, t, valid, w):
-        parts = _by_parts(one_part, True, x, axis, t, valid)
-        return _joined([v for v, _ in parts], t.shape), _joined([g for _, g in parts], x.shape)
+        return _xla_losses(x, t, valid, w, eps, normalize, axis, with_grad=True)
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
@@ -2112,6 +2219,38 @@ def _pass(
         total, grad = _plain_total_and_grad(x, t, where, w, scale, **config)
         return total, _to_dtype(grad, x.dtype)
 
+    def fold(size, in_batched, x, t, where, w, scale):
+        # One scale and one total per example: the per-position losses (and
+        # gradients) of all the positions, then each example's sum (scaled).
+        xf, fa, (tf, wf) = _folded(size, in_batched[1:3], x, axis, (t, where))
+        valid = _valid_mask(tf, wf, ignore_index)
+        s = scale if in_batched[4] else jnp.broadcast_to(scale, (size,))
+        s = s.astype(_compute_dtype(x.dtype))
+        # Each example's scale at its positions, for the gradient's pass.
+        s_pos = jnp.broadcast_to(s[:, None], (size, valid.size // max(size, 1)))
+        s_pos = s_pos.reshape(valid.shape) if with_grad else None
+        loss, grad = _xla_losses(
+            xf, tf, valid, w, eps, normalize, fa, with_grad, reduced=True, grad_scale=s_pos
+        )
+        total = _scaled(jnp.sum(loss.reshape(size, -1), axis=1), s)
+        if grad is None:
+            return total, None
+        grad = _to_dtype(grad, x.dtype)
+        if grad.shape != x.shape:
+            # Materialised in the folded shape, then viewed: fused into the
+            # gradient's pass, the reshape gave it an output buffer of its
+            # own (the exponentials' could not be rewritten in place), a
+            # temporary the size of the logits.
+            grad = _whole(grad, jnp.isnan(jnp.sum(total)))
+        return total, grad.reshape(x.shape)
+
+    def can_fold(in_batched, x, *args):
+        # The chunked loop (large inputs on XLA:CPU, and every other
+        # platform's XLA path) sums inside its loop: vmapped as it is.
+        return _can_fold(in_batched) and not _loop_writes_grad(x)
+
+    xla = _batch_folded(xla, fold, can_fold)
+
     def kernel(x, t, where, w, scale):
         from jaxloss._kernels.cross_entropy import cross_entropy_pallas
 
@@ -2407,10 +2546,10 @@ def _index_total_jvp(
     # reverse mode transposes dl = sum(g * dx) into dx = g * ct. For
     # jax.grad of the loss ct is 1 and XLA returns g's buffer as is. Only
     # the logits are differentiated (weights and scale are constants).
-    if pallas or _loop_writes_grad(primals[0]):
-        total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
-    else:
-        total, grad = _plain_total_and_grad(*primals, ignore_index, eps, normalize, axis)
+    # Always through _fused_total_and_grad (its primal body is _pass, the
+    # kernel's or XLA's), also where that is _plain_total_and_grad: only a
+    # primal body is folded under jax.vmap (_batch_folded).
+    total, grad = _fused_total_and_grad(*primals, ignore_index, eps, normalize, axis, pallas)
     cdt = total.dtype
     return total, jnp.sum(grad.astype(cdt) * tangents[0].astype(cdt))
 

@@ -216,3 +216,16 @@ def test_mosaic_probe_lowers_and_its_prototypes_match_numpy(tmp_path, monkeypatc
         assert "error" not in entry, entry
         assert entry["loss_rel"] < 1e-6 and entry["grad_maxabs"] < 1e-6, entry
         assert set(entry["ms_p50"]) == {"prototype", "jaxloss", "copy"}
+
+
+def test_vmap_bench_runs_and_agrees_with_optax(tmp_path):
+    """``vmap_bench.py``: per-example losses and gradients under ``jax.vmap``,
+    jaxloss against optax (index and probability targets)."""
+    import vmap_bench
+
+    for soft in ([], ["--soft"]):
+        rows = vmap_bench.run(vmap_bench.parse_args(["--reps", "1", "--cases", "seqs", *soft]))
+        ours = [r for r in rows if r["impl"] == "jaxloss" and r["mode"] == "fwdbwd"]
+        assert len(ours) == 1, rows
+        assert ours[0]["loss_diff_vs_optax"] < 1e-5
+        assert ours[0]["grad_maxdiff_vs_optax"] < 1e-7

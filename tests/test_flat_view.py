@@ -144,9 +144,8 @@ def test_no_full_size_temporary():
 
 @pytest.mark.parametrize("pallas", [True, False])
 def test_second_order_and_vmap(pallas):
-    """Through ``_fused_total_and_grad`` (the kernel's switch on, XLA on CPU)
-    and, with it off, through ``_index_total``'s rule, where reverse mode
-    differentiates ``_whole`` itself."""
+    """Through ``_fused_total_and_grad``, the kernel's switch on and off (XLA
+    on CPU either way)."""
     if pallas:
         _second_order_and_vmap()
         return
@@ -182,7 +181,10 @@ def _second_order_and_vmap():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     hv = jax.grad(lambda v: jnp.vdot(jax.grad(f)(v), dx))(xj)  # reverse over reverse
     np.testing.assert_allclose(hv, want, rtol=1e-4, atol=1e-7)
+    # Under vmap the batch is folded into the positions (test_vmap_fold.py),
+    # a formulation of its own: as close to float64 as one example's (6.5e-9
+    # of gradients up to 0.1 either way), not bit for bit the same.
     xs = jnp.stack([xj, 2 * xj])
     np.testing.assert_allclose(
-        jax.vmap(jax.grad(f))(xs)[1], jax.grad(f)(2 * xj), rtol=1e-6, atol=1e-9
+        jax.vmap(jax.grad(f))(xs)[1], jax.grad(f)(2 * xj), rtol=1e-6, atol=1e-8
     )

@@ -1,0 +1,278 @@
+"""``jax.vmap`` of the losses: the batch folded into one call over all the
+positions (``_losses._batch_folded``), so that the XLA path is planned for
+the batch's size, not one example's. Per-example losses and gradients
+against PyTorch and the NumPy reference (float64), against a Python loop,
+the fallbacks where the batch cannot be folded, and other transforms over
+the vmapped loss."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from oracles import nothing_to_average, rng_for, to_torch_layout, torch_loss_and_grad
+
+import jaxloss
+from jaxloss import _losses
+
+W = np.array([0.5, 2.0, 1.0, 1.5, 0.25, 3.0, 1.25], np.float32)
+# (function, jaxloss keywords, reference keywords)
+CONFIGS = {
+    "ce": (jaxloss.cross_entropy, {}, {}),
+    "ce_w_ls_ign": (
+        jaxloss.cross_entropy,
+        {"weight": W, "label_smoothing": 0.2, "ignore_index": 255},
+        {"weight": W.astype(np.float64), "label_smoothing": 0.2, "ignore_index": 255},
+    ),
+    "nll_w_ign": (
+        jaxloss.nll_loss,
+        {"weight": W, "ignore_index": 255},
+        {"weight": W.astype(np.float64), "ignore_index": 255, "normalize": False},
+    ),
+}
+# One example's logits (7 classes) and class axis: a row, rows, a channels-last
+# map, a class-first map (PyTorch's unbatched (C, d1, d2)), classes between.
+EXAMPLES = {
+    "row": ((7,), 0),
+    "rows": ((5, 7), 1),
+    "map_last": ((3, 4, 7), 2),
+    "map_first": ((7, 3, 4), 0),
+    "between": ((2, 7, 3), 1),
+}
+REDUCTIONS = ("mean", "sum", "none")
+B = 3
+
+
+def batch(key, example, ignore_index=255, dtype=np.float32):
+    """``B`` examples of ``example``'s shape: logits, labels (about a quarter
+    set to ``ignore_index``), the class axis of one example."""
+    shape, axis = EXAMPLES[example]
+    rng = rng_for(*key)
+    x = (2.0 * rng.standard_normal((B,) + shape)).astype(dtype)
+    pos = (B,) + shape[:axis] + shape[axis + 1 :]
+    t = rng.integers(0, shape[axis], pos)
+    t = np.where(rng.random(pos) < 0.25, ignore_index, t).astype(np.int32)
+    t.reshape(B, -1)[:, 0] = 1  # every example has a label to average
+    return x, t, axis
+
+
+def oracles(config, x, t, axis, reduction, cot):
+    """Per-example ``[(loss, grad, name)]`` of PyTorch and the reference, the
+    gradient that of ``sum(loss * cot)``; PyTorch only where its mean has a
+    denominator (else it gives NaN where jaxloss gives 0)."""
+    fn, _, ref_kw = CONFIGS[config]
+    nll = fn is jaxloss.nll_loss
+    out = []
+    for i in range(B):
+        rl, rg = reference.loss_and_grad(
+            x[i], t[i], axis=axis, reduction=reduction, cotangent=cot[i], **ref_kw
+        )
+        out.append([(rl, rg, "numpy")])
+        kw = {k: v for k, v in ref_kw.items() if k != "normalize"}
+        c = x.shape[1 + axis]
+        empty = nothing_to_average(t[i], kw.get("weight"), kw.get("ignore_index"), c)
+        if reduction == "mean" and empty:
+            continue
+        x64 = np.asarray(x[i], np.float64)
+        tl, tg = torch_loss_and_grad(
+            to_torch_layout(x64, axis), t[i], cot[i], nll=nll, reduction=reduction, **kw
+        )
+        tg = tg if x64.ndim == 1 else np.moveaxis(tg, 1, axis)
+        out[-1].append((tl, tg, "pytorch"))
+    return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("example", list(EXAMPLES))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_vmap_matches_pytorch_and_reference(config, example, reduction):
+    fn, kw, _ = CONFIGS[config]
+    key = ("vmap-fold", config, example, reduction)
+    x, t, axis = batch(key, example, ignore_index=kw.get("ignore_index", -100))
+    f = functools.partial(fn, reduction=reduction, axis=axis, **kw)
+    rng = rng_for("vmap-fold-cot", config, example, reduction)
+    cot = rng.uniform(0.5, 2.0, t.shape if reduction == "none" else (B,)).astype(np.float32)
+
+    def weighted(x, t, c):
+        return jnp.sum(f(x, t) * c)
+
+    loss = jax.jit(jax.vmap(f))(x, t)
+    grad = jax.jit(jax.vmap(jax.grad(weighted)))(x, t, cot)
+    for i, per_example in enumerate(oracles(config, x, t, axis, reduction, cot)):
+        for ol, og, name in per_example:
+            np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=name)
+            np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def _xla_shapes(monkeypatch) -> list:
+    """Record the logits' shape of every call of the XLA path's per-position
+    losses (``_losses._xla_losses``), with the traces cleared first."""
+    shapes = []
+    real = _losses._xla_losses
+
+    def spy(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(_losses, "_xla_losses", spy)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    return shapes
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "example, folded", [("row", (B, 7)), ("map_last", (B * 3, 4, 7)), ("map_first", (B, 7, 3, 4))]
+)
+def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction):
+    # The forward (mean/sum: a total per example; none: the losses), and
+    # vmap of the gradient for the reduced losses, see all the positions.
+    shapes = _xla_shapes(monkeypatch)
+    x, t, axis = batch(("plan", example), example)
+    f = functools.partial(jaxloss.cross_entropy, reduction=reduction, axis=axis, ignore_index=255)
+    jax.jit(jax.vmap(f))(x, t)
+    assert folded in shapes, shapes
+    if reduction != "none":
+        shapes.clear()
+        jax.jit(jax.vmap(jax.grad(f)))(x, t)
+        assert folded in shapes, shapes
+
+
+def test_vmap_folded_gradient_keeps_the_temporaries_small():
+    # Folded (B * 10 rows of 1000 classes), the gradient is written where
+    # the exponentials were, as without vmap: no temporary the size of the
+    # logits (the reshape back to the batch once cost one).
+    x = jax.ShapeDtypeStruct((64, 10, 1000), jnp.float32)
+    t = jax.ShapeDtypeStruct((64, 10), jnp.int32)
+    f = functools.partial(jaxloss.cross_entropy, ignore_index=255)
+    mem = jax.jit(jax.vmap(jax.grad(f))).lower(x, t).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 0.05 * 64 * 10 * 1000 * 4, mem.temp_size_in_bytes
+
+
+def loop(f, *args, in_axes=None):
+    in_axes = in_axes or (0,) * len(args)
+    pairs = list(zip(args, in_axes, strict=True))
+    n = next(np.shape(a)[ax] for a, ax in pairs if ax is not None)
+    take = lambda a, ax, i: a if ax is None else a[(slice(None),) * ax + (i,)]
+    return np.stack([f(*(take(a, ax, i) for a, ax in pairs)) for i in range(n)])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_fallbacks_and_broadcasts(reduction):
+    # Folded with shared labels or a shared mask; vmapped as they are where
+    # the logits are shared or each example has its own class weights; and
+    # over a batch axis that is not the first.
+    x, t, axis = batch(("fallbacks", reduction), "map_last")
+    rng = rng_for("fallbacks-where", reduction)
+    where = rng.random(t.shape) < 0.8
+    w = rng.uniform(0.5, 2.0, (B, 7)).astype(np.float32)
+    ce = functools.partial(jaxloss.cross_entropy, reduction=reduction, ignore_index=255)
+    cases = [
+        (lambda x, t: ce(x, t), (x, t[0]), (0, None)),
+        (lambda x, m: ce(x, t[0], where=m), (x, where), (0, 0)),
+        (lambda x, t: ce(x, t), (x[0], t), (None, 0)),
+        (lambda x, w: ce(x, t[0], weight=w), (x, w), (0, 0)),
+        (lambda x, t: ce(x, t), (np.moveaxis(x, 0, 2), np.moveaxis(t, 0, 2)), (2, 2)),
+    ]
+    for f, args, in_axes in cases:
+        expected = loop(f, *args, in_axes=in_axes)
+        got = jax.jit(jax.vmap(f, in_axes))(*args)
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+        g = lambda *a, f=f: jnp.sum(f(*a))
+        expected = loop(jax.grad(g), *args, in_axes=in_axes)
+        got = jax.jit(jax.vmap(jax.grad(g), in_axes))(*args)
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nested_vmap_and_transforms_over_vmap(reduction):
+    x, t, axis = batch(("nested", reduction), "rows")
+    f = functools.partial(
+        jaxloss.cross_entropy, reduction=reduction, ignore_index=255, weight=W, label_smoothing=0.1
+    )
+    per = lambda x, t: jnp.sum(f(x, t))
+    # vmap of vmap: every row an example of its own.
+    nested = jax.jit(jax.vmap(jax.vmap(per)))(x, t)
+    expected = loop(lambda a, b: loop(per, a, b), x, t)
+    np.testing.assert_allclose(nested, expected, rtol=2e-6, atol=1e-6)
+    # Reverse mode, forward mode and second order over a vmapped loss.
+    total = lambda x: jnp.sum(jax.vmap(per)(x, t))
+    looped = lambda x: sum(per(x[i], t[i]) for i in range(B))
+    np.testing.assert_allclose(jax.grad(total)(x), jax.grad(looped)(x), rtol=2e-6, atol=1e-6)
+    dx = rng_for("nested-dx", reduction).standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(
+        jax.jvp(total, (x,), (dx,))[1], jax.jvp(looped, (x,), (dx,))[1], rtol=2e-5, atol=1e-5
+    )
+    xs, ts = x[:, :2], t[:, :2]  # small Hessians
+    total_s = lambda x: jnp.sum(jax.vmap(per)(x, ts))
+    looped_s = lambda x: sum(per(x[i], ts[i]) for i in range(B))
+    # Forward over reverse (jax.hessian) and reverse over reverse.
+    for second in (jax.hessian, lambda fn: jax.jacrev(jax.grad(fn))):
+        np.testing.assert_allclose(second(total_s)(xs), second(looped_s)(xs), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(jax.hessian(per))(xs, ts), loop(jax.hessian(per), xs, ts), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_vmap_invalid_label_is_nan_in_its_example_only():
+    x, t, axis = batch(("invalid",), "rows")
+    t[1, 2] = 9  # out of [0, 7), not ignored
+    for reduction in ("mean", "sum"):
+        f = functools.partial(jaxloss.cross_entropy, reduction=reduction, ignore_index=255)
+        loss = np.asarray(jax.jit(jax.vmap(f))(x, t))
+        grad = np.asarray(jax.jit(jax.vmap(jax.grad(f)))(x, t))
+        assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2]]).all()
+        assert np.isnan(grad[1]).any() and np.isfinite(grad[[0, 2]]).all()
+    f = functools.partial(jaxloss.cross_entropy, reduction="none", ignore_index=255)
+    loss = np.asarray(jax.jit(jax.vmap(f))(x, t))
+    assert np.isnan(loss[1, 2]) and np.isfinite(np.delete(loss.reshape(-1), 1 * 5 + 2)).all()
+
+
+def test_vmap_bfloat16_matches_a_loop():
+    x, t, axis = batch(("bf16",), "map_last")
+    xb = jnp.asarray(x, jnp.bfloat16)
+    for reduction in REDUCTIONS:
+        f = functools.partial(
+            jaxloss.cross_entropy, reduction=reduction, ignore_index=255, weight=W
+        )
+        g = lambda x, t, f=f: jnp.sum(f(x, t))
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(jax.vmap(f))(xb, t), np.float32),
+            np.asarray(loop(f, xb, t), np.float32),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        got = np.asarray(jax.jit(jax.vmap(jax.grad(g)))(xb, t).astype(jnp.float32))
+        want = np.asarray(loop(jax.grad(g), xb, t).astype(np.float32))
+        # bfloat16 gradients: equal to within one bfloat16 rounding.
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_through_the_kernel(kernel_everywhere, reduction):
+    # As on a GPU: the kernel's branch, batched as Pallas batches it (the
+    # fold is the XLA branch's), matches a loop over the examples.
+    x, t, axis = batch(("kernel", reduction), "map_last")
+    f = functools.partial(
+        jaxloss.cross_entropy, reduction=reduction, ignore_index=255, weight=W, label_smoothing=0.1
+    )
+    g = lambda x, t: jnp.sum(f(x, t))
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, t), loop(f, x, t), rtol=2e-6, atol=1e-6)
+    got = jax.jit(jax.vmap(jax.grad(g)))(x, t)
+    np.testing.assert_allclose(got, loop(jax.grad(g), x, t), rtol=2e-6, atol=1e-6)
+    assert kernel_everywhere, "the kernel was not called"
+
+
+@pytest.mark.traces_kernel
+def test_vmap_lowers_for_cuda_with_the_kernel():
+    s = jax.ShapeDtypeStruct
+    f = functools.partial(jaxloss.cross_entropy, ignore_index=255, weight=W)
+    step = jax.jit(jax.vmap(jax.value_and_grad(f)))
+    args = (s((4, 64, 7), jnp.float32), s((4, 64), jnp.int32))
+    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
+
