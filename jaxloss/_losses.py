@@ -2658,8 +2658,26 @@ def _soft_loss(
 
     Before all that, on XLA:CPU: few classes take the class slices
     (:func:`_soft_sliced_applies`), and float32 over a strided class axis
-    before a small plane optax's own program (:func:`_soft_small_plane_applies`)."""
-    return _masked(_soft_loss_values(x, q, w, eps, axis), where)
+    before a small plane optax's own program (:func:`_soft_small_plane_applies`).
+
+    Under ``jax.vmap`` the batch is folded into the positions
+    (:func:`_batch_folded`)."""
+
+    def body(x, q, w, where):
+        return _masked(_soft_loss_values(x, q, w, eps, axis), where)
+
+    def fold(size, in_batched, x, q, w, where):
+        xf, fa, (wf,) = _folded(size, in_batched[3:], x, axis, (where,))
+        loss = _masked(_soft_loss_values(xf, q.reshape(xf.shape), w, eps, fa), wf)
+        return loss.reshape((size,) + _positions(x.shape[1:], axis))
+
+    return _batch_folded(body, fold, _can_fold_soft_loss)(x, q, w, where)
+
+
+def _can_fold_soft_loss(in_batched: Any, *args: Any) -> bool:
+    """:func:`_can_fold` for ``(x, q, w, where)``: the logits and the targets
+    batched (shared targets would be copied for every example)."""
+    return bool(in_batched[0]) and bool(in_batched[1]) and not in_batched[2]
 
 
 def _masked(v: Array, where: Array | None, axis: int | None = None) -> Array:
@@ -3177,18 +3195,29 @@ def _soft_plain_total_and_grad(
     axis: int,
     *,
     barrier: bool = True,
+    examples: int | None = None,
 ) -> tuple[Array, Array]:
     """``(scale * sum_i l_i, scale * dl/dx)`` for probability targets, the
     gradient ``A p - w q'`` in the compute dtype, 0 where ``where`` is
     False (``barrier``: on XLA:CPU by its own reductions, see
-    :func:`_soft_terms`; not when the gradient itself is differentiated)."""
+    :func:`_soft_terms`; not when the gradient itself is differentiated).
+    ``examples``: the positions are that many examples' (a batch folded
+    under ``jax.vmap``, the first position dimension its multiple), with
+    one scale each (``scale`` of shape ``(examples,)``); the totals are one
+    per example."""
     native = barrier and jax.default_backend() == "cpu"
-    if native and _soft_sliced_grad_applies(x, axis):
+    if native and examples is None and _soft_sliced_grad_applies(x, axis):
         return _soft_sliced_total_and_grad(x, q, where, w, scale, eps, axis)
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
     s = scale.astype(loss.dtype)
-    grad = p * jnp.expand_dims(s * total_w, axis) - s * qw
-    return _scaled_total(loss, where, scale), _masked(grad, where, axis)
+    if examples is None:
+        grad = p * jnp.expand_dims(s * total_w, axis) - s * qw
+        return _scaled_total(loss, where, scale), _masked(grad, where, axis)
+    s_pos = jnp.broadcast_to(s[:, None], (examples, loss.size // max(examples, 1)))
+    s_pos = s_pos.reshape(loss.shape)
+    grad = p * jnp.expand_dims(s_pos * total_w, axis) - jnp.expand_dims(s_pos, axis) * qw
+    totals = jnp.sum(_masked(loss, where).reshape(examples, -1), axis=1)
+    return _scaled(totals, s), _masked(grad, where, axis)
 
 
 # XLA:CPU, float32 and bfloat16 probability targets over a strided class axis
@@ -3366,8 +3395,26 @@ def _soft_total_and_grad(
     """
     if _soft_loop_applies(x, axis):
         return _soft_loop_total_and_grad(x, q, where, w, scale, eps, axis)
-    total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis)
-    return total, _to_dtype(grad, x.dtype)
+
+    def body(x, q, where, w, scale):
+        total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis)
+        return total, _to_dtype(grad, x.dtype)
+
+    def fold(size, in_batched, x, q, where, w, scale):
+        xf, fa, (wf,) = _folded(size, in_batched[2:3], x, axis, (where,))
+        s = scale if in_batched[4] else jnp.broadcast_to(scale, (size,))
+        total, grad = _soft_plain_total_and_grad(
+            xf, q.reshape(xf.shape), wf, w, s, eps, fa, examples=size
+        )
+        grad = _to_dtype(grad, x.dtype)
+        if grad.shape != x.shape:  # as in _pass's fold
+            grad = _whole(grad, jnp.isnan(jnp.sum(total)))
+        return total, grad.reshape(x.shape)
+
+    def can_fold(in_batched, x, q, *args):
+        return _can_fold(in_batched) and bool(in_batched[1]) and not _soft_loop_applies(x, axis)
+
+    return _batch_folded(body, fold, can_fold)(x, q, where, w, scale)
 
 
 @_soft_total_and_grad.defjvp

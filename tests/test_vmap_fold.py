@@ -276,3 +276,71 @@ def test_vmap_lowers_for_cuda_with_the_kernel():
     text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("example", ["row", "rows", "map_last", "map_first", "between"])
+def test_vmap_probability_targets_match_the_reference(example, reduction):
+    # Probability targets, class weights, label smoothing and a mask: per
+    # example against the NumPy reference (float64) and a loop; PyTorch
+    # takes no mask, so it checks the examples where the mask keeps all.
+    shape, axis = EXAMPLES[example]
+    rng = rng_for("vmap-soft", example, reduction)
+    x = (2.0 * rng.standard_normal((B,) + shape)).astype(np.float32)
+    q = np.exp(reference.log_softmax(rng.standard_normal((B,) + shape), axis=axis + 1))
+    q = q.astype(np.float32)
+    pos = (B,) + shape[:axis] + shape[axis + 1 :]
+    where = rng.random(pos) < 0.8
+    where[0] = True
+    where.reshape(B, -1)[:, 0] = True
+    cot = rng.uniform(0.5, 2.0, pos if reduction == "none" else (B,)).astype(np.float32)
+    kw = dict(weight=W, label_smoothing=0.1, axis=axis, reduction=reduction)
+    f = lambda x, q, m: jaxloss.cross_entropy(x, q, where=m, **kw)
+    g = lambda x, q, m, c: jnp.sum(f(x, q, m) * c)
+    loss = jax.jit(jax.vmap(f))(x, q, where)
+    grad = jax.jit(jax.vmap(jax.grad(g)))(x, q, where, cot)
+    np.testing.assert_allclose(loss, loop(f, x, q, where), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, loop(jax.grad(g), x, q, where, cot), rtol=2e-6, atol=1e-6)
+    ref_kw = dict(kw, weight=W.astype(np.float64))
+    for i in range(B):
+        rl, rg = reference.loss_and_grad(x[i], q[i], where=where[i], cotangent=cot[i], **ref_kw)
+        np.testing.assert_allclose(loss[i], rl, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(grad[i], rg, rtol=2e-5, atol=2e-6)
+    x64, q64 = np.asarray(x[0], np.float64), np.asarray(q[0], np.float64)
+    tl, tg = torch_loss_and_grad(
+        to_torch_layout(x64, axis),
+        to_torch_layout(q64, axis),
+        cot[0],
+        nll=False,
+        weight=W.astype(np.float64),
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
+    np.testing.assert_allclose(loss[0], tl, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        grad[0], tg if x64.ndim == 1 else np.moveaxis(tg, 1, axis), rtol=2e-5, atol=2e-6
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, reduction):
+    shapes = []
+    for name in ("_soft_loss_values", "_soft_terms"):
+        real = getattr(_losses, name)
+
+        def spy(x, *args, real=real, **kwargs):
+            shapes.append(tuple(x.shape))
+            return real(x, *args, **kwargs)
+
+        monkeypatch.setattr(_losses, name, spy)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    rng = rng_for("soft-plan", reduction)
+    x = rng.standard_normal((B, 3, 4, 7)).astype(np.float32)
+    q = np.full(x.shape, 1 / 7, np.float32)
+    f = functools.partial(jaxloss.cross_entropy, reduction=reduction)
+    jax.jit(jax.vmap(f))(x, q)
+    assert (B * 3, 4, 7) in shapes, shapes
+    if reduction != "none":
+        shapes.clear()
+        jax.jit(jax.vmap(jax.grad(f)))(x, q)
+        assert (B * 3, 4, 7) in shapes, shapes
