@@ -126,7 +126,7 @@ def _xla_shapes(monkeypatch) -> list:
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(
-    "example, folded", [("row", (B, 7)), ("map_last", (B * 3, 4, 7)), ("map_first", (B, 7, 3, 4))]
+    "example, folded", [("row", (B, 7)), ("map_last", (B, 3, 4, 7)), ("map_first", (B, 7, 3, 4))]
 )
 def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction):
     # The forward (mean/sum: a total per example; none: the losses), and
@@ -143,9 +143,9 @@ def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction)
 
 
 def test_vmap_folded_gradient_keeps_the_temporaries_small():
-    # Folded (B * 10 rows of 1000 classes), the gradient is written where
-    # the exponentials were, as without vmap: no temporary the size of the
-    # logits (the reshape back to the batch once cost one).
+    # Folded, the gradient is written where the exponentials were, as
+    # without vmap: no temporary the size of the logits (a reshape of the
+    # batch into the rows, B * 10 of them, once cost one).
     x = jax.ShapeDtypeStruct((64, 10, 1000), jnp.float32)
     t = jax.ShapeDtypeStruct((64, 10), jnp.int32)
     f = functools.partial(jaxloss.cross_entropy, ignore_index=255)
@@ -339,8 +339,8 @@ def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, reductio
     q = np.full(x.shape, 1 / 7, np.float32)
     f = functools.partial(jaxloss.cross_entropy, reduction=reduction)
     jax.jit(jax.vmap(f))(x, q)
-    assert (B * 3, 4, 7) in shapes, shapes
+    assert (B, 3, 4, 7) in shapes, shapes
     if reduction != "none":
         shapes.clear()
         jax.jit(jax.vmap(jax.grad(f)))(x, q)
-        assert (B * 3, 4, 7) in shapes, shapes
+        assert (B, 3, 4, 7) in shapes, shapes
