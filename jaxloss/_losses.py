@@ -3389,7 +3389,10 @@ def _soft_total_and_grad(
         return total, _to_dtype(grad, x.dtype)
 
     def can_fold(in_batched, x, q, *args):
-        return _can_fold(in_batched) and bool(in_batched[1]) and not _soft_loop_applies(x, axis)
+        # Not where the batch as one input takes the chunked loop (which sums
+        # inside its loop): vmapped as it is.
+        batch_loop = _soft_loop_applies(x, axis + 1)
+        return _can_fold(in_batched) and bool(in_batched[1]) and not batch_loop
 
     return _batch_folded(body, fold, can_fold)(x, q, where, w, scale)
 
