@@ -570,3 +570,27 @@ def test_probability_targets_loop_sharded_match_one_device(monkeypatch, spec):
     assert "while" in text  # the loop ran
     assert "all-gather" not in text
     _assert_each_close({"shard_map": got_shard_map, "gspmd": got_gspmd}, want)
+
+
+def test_vmap_inside_shard_map_and_over_a_sharded_batch():
+    """Per-example losses (``jax.vmap``, the batch folded into the
+    positions) of a batch sharded on 4 devices: inside ``shard_map`` and
+    under GSPMD ``jit``, each example's loss and gradient as alone."""
+    mesh = _mesh()
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((8, 3, 4, C)).astype(np.float32))
+    t = rng.integers(0, C, (8, 3, 4))
+    t = jnp.asarray(np.where(rng.random(t.shape) < 0.3, IGNORE, t).astype(np.int32))
+    q = jax.nn.softmax(jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)))
+    ce = functools.partial(jaxloss.cross_entropy, weight=WEIGHT, ignore_index=IGNORE)
+    step = jax.vmap(jax.value_and_grad(ce))
+    for y in (t, q):
+        want = [jax.value_and_grad(ce)(x[i], y[i]) for i in range(8)]
+        want = (jnp.stack([v for v, _ in want]), jnp.stack([g for _, g in want]))
+        spec = (P("data"), P("data"))
+        mapped = jax.jit(shard_map(step, mesh=mesh, in_specs=spec, out_specs=spec))(x, y)
+        sharding = NamedSharding(mesh, P("data"))
+        gspmd = jax.jit(step)(jax.device_put(x, sharding), jax.device_put(y, sharding))
+        for got in (mapped, gspmd):
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
