@@ -1549,6 +1549,25 @@ def _batch_folded(body: Any, fold: Any, can_fold: Any) -> Any:
     return f
 
 
+def _batch_folded_primal(body: Any, fold: Any, can_fold: Any) -> Any:
+    """:func:`_batch_folded` for a ``body`` that reverse mode may
+    differentiate (one called by a JVP rule, which second-order
+    differentiation differentiates): a ``custom_jvp`` whose derivative is
+    ``body``'s own, around the folding ``custom_vmap``, so no derivative ever
+    reaches the latter."""
+    folded = _batch_folded(body, fold, can_fold)
+
+    @jax.custom_jvp
+    def f(*args: Any) -> Any:
+        return folded(*args)
+
+    @f.defjvp
+    def f_jvp(primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+        return jax.jvp(body, primals, tangents)
+
+    return f
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _index_loss(
     x: Array,
@@ -1591,6 +1610,14 @@ def _index_loss_jvp(
 
     def xla(x, t, valid, w):
         return _xla_losses(x, t, valid, w, eps, normalize, axis, with_grad=True)
+
+    def fold(size, in_batched, x, t, valid, w):
+        xf, fa, (tf, vf) = _folded(size, in_batched[1:3], x, axis, (t, valid))
+        return _xla_losses(xf, tf, vf, w, eps, normalize, fa, with_grad=True)
+
+    # This rule's body is differentiated itself for second order: the fold
+    # only where it is not (_batch_folded_primal).
+    xla = _batch_folded_primal(xla, fold, _can_fold)
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
