@@ -1549,7 +1549,7 @@ def _batch_folded(body: Any, fold: Any, can_fold: Any) -> Any:
     return f
 
 
-def _batch_folded_primal(body: Any, fold: Any, can_fold: Any) -> Any:
+def _batch_folded_differentiable(body: Any, fold: Any, can_fold: Any) -> Any:
     """:func:`_batch_folded` for a ``body`` that reverse mode may
     differentiate (one called by a JVP rule, which second-order
     differentiation differentiates): a ``custom_jvp`` whose derivative is
@@ -1616,8 +1616,8 @@ def _index_loss_jvp(
         return _xla_losses(xf, tf, vf, w, eps, normalize, fa, with_grad=True)
 
     # This rule's body is differentiated itself for second order: the fold
-    # only where it is not (_batch_folded_primal).
-    xla = _batch_folded_primal(xla, fold, _can_fold)
+    # only where it is not (_batch_folded_differentiable).
+    xla = _batch_folded_differentiable(xla, fold, _can_fold)
 
     def kernel(x, t, valid, w):
         # The kernel reads the logits once for the loss and the row
