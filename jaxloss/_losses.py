@@ -1522,6 +1522,18 @@ def _can_fold(in_batched: Any, *args: Any) -> bool:
     return bool(in_batched[0]) and not in_batched[3]
 
 
+def _at_positions(s: Array, shape: tuple[int, ...]) -> Array:
+    """One value per example (``s`` of shape ``(B,)``) at each of its
+    positions (``shape``, ``(B, ...)``)."""
+    return jnp.broadcast_to(s.reshape(s.shape + (1,) * (len(shape) - 1)), shape)
+
+
+def _example_sums(v: Array) -> Array:
+    """Each example's sum of per-position values ``v`` (``(B, ...)``); an
+    empty batch included."""
+    return jnp.sum(v, axis=tuple(range(1, v.ndim)))
+
+
 def _batch_folded(body: Any, fold: Any, can_fold: Any) -> Any:
     """``body`` as is, but under ``jax.vmap`` computed by
     ``fold(size, in_batched, *args)`` on the batched arguments where
@@ -2247,12 +2259,11 @@ def _pass(
         s = scale if in_batched[4] else jnp.broadcast_to(scale, (size,))
         s = s.astype(_compute_dtype(x.dtype))
         # Each example's scale at its positions, for the gradient's pass.
-        s_pos = jnp.broadcast_to(s[:, None], (size, valid.size // max(size, 1)))
-        s_pos = s_pos.reshape(valid.shape) if with_grad else None
+        s_pos = _at_positions(s, valid.shape) if with_grad else None
         loss, grad = _xla_losses(
             xf, tf, valid, w, eps, normalize, fa, with_grad, reduced=True, grad_scale=s_pos
         )
-        total = _scaled(jnp.sum(loss.reshape(size, -1), axis=1), s)
+        total = _scaled(_example_sums(loss), s)
         return total, None if grad is None else _to_dtype(grad, x.dtype)
 
     def can_fold(in_batched, x, *args):
@@ -3222,11 +3233,9 @@ def _soft_plain_total_and_grad(
     if examples is None:
         grad = p * jnp.expand_dims(s * total_w, axis) - s * qw
         return _scaled_total(loss, where, scale), _masked(grad, where, axis)
-    s_pos = jnp.broadcast_to(s[:, None], (examples, loss.size // max(examples, 1)))
-    s_pos = s_pos.reshape(loss.shape)
+    s_pos = _at_positions(s, loss.shape)
     grad = p * jnp.expand_dims(s_pos * total_w, axis) - jnp.expand_dims(s_pos, axis) * qw
-    totals = jnp.sum(_masked(loss, where).reshape(examples, -1), axis=1)
-    return _scaled(totals, s), _masked(grad, where, axis)
+    return _scaled(_example_sums(_masked(loss, where)), s), _masked(grad, where, axis)
 
 
 # XLA:CPU, float32 and bfloat16 probability targets over a strided class axis

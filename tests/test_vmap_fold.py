@@ -343,3 +343,17 @@ def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, reductio
         shapes.clear()
         jax.jit(jax.vmap(jax.grad(f)))(x, q)
         assert (B, 3, 4, 7) in shapes, shapes
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_over_an_empty_batch(reduction):
+    # No examples: empty losses and gradients, as vmapped op by op (the
+    # fold's per-example sums once reshaped a batch of 0 with -1 and failed).
+    x = np.zeros((0, 3, 5), np.float32)
+    t = np.zeros((0, 3), np.int32)
+    q = np.full((0, 3, 5), 0.2, np.float32)
+    for y in (t, q):
+        f = functools.partial(jaxloss.cross_entropy, reduction=reduction)
+        g = lambda x, y, f=f: jnp.sum(f(x, y))
+        assert jax.jit(jax.vmap(f))(x, y).shape == ((0, 3) if reduction == "none" else (0,))
+        assert jax.jit(jax.vmap(jax.grad(g)))(x, y).shape == (0, 3, 5)
