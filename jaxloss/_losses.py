@@ -1495,24 +1495,21 @@ def _xla_losses(
 # ---------------------------------------------------------------------------
 
 
-def _folded(
-    size: int, in_batched: Any, x: Array, axis: int, per_position: tuple[Array | None, ...]
-) -> tuple[Array, int, list[Array | None]]:
-    """Batched logits ``x`` (``(size,) + S``, class axis ``axis`` of ``S``)
-    as one input whose positions are all the examples': the same array, its
-    class axis ``axis + 1``; and the per-position arrays, batched where
-    ``in_batched`` says, else broadcast. Returns ``(x, axis + 1, arrays)``.
+def _batch_broadcast(size: int, in_batched: Any, arrays: tuple) -> list[Array | None]:
+    """The per-position (or per-example) ``arrays`` of a batched call, each
+    with the batch's leading dimension of ``size``: broadcast where
+    ``in_batched`` says it has none (``None`` stays ``None``).
 
-    Not ``(size * S[0],) + S[1:]``: that view measured as fast in float32
-    and slower in bfloat16 (16 examples of 32x8000, fwd+bwd 3.5 against
-    2.5 ms), its gradient reshaped back to the batch costing a pass of its
-    own."""
-    arrays: list[Array | None] = []
-    for v, batched in zip(per_position, in_batched, strict=True):
-        if v is not None and not batched:
-            v = jnp.broadcast_to(v, (size,) + v.shape)
-        arrays.append(v)
-    return x, axis + 1, arrays
+    A fold computes the batched logits (``(size,) + S``, class axis ``axis``
+    of ``S``) as one input with class axis ``axis + 1``: the same array, its
+    positions all the examples'. Not as ``(size * S[0],) + S[1:]``: that
+    view measured as fast in float32 and slower in bfloat16 (16 examples of
+    32x8000, fwd+bwd 3.5 against 2.5 ms), its gradient reshaped back to the
+    batch costing a pass of its own."""
+    return [
+        v if v is None or batched else jnp.broadcast_to(v, (size,) + jnp.shape(v))
+        for v, batched in zip(arrays, in_batched, strict=True)
+    ]
 
 
 def _can_fold(in_batched: Any, *args: Any) -> bool:
@@ -1596,8 +1593,8 @@ def _index_loss(
         return _xla_losses(x, t, valid, w, eps, normalize, axis, with_grad=False)[0]
 
     def fold(size, in_batched, x, t, valid, w):
-        xf, fa, (tf, vf) = _folded(size, in_batched[1:3], x, axis, (t, valid))
-        return _xla_losses(xf, tf, vf, w, eps, normalize, fa, with_grad=False)[0]
+        t, valid = _batch_broadcast(size, in_batched[1:3], (t, valid))
+        return _xla_losses(x, t, valid, w, eps, normalize, axis + 1, with_grad=False)[0]
 
     def kernel(x, t, valid, w):
         return _kernel_stats_pass(x, t, valid, w, eps, axis)[0]
@@ -1624,8 +1621,8 @@ def _index_loss_jvp(
         return _xla_losses(x, t, valid, w, eps, normalize, axis, with_grad=True)
 
     def fold(size, in_batched, x, t, valid, w):
-        xf, fa, (tf, vf) = _folded(size, in_batched[1:3], x, axis, (t, valid))
-        return _xla_losses(xf, tf, vf, w, eps, normalize, fa, with_grad=True)
+        t, valid = _batch_broadcast(size, in_batched[1:3], (t, valid))
+        return _xla_losses(x, t, valid, w, eps, normalize, axis + 1, with_grad=True)
 
     # This rule's body is differentiated itself for second order: the fold
     # only where it is not (_batch_folded_differentiable).
@@ -2254,14 +2251,14 @@ def _pass(
     def fold(size, in_batched, x, t, where, w, scale):
         # One scale and one total per example: the per-position losses (and
         # gradients) of all the positions, then each example's sum (scaled).
-        xf, fa, (tf, wf) = _folded(size, in_batched[1:3], x, axis, (t, where))
-        valid = _valid_mask(tf, wf, ignore_index)
-        s = scale if in_batched[4] else jnp.broadcast_to(scale, (size,))
+        batched = (*in_batched[1:3], in_batched[4])
+        t, where, s = _batch_broadcast(size, batched, (t, where, scale))
+        valid = _valid_mask(t, where, ignore_index)
         s = s.astype(_compute_dtype(x.dtype))
         # Each example's scale at its positions, for the gradient's pass.
         s_pos = _at_positions(s, valid.shape) if with_grad else None
         loss, grad = _xla_losses(
-            xf, tf, valid, w, eps, normalize, fa, with_grad, reduced=True, grad_scale=s_pos
+            x, t, valid, w, eps, normalize, axis + 1, with_grad, reduced=True, grad_scale=s_pos
         )
         total = _scaled(_example_sums(loss), s)
         return total, None if grad is None else _to_dtype(grad, x.dtype)
@@ -2689,8 +2686,8 @@ def _soft_loss(
         return _masked(_soft_loss_values(x, q, w, eps, axis), where)
 
     def fold(size, in_batched, x, q, w, where):
-        xf, fa, (wf,) = _folded(size, in_batched[3:], x, axis, (where,))
-        return _masked(_soft_loss_values(xf, q, w, eps, fa), wf)
+        (where,) = _batch_broadcast(size, in_batched[3:], (where,))
+        return _masked(_soft_loss_values(x, q, w, eps, axis + 1), where)
 
     return _batch_folded(body, fold, _can_fold_soft_loss)(x, q, w, where)
 
@@ -3216,26 +3213,26 @@ def _soft_plain_total_and_grad(
     axis: int,
     *,
     barrier: bool = True,
-    examples: int | None = None,
 ) -> tuple[Array, Array]:
     """``(scale * sum_i l_i, scale * dl/dx)`` for probability targets, the
     gradient ``A p - w q'`` in the compute dtype, 0 where ``where`` is
     False (``barrier``: on XLA:CPU by its own reductions, see
     :func:`_soft_terms`; not when the gradient itself is differentiated).
-    ``examples``: the positions are that many examples' (a batch folded
-    under ``jax.vmap``: the first dimension), with one scale each
-    (``scale`` of shape ``(examples,)``); the totals are one per example."""
+    A ``scale`` of shape ``(B,)``: the positions are ``B`` examples' (the
+    first dimension; a batch folded under ``jax.vmap``), one scale and one
+    total each."""
     native = barrier and jax.default_backend() == "cpu"
-    if native and examples is None and _soft_sliced_grad_applies(x, axis):
+    per_example = jnp.ndim(scale) > 0
+    if native and not per_example and _soft_sliced_grad_applies(x, axis):
         return _soft_sliced_total_and_grad(x, q, where, w, scale, eps, axis)
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
     s = scale.astype(loss.dtype)
-    if examples is None:
-        grad = p * jnp.expand_dims(s * total_w, axis) - s * qw
-        return _scaled_total(loss, where, scale), _masked(grad, where, axis)
-    s_pos = _at_positions(s, loss.shape)
-    grad = p * jnp.expand_dims(s_pos * total_w, axis) - jnp.expand_dims(s_pos, axis) * qw
-    return _scaled(_example_sums(_masked(loss, where)), s), _masked(grad, where, axis)
+    s_pos = _at_positions(s, loss.shape) if per_example else s
+    s_logits = jnp.expand_dims(s_pos, axis) if per_example else s
+    grad = _masked(p * jnp.expand_dims(s_pos * total_w, axis) - s_logits * qw, where, axis)
+    if per_example:
+        return _scaled(_example_sums(_masked(loss, where)), s), grad
+    return _scaled_total(loss, where, scale), grad
 
 
 # XLA:CPU, float32 and bfloat16 probability targets over a strided class axis
@@ -3419,9 +3416,9 @@ def _soft_total_and_grad(
         return total, _to_dtype(grad, x.dtype)
 
     def fold(size, in_batched, x, q, where, w, scale):
-        xf, fa, (wf,) = _folded(size, in_batched[2:3], x, axis, (where,))
-        s = scale if in_batched[4] else jnp.broadcast_to(scale, (size,))
-        total, grad = _soft_plain_total_and_grad(xf, q, wf, w, s, eps, fa, examples=size)
+        batched = (in_batched[2], in_batched[4])
+        where, scale = _batch_broadcast(size, batched, (where, scale))
+        total, grad = _soft_plain_total_and_grad(x, q, where, w, scale, eps, axis + 1)
         return total, _to_dtype(grad, x.dtype)
 
     def can_fold(in_batched, x, q, *args):

@@ -108,17 +108,19 @@ def test_vmap_matches_pytorch_and_reference(config, example, reduction):
             np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
-def _xla_shapes(monkeypatch) -> list:
-    """Record the logits' shape of every call of the XLA path's per-position
-    losses (``_losses._xla_losses``), with the traces cleared first."""
+def _xla_shapes(monkeypatch, names=("_xla_losses",)) -> list:
+    """Record the logits' shape of every call of the XLA path's functions
+    ``names`` (by default its per-position losses, ``_losses._xla_losses``),
+    with the traces cleared first."""
     shapes = []
-    real = _losses._xla_losses
+    for name in names:
+        real = getattr(_losses, name)
 
-    def spy(x, *args, **kwargs):
-        shapes.append(tuple(x.shape))
-        return real(x, *args, **kwargs)
+        def spy(x, *args, real=real, **kwargs):
+            shapes.append(tuple(x.shape))
+            return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(_losses, "_xla_losses", spy)
+        monkeypatch.setattr(_losses, name, spy)
     _losses._index_impl.clear_cache()
     jax.clear_caches()
     return shapes
@@ -322,17 +324,7 @@ def test_vmap_probability_targets_match_the_reference(example, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, reduction):
-    shapes = []
-    for name in ("_soft_loss_values", "_soft_terms"):
-        real = getattr(_losses, name)
-
-        def spy(x, *args, real=real, **kwargs):
-            shapes.append(tuple(x.shape))
-            return real(x, *args, **kwargs)
-
-        monkeypatch.setattr(_losses, name, spy)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
+    shapes = _xla_shapes(monkeypatch, ("_soft_loss_values", "_soft_terms"))
     rng = rng_for("soft-plan", reduction)
     x = rng.standard_normal((B, 3, 4, 7)).astype(np.float32)
     q = np.full(x.shape, 1 / 7, np.float32)
