@@ -15,6 +15,8 @@ Run:  PYTHONPATH=. python benchmarks/ab.py --base f557e31 --cases seg19,seg150
       [--unweighted]  (no class weights; index targets)
       [--soft]  (probability targets; the mean over positions, or with
       --reduction none jaxloss's per-position losses averaged by the step)
+      [--vmap B]  (a batch of B examples of each shape, the step jax.vmap of
+      each example's loss, or of its value_and_grad, as vmap_bench.py)
 Prints one line per case and mode: p50 ms of optax, base and new, and the
 ratios optax/base, optax/new and base/new (above 1: the new code is faster).
 """
@@ -99,6 +101,12 @@ def parse_args(argv=None):
         help="no class weights (index targets): jaxloss gets weight=None",
     )
     p.add_argument(
+        "--vmap",
+        type=int,
+        default=0,
+        help="a batch of this many examples of each case's shape, the step vmapped over it",
+    )
+    p.add_argument(
         "--block",
         type=int,
         default=1,
@@ -135,8 +143,15 @@ def run(args) -> list[dict]:
             mods = {"optax": new_mods, "base": base_mods, "new": new_mods}
             rows = []
             for name, (shape, dtype, axis) in cases(args).items():
-                x, y, w, ax = bench.make_case(shape, jnp.dtype(dtype), axis)
-                kw = {"axis": ax, "label_smoothing": args.label_smoothing}
+                if args.vmap:  # one example's class axis; the data batched
+                    ex_axis = axis % len(shape)
+                    x, y, w, ax = bench.make_case(
+                        (args.vmap,) + shape, jnp.dtype(dtype), ex_axis + 1
+                    )
+                    kw = {"axis": ex_axis, "label_smoothing": args.label_smoothing}
+                else:
+                    x, y, w, ax = bench.make_case(shape, jnp.dtype(dtype), axis)
+                    kw = {"axis": ax, "label_smoothing": args.label_smoothing}
                 if args.soft:
                     y = bench.soft_targets(x, ax)
                     kw["reduction"] = args.reduction
@@ -152,10 +167,12 @@ def run(args) -> list[dict]:
                     "new": impls_of(new)["jaxloss"],
                 }
                 for mode in ("fwd", "fwdbwd"):
-                    fns = {
-                        k: jax.jit(f if mode == "fwd" else jax.value_and_grad(f))
-                        for k, f in impls.items()
+                    steps = {
+                        k: f if mode == "fwd" else jax.value_and_grad(f) for k, f in impls.items()
                     }
+                    if args.vmap:
+                        steps = {k: jax.vmap(f, in_axes=(0, 0, None)) for k, f in steps.items()}
+                    fns = {k: jax.jit(f) for k, f in steps.items()}
                     for k, f in fns.items():  # traced (and compiled) here
                         with modules(mods[k]):
                             jax.block_until_ready(f(x, y, w))

@@ -9,7 +9,12 @@ way, and against jaxloss on the whole batch as one loss (no vmap: what a
 folded batch should approach). Interleaved in one process; p50 ms, and
 optax's / jaxloss's.
 
-  PYTHONPATH=. python benchmarks/vmap_bench.py [--soft] [--reps 30] [--cases rows,seg150]
+With ``--reduction none`` jaxloss computes the per-position losses
+(``reduction="none"``) and the step averages them as ``bench.py`` does; the
+gradient is then ``reduction="none"``'s.
+
+  PYTHONPATH=. python benchmarks/vmap_bench.py [--soft] [--reduction none] [--reps 30]
+      [--cases rows,seg150]
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--soft", action="store_true", help="probability targets")
+    p.add_argument("--reduction", choices=("mean", "none"), default="mean")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -58,9 +64,9 @@ def run(args) -> list[dict]:
         x, y, w, _ = bench.make_case((b,) + shape, jnp.dtype(dtype), axis + 1)
         if args.soft:
             y = bench.soft_targets(x, axis + 1)
-            impls = bench.soft_impls(jnp, jax, optax, jaxloss, axis)
+            impls = bench.soft_impls(jnp, jax, optax, jaxloss, axis, reduction=args.reduction)
         else:
-            impls = bench.jax_impls(jnp, jax, optax, jaxloss, axis)
+            impls = bench.jax_impls(jnp, jax, optax, jaxloss, axis, args.reduction)
         steps = {}
         for impl in ("jaxloss", "optax"):
             loss = impls[impl]
@@ -70,9 +76,11 @@ def run(args) -> list[dict]:
             )
         # The whole batch as one loss (the batch axis leads the positions).
         if args.soft:
-            whole = bench.soft_impls(jnp, jax, optax, jaxloss, axis + 1)["jaxloss"]
+            whole = bench.soft_impls(jnp, jax, optax, jaxloss, axis + 1, reduction=args.reduction)[
+                "jaxloss"
+            ]
         else:
-            whole = bench.jax_impls(jnp, jax, optax, jaxloss, axis + 1)["jaxloss"]
+            whole = bench.jax_impls(jnp, jax, optax, jaxloss, axis + 1, args.reduction)["jaxloss"]
         steps[("jaxloss_whole_batch", "fwd")] = jax.jit(whole)
         steps[("jaxloss_whole_batch", "fwdbwd")] = jax.jit(jax.value_and_grad(whole))
         outs = {k: f(x, y, w) for k, f in steps.items()}
@@ -91,6 +99,7 @@ def run(args) -> list[dict]:
                 "example_shape": list(shape),
                 "dtype": dtype,
                 "targets": "probabilities" if args.soft else "indices",
+                "reduction": args.reduction,
                 "impl": impl,
                 "mode": mode,
                 "p50": ms,
@@ -117,7 +126,13 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     rows = run(args)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    bench.write(rows, bench.environment(), out, "vmap" + ("-soft" if args.soft else ""), stamp)
+    bench.write(
+        rows,
+        bench.environment(),
+        out,
+        "vmap" + ("-soft" if args.soft else "") + ("-none" if args.reduction == "none" else ""),
+        stamp,
+    )
     return rows
 
 

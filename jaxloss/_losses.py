@@ -2958,15 +2958,21 @@ def _soft_sliced_total_and_grad(
     """:func:`_soft_plain_total_and_grad` from the class slices
     (:func:`_soft_sliced_grad_applies`): the gradient ``scale (A p_c - w_c
     q'_c)`` formed per class on the positions' shape, the classes stacked at
-    the end, as the index targets' two classes."""
+    the end, as the index targets' two classes. A ``scale`` of shape
+    ``(B,)``: one per example, as :func:`_soft_plain_total_and_grad`'s."""
     loss, total_w, es, s, qs = _soft_slice_terms(x, q, w, eps, axis)
     zero = jnp.zeros((), loss.dtype)
-    sc = scale.astype(loss.dtype)
+    per_example = jnp.ndim(scale) > 0
+    sc = (_at_positions(scale, loss.shape) if per_example else scale).astype(loss.dtype)
     inv = sc * total_w / s
     gs = [e * inv - sc * v for e, v in zip(es, qs, strict=True)]
     if where is not None:  # 0 where masked out, whatever the logits there
         gs = [jnp.where(where, g, zero) for g in gs]
-    return _scaled_total(loss, where, scale), jnp.stack(gs, axis)
+    if per_example:
+        total = _scaled(_example_sums(_masked(loss, where)), scale)
+    else:
+        total = _scaled_total(loss, where, scale)
+    return total, jnp.stack(gs, axis)
 
 
 # The derivative of _soft_loss sums over a flat view of the positions after
@@ -3003,29 +3009,61 @@ def _soft_loss_jvp(eps: float, axis: int, primals: tuple, tangents: tuple) -> tu
     0.87-1.23x (33: 0.87-1.09x; 32: 0.85-0.93x; 28: 0.93-1.23x)."""
     x, q, w, where = primals
     x_dot, q_dot = tangents[:2]
-    if (
-        isinstance(q_dot, SymbolicZero)
-        and not isinstance(x_dot, SymbolicZero)
-        and _soft_native_grad_applies(x, axis)
-    ):
+    if isinstance(q_dot, SymbolicZero) and not isinstance(x_dot, SymbolicZero):
+        # The logits' derivative alone (the usual case): under jax.vmap the
+        # batch is folded into the positions, as the forward's.
+        def body(x, q, w, where):
+            return _soft_loss_and_x_grad(x, q, w, where, eps, axis)
+
+        def fold(size, in_batched, x, q, w, where):
+            (where,) = _batch_broadcast(size, in_batched[3:], (where,))
+            return _soft_loss_and_x_grad(x, q, w, where, eps, axis + 1)
+
+        folded = _batch_folded_differentiable(body, fold, _can_fold_soft_loss)
+        loss, g = folded(x, q, w, where)
+        return loss, jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
+    with_x = not isinstance(x_dot, SymbolicZero)
+    loss, g, neg_logp = _soft_generic_terms(x, q, w, where, eps, axis, with_x)
+    loss_dot = jnp.zeros_like(loss)
+    if g is not None:
+        loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
+    if not isinstance(q_dot, SymbolicZero):
+        h = _masked(_target_grad(neg_logp, w, eps, axis), where, axis)
+        loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
+    return loss, loss_dot
+
+
+def _soft_loss_and_x_grad(
+    x: Array, q: Array, w: Array | None, where: Array | None, eps: float, axis: int
+) -> tuple[Array, Array]:
+    """``(l, dl/dx)`` per position of :func:`_soft_loss`, both 0 where
+    ``where`` is False: by :func:`_soft_loss_and_grad` where
+    :func:`_soft_native_grad_applies`, else the generic terms."""
+    if _soft_native_grad_applies(x, axis):
         loss, g = _soft_loss_and_grad(x, q, w, eps, axis)
-        g = _masked(g, where, axis)
-        return _masked(loss, where), jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
+        return _masked(loss, where), _masked(g, where, axis)
+    loss, g, _ = _soft_generic_terms(x, q, w, where, eps, axis, True)
+    assert g is not None
+    return loss, g
+
+
+def _soft_generic_terms(
+    x: Array, q: Array, w: Array | None, where: Array | None, eps: float, axis: int, with_x: bool
+) -> tuple[Array, Array | None, Array]:
+    """``(l, dl/dx or None, -log p)`` of :func:`_soft_loss` from
+    :func:`_soft_parts` and :func:`_class_sum` (``l`` and ``dl/dx`` 0 where
+    ``where`` is False), ``dl/dx`` only ``with_x``."""
     qw, neg_logp = _soft_parts(x, q, w, eps, axis)
     c = x.shape[axis]
     flat = c >= _SOFT_FLAT_MIN_CLASSES
     # The loss term's threshold lies below the weights' sum's (34/33 < 48).
     flat_loss = c >= _SOFT_FLAT_LOSS_MIN_CLASSES[0 if x.dtype.itemsize >= 4 else 1]
     loss = _masked(_class_sum(qw * neg_logp, x, axis, flat=flat_loss), where)
-    loss_dot = jnp.zeros_like(loss)
-    if not isinstance(x_dot, SymbolicZero):
+    g = None
+    if with_x:
         total = jnp.expand_dims(_class_sum(qw, x, axis, flat=flat), axis)
         g = _masked(jnp.exp(-neg_logp) * total - qw, where, axis)
-        loss_dot = loss_dot + jnp.sum(g * x_dot.astype(g.dtype), axis=axis)
-    if not isinstance(q_dot, SymbolicZero):
-        h = _masked(_target_grad(neg_logp, w, eps, axis), where, axis)
-        loss_dot = loss_dot + jnp.sum(h * q_dot.astype(h.dtype), axis=axis)
-    return loss, loss_dot
+    return loss, g, neg_logp
 
 
 def _target_grad(neg_logp: Array, w: Array | None, eps: float, axis: int) -> Array:
@@ -3223,7 +3261,7 @@ def _soft_plain_total_and_grad(
     total each."""
     native = barrier and jax.default_backend() == "cpu"
     per_example = jnp.ndim(scale) > 0
-    if native and not per_example and _soft_sliced_grad_applies(x, axis):
+    if native and _soft_sliced_grad_applies(x, axis):
         return _soft_sliced_total_and_grad(x, q, where, w, scale, eps, axis)
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
     s = scale.astype(loss.dtype)

@@ -83,6 +83,10 @@ def test_ab_times_a_base_commit_against_the_tree():
     rows = ab.run(args)
     assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
     assert all(r["base_ms"] > 0 and r["new_ms"] > 0 for r in rows)
+    # --vmap: the steps vmapped over a batch of examples of the shape.
+    flags = ["--vmap", "3", "--shape", "8x5", "--soft", "--reduction", "none", "--reps", "1"]
+    rows = ab.run(ab.parse_args(["--base", "HEAD", *flags]))
+    assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
     # The modules the other tests imported are in place again.
     assert sys.modules["jaxloss"] is jaxloss_before
 
@@ -223,8 +227,8 @@ def test_vmap_bench_runs_and_agrees_with_optax(tmp_path):
     jaxloss against optax (index and probability targets)."""
     import vmap_bench
 
-    for soft in ([], ["--soft"]):
-        rows = vmap_bench.run(vmap_bench.parse_args(["--reps", "1", "--cases", "seqs", *soft]))
+    for flags in ([], ["--soft"], ["--reduction", "none"], ["--soft", "--reduction", "none"]):
+        rows = vmap_bench.run(vmap_bench.parse_args(["--reps", "1", "--cases", "seqs", *flags]))
         ours = [r for r in rows if r["impl"] == "jaxloss" and r["mode"] == "fwdbwd"]
         assert len(ours) == 1, rows
         assert ours[0]["loss_diff_vs_optax"] < 1e-5

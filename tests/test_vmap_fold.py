@@ -323,18 +323,71 @@ def test_vmap_probability_targets_match_the_reference(example, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, reduction):
-    shapes = _xla_shapes(monkeypatch, ("_soft_loss_values", "_soft_terms"))
-    rng = rng_for("soft-plan", reduction)
-    x = rng.standard_normal((B, 3, 4, 7)).astype(np.float32)
-    q = np.full(x.shape, 1 / 7, np.float32)
-    f = functools.partial(jaxloss.cross_entropy, reduction=reduction)
+@pytest.mark.parametrize("shape, axis", [((3, 4, 7), -1), ((30, 2, 3), 0)])
+def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, shape, axis, reduction):
+    # The forward and vmap of the gradient see all the positions: that of
+    # the mean and sum, and _soft_loss's derivative (reduction="none", and
+    # on XLA:CPU the reduced loss over more than 24 strided classes).
+    names = ("_soft_loss_values", "_soft_terms", "_soft_parts")
+    shapes = _xla_shapes(monkeypatch, names)
+    rng = rng_for("soft-plan", reduction, shape)
+    x = rng.standard_normal((B,) + shape).astype(np.float32)
+    q = np.full(x.shape, 1 / shape[axis], np.float32)
+    f = functools.partial(jaxloss.cross_entropy, reduction=reduction, axis=axis)
     jax.jit(jax.vmap(f))(x, q)
-    assert (B, 3, 4, 7) in shapes, shapes
-    if reduction != "none":
-        shapes.clear()
-        jax.jit(jax.vmap(jax.grad(f)))(x, q)
-        assert (B, 3, 4, 7) in shapes, shapes
+    assert (B,) + shape in shapes, shapes
+    shapes.clear()
+    jax.jit(jax.vmap(jax.grad(lambda x, q: jnp.sum(f(x, q)))))(x, q)
+    assert (B,) + shape in shapes, shapes
+
+
+@pytest.mark.parametrize(
+    "shape, axis, reduction",
+    [((5, 7), 1, "none"), ((7, 3, 4), 0, "none"), ((30, 2, 3), 0, "mean"), ((30, 2), 0, "sum")],
+)
+def test_vmap_probability_target_gradients_and_transforms(shape, axis, reduction):
+    # _soft_loss's derivative folded (reduction="none"; the reduced loss over
+    # more than 24 strided classes on XLA:CPU): gradients of the logits, of
+    # the targets (not folded), both, in bfloat16, over shared targets and
+    # per-example weights (not folded), and transforms over the vmapped
+    # loss, against a loop over the examples.
+    rng = rng_for("vmap-soft-grad", shape, reduction)
+    x = (2.0 * rng.standard_normal((B,) + shape)).astype(np.float32)
+    q = np.exp(reference.log_softmax(rng.standard_normal((B,) + shape), axis=axis + 1))
+    q = q.astype(np.float32)
+    c = shape[axis]
+    w = np.linspace(0.5, 2.0, c, dtype=np.float32)
+    ws = rng.uniform(0.5, 2.0, (B, c)).astype(np.float32)
+    kw = dict(label_smoothing=0.1, axis=axis, reduction=reduction)
+    per = lambda x, q: jnp.sum(jaxloss.cross_entropy(x, q, weight=w, **kw) ** 2)
+    tol = dict(rtol=2e-5, atol=2e-6)
+    for argnums in (0, 1, (0, 1)):
+        g = jax.grad(per, argnums)
+        got = jax.jit(jax.vmap(g))(x, q)
+        want = jax.tree.map(lambda *a: np.stack(a), *[g(x[i], q[i]) for i in range(B)])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, **tol)
+    g = jax.grad(per)
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(g, (0, None)))(x, q[0]), loop(g, x, q[0], in_axes=(0, None)), **tol
+    )
+    gw = jax.grad(lambda x, q, w: jnp.sum(jaxloss.cross_entropy(x, q, weight=w, **kw) ** 2))
+    np.testing.assert_allclose(jax.jit(jax.vmap(gw))(x, q, ws), loop(gw, x, q, ws), **tol)
+    xb, qb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(q, jnp.bfloat16)
+    got = np.asarray(jax.jit(jax.vmap(g))(xb, qb).astype(jnp.float32))
+    want = np.asarray(loop(g, xb, qb).astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-5)
+    # Nested vmap, reverse, forward and second order over a vmapped loss.
+    nested = jax.jit(jax.vmap(jax.vmap(g)))(x[None], q[None])
+    np.testing.assert_allclose(nested[0], loop(g, x, q), **tol)
+    total = lambda x: jnp.sum(jax.vmap(per)(x, q))
+    looped = lambda x: sum(per(x[i], q[i]) for i in range(B))
+    dx = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(
+        jax.jvp(total, (x,), (dx,))[1], jax.jvp(looped, (x,), (dx,))[1], rtol=2e-5, atol=1e-5
+    )
+    for second in (jax.hessian, lambda fn: jax.jacrev(jax.grad(fn))):
+        np.testing.assert_allclose(second(total)(x), second(looped)(x), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -349,3 +402,30 @@ def test_vmap_over_an_empty_batch(reduction):
         g = lambda x, y, f=f: jnp.sum(f(x, y))
         assert jax.jit(jax.vmap(f))(x, y).shape == ((0, 3) if reduction == "none" else (0,))
         assert jax.jit(jax.vmap(jax.grad(g)))(x, y).shape == (0, 3, 5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("c", [1, 2])
+def test_vmap_probability_targets_of_one_and_two_classes(c, reduction):
+    # One class and two float32 classes take the class slices on XLA:CPU,
+    # folded too (a batch of one class once took the generic terms: a loss
+    # of 1e-6 where one example alone, and PyTorch, give exactly 0).
+    rng = rng_for("vmap-soft-slices", c, reduction)
+    x = (3.0 * rng.standard_normal((B, 64, c))).astype(np.float32)
+    q = rng.uniform(0.1, 1.0, x.shape).astype(np.float32)
+    q = q / q.sum(-1, keepdims=True)
+    where = rng.random((B, 64)) < 0.8
+    w = np.linspace(0.5, 2.0, c, dtype=np.float32)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
+    f = lambda x, q, m: jaxloss.cross_entropy(x, q, where=m, **kw)
+    loss = jax.jit(jax.vmap(f))(x, q, where)
+    grad = jax.jit(jax.vmap(jax.grad(f)))(x, q, where)
+    np.testing.assert_allclose(loss, loop(f, x, q, where), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, loop(jax.grad(f), x, q, where), rtol=1e-6, atol=1e-7)
+    if c == 1:  # log p = 0: the loss and its gradient are exactly 0
+        assert not np.any(np.asarray(loss)) and not np.any(np.asarray(grad))
+    ref_kw = dict(kw, weight=w.astype(np.float64))
+    for i in range(B):
+        rl, rg = reference.loss_and_grad(x[i], q[i], where=where[i], axis=1, **ref_kw)
+        np.testing.assert_allclose(loss[i], rl, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(grad[i], rg, rtol=2e-5, atol=2e-6)
