@@ -52,12 +52,13 @@ GRAD_RTOL, GRAD_ATOL = GRAD_TOL["float32"]
         ((4, 8, 8, 17), -1, jnp.float32, False),  # more classes: a reduction
         ((64, 5), -1, jnp.bfloat16, False),  # 16-bit: XLA:CPU ran the slices scalar
         ((64, 2), -1, jnp.bfloat16, True),  # except bfloat16 pairs, channels-last
-        ((4, 2, 8, 8), 1, jnp.bfloat16, False),
+        ((4, 2, 8, 8), 1, jnp.bfloat16, False),  # strided: with AVX-512 only (below)
         ((64, 2), -1, jnp.float16, False),
         ((64, 5), -1, jnp.float64, False),
     ],
 )
-def test_where_it_applies(shape, axis, dtype, applies):
+def test_where_it_applies(core_constants, shape, axis, dtype, applies):
+    core_constants("_CPU_AVX512", False)
     x = jax.ShapeDtypeStruct(shape, dtype)
     assert _losses._sliced_applies(x, axis) == applies
     # In the chunked loop only classes not last (channels-last chunks ran slower).
@@ -67,6 +68,29 @@ def test_where_it_applies(shape, axis, dtype, applies):
     # With the gradient: two classes only.
     two = applies and shape[axis] == 2
     assert _losses._sliced_applies(x, axis, with_grad=True) == two
+
+
+@pytest.mark.parametrize(
+    "shape,axis,applies",
+    [
+        ((4, 2, 8, 8), 1, True),
+        ((4, 5, 8, 8), 1, True),
+        ((3, 5), 0, True),
+        ((4, 6, 8, 8), 1, False),  # from 6 classes: 0.30-0.42x optax
+        ((64, 5), -1, False),  # channels-last: pairs only
+        ((64, 2), -1, True),
+    ],
+)
+def test_where_it_applies_to_bfloat16_with_avx512(core_constants, shape, axis, applies):
+    # With AVX-512 the forward of 2-5 bfloat16 classes over a strided axis;
+    # never the fwd+bwd (but channels-last pairs).
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    core_constants("_CPU_AVX512", True)
+    assert _losses._sliced_applies(x, axis) == applies
+    last = axis % len(shape) == len(shape) - 1
+    assert _losses._sliced_applies(x, axis, with_grad=True) == (applies and last)
+    core_constants("_CPU_AVX512", False)
+    assert _losses._sliced_applies(x, axis) == (applies and last)
 
 
 def _case(shape, axis, seed):
@@ -398,3 +422,71 @@ def test_bfloat16_pairs_non_finite_bad_label_and_compiled_form():
         .as_text(),
     ):
         assert " gather(" not in text
+
+
+BF16_STRIDED = [((3, 2, 4, 5), 1), ((2, 3, 6, 7), 1), ((4, 5, 3), 1), ((5, 3), 0)]
+
+
+@pytest.fixture
+def avx512_plan(constants_at_setup):
+    """The plan of a host where XLA:CPU emits AVX-512 code, on any host."""
+    constants_at_setup("_CPU_AVX512", True)
+
+
+@pytest.mark.parametrize("shape,axis", BF16_STRIDED)
+def test_bfloat16_strided_forward_matches_float64_oracles(avx512_plan, shape, axis):
+    """The forward of 2-5 bfloat16 classes over a strided axis by class
+    slices (AVX-512's plan): every reduction, weighted or not, label
+    smoothing, against PyTorch and NumPy in float64 on the same (exactly
+    representable) values; the gradient (not by slices) as well."""
+    x, t, w = _case(shape, axis, 11)
+    xb, x64 = as_bfloat16(x)
+    assert _losses._sliced_applies(xb, axis)
+    configs = _configs(w, [(False, 0.0), (True, 0.2)])
+    got = config_forwards(xb, t, axis, configs)
+    lt, gt = LOSS_TOL["bfloat16"], GRAD_TOL["bfloat16"]
+    for name, kw in configs.items():
+        cot = np.ones(np.shape(t)) if kw["reduction"] == "none" else 1.0
+        _, g, _, _ = jax_loss_and_grad(
+            jaxloss.cross_entropy, xb, jnp.asarray(t), cot, axis=axis, **kw
+        )
+        for want_l, want_g, oracle in float64_oracles(x64, t, axis, cot, **kw):
+            msg = f"{name} {oracle}"
+            np.testing.assert_allclose(got[name], want_l, rtol=lt[0], atol=lt[1], err_msg=msg)
+            np.testing.assert_allclose(g, want_g, rtol=gt[0], atol=gt[1], err_msg=msg)
+
+
+def test_bfloat16_strided_non_finite_and_bad_label(avx512_plan):
+    """AVX-512's bfloat16 slices: NaN where PyTorch's float64 loss is NaN (a
+    valid position of -inf logits, a +inf or NaN logit), an ignored
+    position of -inf 0, a masked class at -inf finite; a bad label NaN
+    under ``jit``; the compiled forward gathers nothing."""
+    x, t, _ = _case((2, 4, 3, 5), 1, 12)
+    x64 = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    t = np.where(t == IGN, 1, t)
+    x64[0, :, 0, 0] = -np.inf
+    x64[0, :, 1, 1] = -np.inf
+    t[0, 1, 1] = IGN
+    x64[1, 2, 2, 2] = np.inf
+    x64[1, 3, 0, 3] = np.nan
+    x64[1, 0, 1, 4] = -np.inf
+    xb = jnp.asarray(x64, jnp.bfloat16)
+    assert _losses._sliced_applies(xb, 1)
+    kw = dict(ignore_index=IGN, reduction="none")
+    loss = _forward(xb, t, 1, **kw)
+    tl, _ = torch_loss_and_grad(x64, t, np.ones(t.shape), nll=False, **kw)
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(tl))
+    finite = ~np.isnan(tl)
+    np.testing.assert_allclose(loss[finite], tl[finite], rtol=LOSS_TOL["bfloat16"][0], atol=1e-5)
+    assert loss[0, 1, 1] == 0.0
+    bad = t.copy()
+    bad[1, 1, 1] = 7
+    xf = jnp.asarray(np.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0), jnp.bfloat16)
+    f = jax.jit(
+        lambda v, tt: jaxloss.cross_entropy(v, tt, axis=1, ignore_index=IGN, reduction="none")
+    )
+    lb = np.asarray(f(xf, jnp.asarray(bad)), np.float32)
+    assert (
+        np.isnan(lb[1, 1, 1]) and np.isfinite(np.delete(lb.reshape(-1), 1 * 15 + 1 * 5 + 1)).all()
+    )
+    assert " gather(" not in f.lower(xf, jnp.asarray(t)).compile().as_text()
