@@ -1578,7 +1578,9 @@ def _can_fold(in_batched: Any, *args: Any) -> bool:
 
 def _at_positions(s: Array, shape: tuple[int, ...]) -> Array:
     """One value per example (``s`` of shape ``(B,)``) at each of its
-    positions (``shape``, ``(B, ...)``)."""
+    positions (``shape``, ``(B, ...)``); a scalar ``s`` as it is."""
+    if jnp.ndim(s) == 0:
+        return s
     return jnp.broadcast_to(s.reshape(s.shape + (1,) * (len(shape) - 1)), shape)
 
 
@@ -2317,7 +2319,7 @@ def _pass(
         loss, grad = _xla_losses(
             x, t, valid, w, eps, normalize, axis + 1, with_grad, reduced=True, grad_scale=s_pos
         )
-        total = _scaled(_example_sums(loss), s)
+        total = _scaled_total(loss, None, s)
         return total, None if grad is None else _to_dtype(grad, x.dtype)
 
     def can_fold(in_batched, x, *args):
@@ -3019,17 +3021,12 @@ def _soft_sliced_total_and_grad(
     ``(B,)``: one per example, as :func:`_soft_plain_total_and_grad`'s."""
     loss, total_w, es, s, qs = _soft_slice_terms(x, q, w, eps, axis)
     zero = jnp.zeros((), loss.dtype)
-    per_example = jnp.ndim(scale) > 0
-    sc = (_at_positions(scale, loss.shape) if per_example else scale).astype(loss.dtype)
+    sc = _at_positions(scale, loss.shape).astype(loss.dtype)
     inv = sc * total_w / s
     gs = [e * inv - sc * v for e, v in zip(es, qs, strict=True)]
     if where is not None:  # 0 where masked out, whatever the logits there
         gs = [jnp.where(where, g, zero) for g in gs]
-    if per_example:
-        total = _scaled(_example_sums(_masked(loss, where)), scale)
-    else:
-        total = _scaled_total(loss, where, scale)
-    return total, jnp.stack(gs, axis)
+    return _scaled_total(loss, where, scale), jnp.stack(gs, axis)
 
 
 # The derivative of _soft_loss sums over a flat view of the positions after
@@ -3317,16 +3314,12 @@ def _soft_plain_total_and_grad(
     first dimension; a batch folded under ``jax.vmap``), one scale and one
     total each."""
     native = barrier and jax.default_backend() == "cpu"
-    per_example = jnp.ndim(scale) > 0
     if native and _soft_sliced_grad_applies(x, axis):
         return _soft_sliced_total_and_grad(x, q, where, w, scale, eps, axis)
     loss, total_w, p, qw = _soft_terms(x, q, w, eps, axis, native)
-    s = scale.astype(loss.dtype)
-    s_pos = _at_positions(s, loss.shape) if per_example else s
-    s_logits = jnp.expand_dims(s_pos, axis) if per_example else s
+    s_pos = _at_positions(scale.astype(loss.dtype), loss.shape)
+    s_logits = jnp.expand_dims(s_pos, axis) if jnp.ndim(s_pos) else s_pos
     grad = _masked(p * jnp.expand_dims(s_pos * total_w, axis) - s_logits * qw, where, axis)
-    if per_example:
-        return _scaled(_example_sums(_masked(loss, where)), s), grad
     return _scaled_total(loss, where, scale), grad
 
 
@@ -3474,8 +3467,11 @@ def _bits_to_float(v: Array) -> Array:
 
 def _scaled_total(loss: Array, where: Array | None, scale: Array) -> Array:
     """``scale * sum(loss)`` over the positions ``where`` keeps, by
-    :func:`_scaled`."""
-    return _scaled(jnp.sum(_masked(loss, where)), scale)
+    :func:`_scaled`. A ``scale`` of shape ``(B,)``: the positions are ``B``
+    examples' (the first dimension; a batch folded under ``jax.vmap``), one
+    total each."""
+    v = _masked(loss, where)
+    return _scaled(_example_sums(v) if jnp.ndim(scale) else jnp.sum(v), scale)
 
 
 def _scaled(total: Array, scale: Array) -> Array:

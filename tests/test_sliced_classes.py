@@ -354,8 +354,8 @@ def test_two_classes_second_order_and_vmap():
 BF16_TWO = [((5, 6, 2), -1), ((9, 2), 1), ((2,), 0)]
 
 
-def _bf16_case(shape, seed):
-    x, t, w = _case(shape, -1, seed)
+def _bf16_case(shape, seed, axis=-1):
+    x, t, w = _case(shape, axis, seed)
     return (*as_bfloat16(x), t, w)
 
 
@@ -439,8 +439,7 @@ def test_bfloat16_strided_forward_matches_float64_oracles(avx512_plan, shape, ax
     slices (AVX-512's plan): every reduction, weighted or not, label
     smoothing, against PyTorch and NumPy in float64 on the same (exactly
     representable) values; the gradient (not by slices) as well."""
-    x, t, w = _case(shape, axis, 11)
-    xb, x64 = as_bfloat16(x)
+    xb, x64, t, w = _bf16_case(shape, 11, axis)
     assert _losses._sliced_applies(xb, axis)
     configs = _configs(w, [(False, 0.0), (True, 0.2)])
     got = config_forwards(xb, t, axis, configs)
@@ -461,8 +460,7 @@ def test_bfloat16_strided_non_finite_and_bad_label(avx512_plan):
     valid position of -inf logits, a +inf or NaN logit), an ignored
     position of -inf 0, a masked class at -inf finite; a bad label NaN
     under ``jit``; the compiled forward gathers nothing."""
-    x, t, _ = _case((2, 4, 3, 5), 1, 12)
-    x64 = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    _, x64, t, _ = _bf16_case((2, 4, 3, 5), 12, 1)
     t = np.where(t == IGN, 1, t)
     x64[0, :, 0, 0] = -np.inf
     x64[0, :, 1, 1] = -np.inf
