@@ -7,6 +7,7 @@ at collection, it never skips.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import warnings
 import zlib
@@ -389,22 +390,57 @@ def under_transforms(fn, x, t, where, dx, **kw) -> tuple:
     return vg, per, batched, hvp
 
 
-def check_soft_reduced(x, q, axis, reduction, w, eps, where, cot=1.7) -> None:
+def _soft_reduced_kwargs(axis, reduction, w, eps, where) -> dict:
+    return dict(weight=None if w is None else jnp.asarray(w), axis=axis, reduction=reduction,
+                label_smoothing=eps, where=None if where is None else jnp.asarray(where))
+
+
+def soft_reduced_results(cases: dict, cot=1.7) -> dict:
+    """jaxloss's side of :func:`check_soft_reduced` for every ``name: (x, q,
+    axis, reduction, w, eps, where)`` in ``cases``: ``{name: (loss, grad,
+    raw grad, forward alone)}``, the losses and gradients (cotangent
+    ``cot``) of all the cases under one ``jit`` and their forwards alone
+    under another (two compilations, not two a case)."""
+    kws = {name: _soft_reduced_kwargs(*args[2:]) for name, args in cases.items()}
+    results = jax_losses_and_grads(
+        [(jaxloss.cross_entropy, jnp.asarray(args[0]), jnp.asarray(args[1]), np.float32(cot),
+          kws[name]) for name, args in cases.items()]
+    )
+    forwards = jax.jit(
+        lambda xq: {name: jaxloss.cross_entropy(x, q, **kws[name]) for name, (x, q) in xq.items()}
+    )({name: (args[0], args[1]) for name, args in cases.items()})
+    return {
+        name: (loss, grad, raw_grad, forwards[name])
+        for name, (loss, grad, _, raw_grad) in zip(cases, results, strict=True)
+    }
+
+
+def check_soft_reduced_each(cases: dict) -> None:
+    """:func:`check_soft_reduced` for every ``name: (x, q, axis, reduction, w,
+    eps, where)`` in ``cases`` (cotangent 1.7), jaxloss's side of all of them
+    computed together (:func:`soft_reduced_results`); one failure naming
+    every case that failed (:func:`check_each`)."""
+    computed = soft_reduced_results(cases)
+    check_each(
+        {name: (*args, 1.7, computed[name]) for name, args in cases.items()}, check_soft_reduced
+    )
+
+
+def check_soft_reduced(x, q, axis, reduction, w, eps, where, cot=1.7, computed=None) -> None:
     """A reduced cross-entropy of probability targets ``q`` (``where`` may be
     None), differentiated with cotangent ``cot``: loss and gradient against
     PyTorch (``reduction="none"``, each position's cotangent its share of
     the reduction) and NumPy in float64, the loss also against the forward
-    alone; the gradient in ``x``'s dtype."""
+    alone; the gradient in ``x``'s dtype. ``computed``: jaxloss's side,
+    as :func:`soft_reduced_results` gives it (else computed here)."""
     import ml_dtypes
 
-    kw = dict(weight=None if w is None else jnp.asarray(w), axis=axis, reduction=reduction,
-              label_smoothing=eps, where=None if where is None else jnp.asarray(where))
-    cot = np.float32(cot)
-    loss, grad, _, raw_grad = jax_loss_and_grad(
-        jaxloss.cross_entropy, jnp.asarray(x), jnp.asarray(q), cot, **kw
-    )
+    if computed is None:
+        [computed] = soft_reduced_results(
+            {"": (x, q, axis, reduction, w, eps, where)}, cot
+        ).values()
+    loss, grad, raw_grad, forward = computed
     assert raw_grad.dtype == x.dtype
-    forward = jax.jit(lambda a, b: jaxloss.cross_entropy(a, b, **kw))(x, q)
     x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
     mask = np.ones(np.delete(x.shape, axis % x.ndim), bool) if where is None else where
     share = mask / (mask.sum() if reduction == "mean" else 1.0)
@@ -425,3 +461,25 @@ def check_soft_reduced(x, q, axis, reduction, w, eps, where, cot=1.7) -> None:
     assert_close(np.asarray(forward, np.float64), loss, LOSS_TOL["float32"], "forward alone")
     assert_close(grad, back(tg), GRAD_TOL[key], "gradient vs pytorch")
     assert_close(grad, rg, GRAD_TOL[key], "gradient vs numpy")
+
+
+def check_grads_of_reductions(f, x, reductions, **tol) -> None:
+    """``check_grads`` to order 2, forward and reverse, of ``f(x, r)`` for
+    every reduction ``r``: the losses as one jitted function's outputs (a
+    third of the compilations of one check per reduction); on a failure each
+    reduction is checked alone, to name it."""
+    from jax.test_util import check_grads
+
+    check = functools.partial(check_grads, args=(x,), order=2, modes=("fwd", "rev"), **tol)
+    try:
+        check(jax.jit(lambda x: tuple(f(x, r) for r in reductions)))
+    except AssertionError:
+        failed = []
+        for r in reductions:
+            try:
+                check(jax.jit(functools.partial(f, r=r)))
+            except AssertionError as e:
+                failed.append(f"--- reduction={r}:\n{e}")
+        raise AssertionError(
+            "the reductions together failed; alone:\n" + ("\n".join(failed) or "none")
+        ) from None

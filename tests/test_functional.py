@@ -19,10 +19,12 @@ from oracles import (
     assert_close,
     check_each,
     check_soft_reduced,
+    check_soft_reduced_each,
     jax_loss_and_grad,
     jax_losses_and_grads,
     nothing_to_average,
     rng_for,
+    soft_reduced_results,
     to_torch_layout,
     torch_loss_and_grad,
 )
@@ -724,6 +726,7 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
     from jaxloss import _losses
 
     monkeypatch.setattr(_losses, "_SOFT_SMALL_PLANE_MIN_POSITIONS", 12)
+    cases = []
     for shape, axis in (((64, 19), -1), ((2, 7, 5, 6), 1), ((3, 4, 300), -1), ((2, 30, 3, 4), 1),
                         ((2, 50, 3, 4), 1), ((2, 150, 4, 5), 1), ((2, 513, 3, 2), 1),
                         ((2, 300, 3, 4), 1), ((1, 300, 2, 3), 1), ((1, 40, 2, 3), 1),
@@ -737,11 +740,32 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
         bf16_plane = c > 512 or (c > 19 and plane <= 512 and c * plane <= 150 * 1024)
         small_plane = axis == 1 and (f32_plane if dtype == np.float32 else bf16_plane)
         assert _losses._soft_small_plane_applies(jnp.asarray(x), axis) == small_plane
+        bad = None
+        if small_plane:  # a row of -inf and a +inf logit: NaN, as PyTorch's
+            bad = np.asarray(x, np.float64)
+            bad[0, :, 0, 0] = -np.inf
+            bad[-1, 3, 1, 1] = np.inf
         kw = dict(weight=jnp.asarray(w), axis=axis, reduction="none", label_smoothing=0.1)
-        got = np.asarray(jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(x, q),
-                         np.float64)
-        with_grad = jax.vjp(lambda a, q=q, kw=kw: jaxloss.cross_entropy(a, q, **kw),
-                            jnp.asarray(x))[0]
+        cases.append((shape, axis, x, q, w, kw, bad))
+
+    # The forwards (and those of the non-finite logits) under one jit, the
+    # differentiated path's losses under another.
+    def forwards(args):
+        return [(jaxloss.cross_entropy(a, b, **kw),
+                 None if bad is None else jaxloss.cross_entropy(bad, b, **kw))
+                for (a, b, bad), (*_, kw, _) in zip(args, cases, strict=True)]
+
+    def differentiated(args):
+        return [jax.vjp(lambda a, b=b, kw=kw: jaxloss.cross_entropy(a, b, **kw), a)[0]
+                for (a, b), (*_, kw, _) in zip(args, cases, strict=True)]
+
+    args = [(x, q, None if bad is None else bad.astype(dtype)) for *_, x, q, _, _, bad in cases]
+    outs = jax.jit(forwards)(args)
+    with_grads = jax.jit(differentiated)([(x, q) for *_, x, q, _, _, _ in cases])
+    for (shape, axis, x, q, w, _, bad), (got, got_bad), with_grad in zip(
+        cases, outs, with_grads, strict=True
+    ):
+        got = np.asarray(got, np.float64)
         x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
         want, _ = torch_loss_and_grad(
             to_torch_layout(x64, axis), to_torch_layout(q64, axis), np.ones(positions(x, axis)),
@@ -750,18 +774,13 @@ def test_probability_targets_forward_only(dtype, large, monkeypatch):
         assert_close(got, want, LOSS_TOL["float32"], f"{shape} forward vs pytorch")
         assert_close(got, np.asarray(with_grad, np.float64), LOSS_TOL["float32"],
                      f"{shape} forward vs the differentiated loss")
-        if small_plane:  # a row of -inf and a +inf logit: NaN, as PyTorch's
-            bad = x64.copy()
-            bad[0, :, 0, 0] = -np.inf
-            bad[-1, 3, 1, 1] = np.inf
-            got = jax.jit(lambda a, b, kw=kw: jaxloss.cross_entropy(a, b, **kw))(
-                bad.astype(dtype), q)
+        if bad is not None:
             want, _ = torch_loss_and_grad(
                 to_torch_layout(bad, axis), to_torch_layout(q64, axis),
                 np.ones(positions(x, axis)), nll=False, weight=w, reduction="none",
                 label_smoothing=0.1,
             )
-            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isnan(got_bad), np.isnan(want))
             assert np.isnan(want).sum() == 2
 
 
@@ -867,8 +886,8 @@ def test_probability_targets_two_classes_fwd_bwd_by_class_slices():
         where.flat[0] = True  # the row of large logits counts
         cases[f"{name} {reduction} eps={eps}"] = (x, q, axis, reduction, w, eps, where)
 
-    def check(x, q, axis, reduction, w, eps, where):
-        check_soft_reduced(x, q, axis, reduction, w, eps, where)
+    def check(x, q, axis, reduction, w, eps, where, computed):
+        check_soft_reduced(x, q, axis, reduction, w, eps, where, computed=computed)
         bad = np.moveaxis(x.copy(), axis, -1)
         first = (0,) * (x.ndim - 2)
         bad[first + (1,)] = -np.inf
@@ -886,7 +905,8 @@ def test_probability_targets_two_classes_fwd_bwd_by_class_slices():
         assert np.all(grad[first + (1,)] == 0) and np.all(grad[first + (2,)] == 0)
         assert_close(grad, want_grad, GRAD_TOL["float32"], "masked non-finite rows' gradient")
 
-    check_each(cases, check)
+    computed = soft_reduced_results(cases)
+    check_each({name: (*args, computed[name]) for name, args in cases.items()}, check)
 
 
 SOFT_REDUCED_CASES = {  # name: (shape, class axis)
@@ -919,12 +939,9 @@ def test_probability_targets_reduced_fwd_bwd(dtype, large):
         x, q, w = soft_case(rng, shape, axis, large, dtype)
         where = rng.random(positions(x, axis)) < 0.8
         where.flat[0] = True  # the row of large logits counts
-        cases[f"{name} {reduction}"] = (x, q, axis, reduction, w, where)
+        cases[f"{name} {reduction}"] = (x, q, axis, reduction, w, 0.1, where)
 
-    def check(x, q, axis, reduction, w, where):
-        check_soft_reduced(x, q, axis, reduction, w, 0.1, where)
-
-    check_each(cases, check)
+    check_soft_reduced_each(cases)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -159,8 +159,14 @@ def loop(f, *args, in_axes=None):
     pairs = list(zip(args, in_axes, strict=True))
     n = next(np.shape(a)[ax] for a, ax in pairs if ax is not None)
     take = lambda a, ax, i: a if ax is None else a[(slice(None),) * ax + (i,)]
+    f = jax.jit(f)  # one example at a time: one compilation, not op by op
     outs = [f(*(take(a, ax, i) for a, ax in pairs)) for i in range(n)]
-    return jax.tree.map(lambda *v: np.stack(v), *outs)
+    return jax.tree.map(lambda *v: jnp.stack(v), *outs)
+
+
+def jvp(f, x, dx):
+    """The tangent of ``f`` at ``x`` along ``dx``, compiled."""
+    return jax.jit(lambda x, dx: jax.jvp(f, (x,), (dx,))[1])(x, dx)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -204,19 +210,26 @@ def test_nested_vmap_and_transforms_over_vmap(reduction):
     # Reverse mode, forward mode and second order over a vmapped loss.
     total = lambda x: jnp.sum(jax.vmap(per)(x, t))
     looped = lambda x: sum(per(x[i], t[i]) for i in range(B))
-    np.testing.assert_allclose(jax.grad(total)(x), jax.grad(looped)(x), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(total))(x), jax.jit(jax.grad(looped))(x), rtol=2e-6, atol=1e-6
+    )
     dx = rng_for("nested-dx", reduction).standard_normal(x.shape).astype(np.float32)
     np.testing.assert_allclose(
-        jax.jvp(total, (x,), (dx,))[1], jax.jvp(looped, (x,), (dx,))[1], rtol=2e-5, atol=1e-5
+        jvp(total, x, dx), jvp(looped, x, dx), rtol=2e-5, atol=1e-5
     )
     xs, ts = x[:, :2], t[:, :2]  # small Hessians
     total_s = lambda x: jnp.sum(jax.vmap(per)(x, ts))
     looped_s = lambda x: sum(per(x[i], ts[i]) for i in range(B))
     # Forward over reverse (jax.hessian) and reverse over reverse.
     for second in (jax.hessian, lambda fn: jax.jacrev(jax.grad(fn))):
-        np.testing.assert_allclose(second(total_s)(xs), second(looped_s)(xs), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(second(total_s))(xs), jax.jit(second(looped_s))(xs), rtol=1e-4, atol=1e-6
+        )
     np.testing.assert_allclose(
-        jax.vmap(jax.hessian(per))(xs, ts), loop(jax.hessian(per), xs, ts), rtol=1e-4, atol=1e-6
+        jax.jit(jax.vmap(jax.hessian(per)))(xs, ts),
+        loop(jax.hessian(per), xs, ts),
+        rtol=1e-4,
+        atol=1e-6,
     )
 
 
@@ -385,10 +398,12 @@ def test_vmap_probability_target_gradients_and_transforms(shape, axis, reduction
     looped = lambda x: sum(per(x[i], q[i]) for i in range(B))
     dx = rng.standard_normal(x.shape).astype(np.float32)
     np.testing.assert_allclose(
-        jax.jvp(total, (x,), (dx,))[1], jax.jvp(looped, (x,), (dx,))[1], rtol=2e-5, atol=1e-5
+        jvp(total, x, dx), jvp(looped, x, dx), rtol=2e-5, atol=1e-5
     )
     for second in (jax.hessian, lambda fn: jax.jacrev(jax.grad(fn))):
-        np.testing.assert_allclose(second(total)(x), second(looped)(x), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(second(total))(x), jax.jit(second(looped))(x), rtol=1e-4, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
