@@ -176,15 +176,16 @@ def _second_order_and_vmap():
 
     xj = jnp.asarray(x)
     dx = jnp.asarray(rng_for("flat-view-dx").standard_normal(shape), jnp.float32)
-    got = jax.jvp(jax.grad(f), (xj,), (dx,))[1]
-    want = jax.jvp(jax.grad(f_ref), (xj,), (dx,))[1]
+    # Each transform compiled: one program, not op by op.
+    got = jax.jit(lambda v: jax.jvp(jax.grad(f), (v,), (dx,))[1])(xj)
+    want = jax.jit(lambda v: jax.jvp(jax.grad(f_ref), (v,), (dx,))[1])(xj)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-    hv = jax.grad(lambda v: jnp.vdot(jax.grad(f)(v), dx))(xj)  # reverse over reverse
+    hv = jax.jit(jax.grad(lambda v: jnp.vdot(jax.grad(f)(v), dx)))(xj)  # reverse over reverse
     np.testing.assert_allclose(hv, want, rtol=1e-4, atol=1e-7)
     # Under vmap the batch is folded into the positions (test_vmap_fold.py),
     # a formulation of its own: as close to float64 as one example's (6.5e-9
     # of gradients up to 0.1 either way), not bit for bit the same.
     xs = jnp.stack([xj, 2 * xj])
     np.testing.assert_allclose(
-        jax.vmap(jax.grad(f))(xs)[1], jax.grad(f)(2 * xj), rtol=1e-6, atol=1e-8
+        jax.jit(jax.vmap(jax.grad(f)))(xs)[1], jax.jit(jax.grad(f))(2 * xj), rtol=1e-6, atol=1e-8
     )

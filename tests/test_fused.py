@@ -332,13 +332,17 @@ def test_jvp_hessian_vmap(chunk):
         return _reference(x, t, w, reduction="mean", axis=-1, eps=0.1)[0]
 
     dx = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape).astype(np.float32))
-    got, want = jax.jvp(f, (x,), (dx,))[1], jax.jvp(f_ref, (x,), (dx,))[1]
+    # Each side's transforms compiled together: one program, not op by op.
+    def transforms(f):
+        return jax.jit(lambda x, dx: (jax.jvp(f, (x,), (dx,))[1], jax.hessian(f)(x)))(x, dx)
+
+    (got, got_h), (want, want_h) = transforms(f), transforms(f_ref)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(jax.hessian(f)(x), jax.hessian(f_ref)(x), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-7)
     # Per-example gradients.
     xs = jnp.stack([x, 2 * x])
-    got = jax.vmap(jax.grad(f))(xs)
-    np.testing.assert_allclose(got[1], jax.grad(f)(2 * x), rtol=1e-6)
+    got = jax.jit(jax.vmap(jax.grad(f)))(xs)
+    np.testing.assert_allclose(got[1], jax.jit(jax.grad(f))(2 * x), rtol=1e-6)
 
 
 @pytest.mark.parametrize("devices", ["one", "four"])

@@ -153,13 +153,21 @@ def test_forward_mode_second_order_and_vmap_through_the_kernel(kernel_everywhere
             ** 2
         )
 
+    # Each transform compiled (one program, not op by op); the XLA path's
+    # reverse-mode gradient against the kernel's forward mode.
+    def transforms(first):
+        stacked = jnp.stack([x, 2 * x])
+        return jax.jit(lambda x, xs: (first(f)(x), jax.hessian(f)(x), jax.vmap(f)(xs)))(x, stacked)
+
     with jaxloss.disable_pallas():
-        want_g, want_h = jax.grad(f)(x), jax.hessian(f)(x)
-        want_v = jax.vmap(f)(jnp.stack([x, 2 * x]))
+        want_g, want_h, want_v = transforms(jax.grad)
+    assert not kernel_everywhere
+    got_g, got_h, got_v = transforms(jax.jacfwd)
+    assert kernel_everywhere  # the kernel's branch was traced
     tol = (2e-5, 2e-6)
-    assert_close(jax.jacfwd(f)(x), want_g, tol, "jacfwd")
-    assert_close(jax.hessian(f)(x), want_h, (2e-4, 2e-6), "hessian")
-    assert_close(jax.vmap(f)(jnp.stack([x, 2 * x])), want_v, tol, "vmap")
+    assert_close(got_g, want_g, tol, "jacfwd")
+    assert_close(got_h, want_h, (2e-4, 2e-6), "hessian")
+    assert_close(got_v, want_v, tol, "vmap")
 
 
 @pytest.mark.parametrize("through", ["xla", "kernel"])
