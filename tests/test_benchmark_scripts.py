@@ -135,8 +135,8 @@ def test_soft_impls_per_position_losses_agree_with_optax():
         for reduction in ("mean", "none"):
             impls = bench.soft_impls(jnp, jax, optax, jaxloss, ax, label_smoothing=0.1,
                                      reduction=reduction)
-            got[reduction] = jax.value_and_grad(impls["jaxloss"])(x, q, w)
-        want_loss, want_grad = jax.value_and_grad(impls["optax"])(x, q, w)
+            got[reduction] = jax.jit(jax.value_and_grad(impls["jaxloss"]))(x, q, w)
+        want_loss, want_grad = jax.jit(jax.value_and_grad(impls["optax"]))(x, q, w)
         for reduction, (loss, grad) in got.items():
             assert abs(float(loss - want_loss)) < 1e-5 * abs(float(want_loss)), (axis, reduction)
             assert float(jnp.max(jnp.abs(grad - want_grad))) < 1e-6, (axis, reduction)
@@ -158,7 +158,7 @@ def test_unweighted_impls_agree_with_label_smoothing():
                 jnp, jax, optax, jaxloss, ax, reduction=reduction, label_smoothing=0.1,
                 weighted=False,
             )
-            got = {k: jax.value_and_grad(f)(x, y, w) for k, f in impls.items()}
+            got = {k: jax.jit(jax.value_and_grad(f))(x, y, w) for k, f in impls.items()}
             want_loss, want_grad = got["optax"]
             for k, (loss, grad) in got.items():
                 assert abs(float(loss - want_loss)) < 1e-5 * abs(float(want_loss)), (k, axis)
