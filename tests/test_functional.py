@@ -609,10 +609,11 @@ def test_strided_label_smoothing(weighted):
     2 to 201 classes, axis 0, 1 and 2, float32 and bfloat16, channels-last
     as the control; with class weights (every reduction) and without (the
     mean and "none"), against PyTorch and the NumPy reference in float64,
-    all under one ``jit`` (one test of each, for the two workers); and the forward alone
-    (no gradient in its pass: the unweighted
-    float32 forward over more than ``_GAP_SLICES_UNWEIGHTED_FWD_MAX``
-    classes keeps ``jnp.sum``) against the same reference."""
+    all under one ``jit`` (a test for each half: two smaller programs
+    compile faster than one, and the two workers can share them); and the
+    forward alone (no gradient in its pass: the unweighted float32 forward
+    over more than ``_GAP_SLICES_UNWEIGHTED_FWD_MAX`` classes keeps
+    ``jnp.sum``) against the same reference."""
     from jaxloss import _losses
 
     configs = {}
