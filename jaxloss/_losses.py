@@ -2324,8 +2324,12 @@ def _pass(
 
     def can_fold(in_batched, x, *args):
         # The chunked loop (large inputs on XLA:CPU, and every other
-        # platform's XLA path) sums inside its loop: vmapped as it is.
-        return _can_fold(in_batched) and not _loop_writes_grad(x)
+        # platform's XLA path) sums inside its loop: where one example takes
+        # it, vmapped as it is. Where one example does not, the batch is
+        # folded into the whole-array formulation even if it would take the
+        # loop as one input (vmapped, each example's whole-array passes).
+        one = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        return _can_fold(in_batched) and not _loop_writes_grad(one)
 
     xla = _batch_folded(xla, fold, can_fold)
 

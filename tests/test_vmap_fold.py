@@ -143,6 +143,41 @@ def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction)
     assert folded in shapes, shapes
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("example", ["map_last", "map_first"])
+def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduction):
+    # On XLA:CPU float32 logits of _CPU_LOOP_MIN_BYTES or more take the
+    # chunked loop, which sums inside its loop. A batch that would take it
+    # as one input, of examples that would not, is folded into the
+    # whole-array formulation (vmapped, each example's passes held the
+    # logits' size in temporaries); examples that take the loop themselves
+    # are vmapped as they are. The threshold lowered to these sizes; losses
+    # and gradients against PyTorch and the NumPy reference either way.
+    config = "ce_w_ls_ign"
+    fn, kw, _ = CONFIGS[config]
+    x, t, axis = batch(("loop-fold", example, reduction), example)
+    f = functools.partial(fn, reduction=reduction, axis=axis, **kw)
+    cot = rng_for("loop-fold-cot", example, reduction).uniform(0.5, 2.0, (B,)).astype(np.float32)
+    g = jax.grad(lambda x, t, c: f(x, t) * c)
+    shapes = _xla_shapes(monkeypatch)
+    one = x[0].nbytes
+    for threshold, folded in ((one + 1, True), (one, False)):
+        monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", threshold)
+        _losses._index_impl.clear_cache()
+        jax.clear_caches()
+        assert _losses._loop_writes_grad(jnp.asarray(x))  # the batch as one input
+        assert _losses._loop_writes_grad(jnp.asarray(x[0])) != folded
+        shapes.clear()
+        loss = jax.jit(jax.vmap(f))(x, t)
+        grad = jax.jit(jax.vmap(g))(x, t, cot)
+        assert (x.shape in shapes) == folded, (threshold, shapes)
+        for i, per_example in enumerate(oracles(config, x, t, axis, reduction, cot)):
+            for ol, og, name in per_example:
+                msg = f"{name} example {i} folded={folded}"
+                np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=msg)
+                np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=msg)
+
+
 def test_vmap_folded_gradient_keeps_the_temporaries_small():
     # Folded, the gradient is written where the exponentials were, as
     # without vmap: no temporary the size of the logits (a reshape of the
