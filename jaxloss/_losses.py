@@ -2170,19 +2170,39 @@ def _fused_pass(
     ``l`` and the gradient are those of :func:`_index_loss_and_grad`; the
     gradient comes back in ``x.dtype``. Differentiating the gradient goes
     through :func:`_fused_total_and_grad` to the plain formulation instead.
+
+    A ``scale`` of one value per example (``(B,)``, the batch leading ``x``,
+    ``axis >= 1``: a batch folded under ``jax.vmap``, :func:`_pass`) gives
+    one total per example: each chunk's losses summed by example, each
+    position's gradient scaled by its example's scale.
     """
     cdt = _compute_dtype(x.dtype)
     shape = x.shape
     scale = scale.astype(cdt)
     zero = jnp.zeros((), cdt)
+    per_example = jnp.ndim(scale) > 0
     if math.prod(shape[:axis] + shape[axis + 1 :]) == 0:
-        return zero, (jnp.zeros(shape, x.dtype) if with_grad else None)
+        return jnp.zeros(scale.shape, cdt), (jnp.zeros(shape, x.dtype) if with_grad else None)
 
     # All views are reshapes of contiguous dimensions, i.e. free.
     cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
     xs = x.reshape(cut.view)
     ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)
+    # Part A of the positions (of_logits) leads with the batch: an example
+    # spans `span` of its positions, at flat index g0 * pa + a.
+    span = (math.prod(shape[:axis]) if shape[axis + 1 :] else shape[0]) // shape[0]
+
+    def example_at(start: tuple[Array, ...]) -> Array:
+        flat = jnp.zeros(cut.pchunk, jnp.int32)
+        if "g0" in cut.pdims:
+            flat = flat + cut.pa * jax.lax.broadcasted_iota(
+                jnp.int32, cut.pchunk, cut.pdims.index("g0")
+            )
+        if "a" in cut.pdims:
+            k = cut.pdims.index("a")
+            flat = flat + start[k] + jax.lax.broadcasted_iota(jnp.int32, cut.pchunk, k)
+        return flat // span
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
@@ -2193,6 +2213,7 @@ def _fused_pass(
         tb = jax.lax.dynamic_slice(ts, start, cut.pchunk)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk)
         valid = _valid_mask(tb, mb, ignore_index)
+        example = example_at(start) if per_example else None
         # The chunk's loss and gradient: the same maths as every other path.
         loss, grad = _index_loss_and_grad(
             xb,
@@ -2206,17 +2227,26 @@ def _fused_pass(
             share_exp=normalize and with_grad,
             target_shift=_target_shift_applies(xb.shape, cut.cax, xb.dtype),
             chunked=True,
+            grad_scale=scale[example] if per_example and with_grad else None,
         )
-        total = total + jnp.sum(jnp.where(fresh, loss, zero))
+        fresh_loss = jnp.where(fresh, loss, zero)
+        if per_example:
+            total = total + jax.ops.segment_sum(
+                fresh_loss.reshape(-1), example.reshape(-1), num_segments=scale.shape[0]
+            )
+        else:
+            total = total + jnp.sum(fresh_loss)
         if not with_grad:
             return total, g
         assert grad is not None
-        grad = scale * grad
+        if not per_example:
+            grad = scale * grad
         g = jax.lax.dynamic_update_slice(g, grad.astype(x.dtype), xstart)
         return total, g
 
     grad0 = _empty(xs.shape if with_grad else (0,) * xs.ndim, x.dtype)
-    carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (zero, grad0))
+    total0 = jnp.zeros(scale.shape, cdt)
+    carry = tuple(_varying_like(v, xs, ts, ms, w, scale) for v in (total0, grad0))
     total, g = jax.lax.fori_loop(0, cut.steps, body, carry)
     # A zero scale (nothing to average) gives 0 even where a bad label made the sum NaN.
     total = _scaled(total, scale)
@@ -2312,8 +2342,17 @@ def _pass(
         # gradients) of all the positions, then each example's sum (scaled).
         batched = (*in_batched[1:3], in_batched[4])
         t, where, s = _batch_broadcast(size, batched, (t, where, scale))
-        valid = _valid_mask(t, where, ignore_index)
         s = s.astype(_compute_dtype(x.dtype))
+        if _loop_writes_grad(x) and axis + 1 != x.ndim - 1:
+            # The batch as one input takes the chunked loop (one example does
+            # not, can_fold) and the class axis is strided: the loop, with one
+            # total and one scale per example. Channels-last rows keep the
+            # whole-array passes, which ran faster (PERFORMANCE.md, "A batch
+            # that would take the chunked loop").
+            return _fused_pass(
+                x, t, where, w, s, with_grad=with_grad, **{**config, "axis": axis + 1}
+            )
+        valid = _valid_mask(t, where, ignore_index)
         # Each example's scale at its positions, for the gradient's pass.
         s_pos = _at_positions(s, valid.shape) if with_grad else None
         loss, grad = _xla_losses(
@@ -2323,11 +2362,11 @@ def _pass(
         return total, None if grad is None else _to_dtype(grad, x.dtype)
 
     def can_fold(in_batched, x, *args):
-        # The chunked loop (large inputs on XLA:CPU, and every other
-        # platform's XLA path) sums inside its loop: where one example takes
-        # it, vmapped as it is. Where one example does not, the batch is
-        # folded into the whole-array formulation even if it would take the
-        # loop as one input (vmapped, each example's whole-array passes).
+        # Where one example takes the chunked loop (large inputs on XLA:CPU,
+        # and every other platform's XLA path), vmapped as it is (the loop
+        # batched). Where one example does not, folded, into the loop with
+        # a total per example where the batch takes it (vmapped, each
+        # example's whole-array passes held the logits' size).
         one = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
         return _can_fold(in_batched) and not _loop_writes_grad(one)
 

@@ -143,23 +143,32 @@ def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction)
     assert folded in shapes, shapes
 
 
+@pytest.mark.parametrize("chunk", [None, 40], ids=["one-chunk", "tiny-chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("example", ["map_last", "map_first"])
-def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduction):
+def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduction, chunk):
     # On XLA:CPU float32 logits of _CPU_LOOP_MIN_BYTES or more take the
-    # chunked loop, which sums inside its loop. A batch that would take it
-    # as one input, of examples that would not, is folded into the
-    # whole-array formulation (vmapped, each example's passes held the
-    # logits' size in temporaries); examples that take the loop themselves
-    # are vmapped as they are. The threshold lowered to these sizes; losses
-    # and gradients against PyTorch and the NumPy reference either way.
+    # chunked loop. A batch that would take it as one input, of examples
+    # that would not, is folded: over a strided class axis into the loop
+    # with one total and one scale per example, channels-last into the
+    # whole-array passes (vmapped, each example's whole-array passes held
+    # the logits' size in temporaries); examples that take the loop
+    # themselves are vmapped as they are. The threshold lowered to these sizes, and
+    # chunks of 40 logits (a chunk spans examples; the last one shifted
+    # back); losses and gradients against PyTorch and the NumPy reference
+    # either way, and against a loop over 4 examples (4 host devices: the
+    # loop's device groups split the batch).
     config = "ce_w_ls_ign"
     fn, kw, _ = CONFIGS[config]
     x, t, axis = batch(("loop-fold", example, reduction), example)
     f = functools.partial(fn, reduction=reduction, axis=axis, **kw)
     cot = rng_for("loop-fold-cot", example, reduction).uniform(0.5, 2.0, (B,)).astype(np.float32)
     g = jax.grad(lambda x, t, c: f(x, t) * c)
-    shapes = _xla_shapes(monkeypatch)
+    x4, t4 = np.concatenate([x, -x[:1]]), np.concatenate([t, t[1:2]])
+    cot4 = np.concatenate([cot, cot[:1]])
+    if chunk is not None:
+        monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", chunk)
+    shapes = _xla_shapes(monkeypatch, ("_xla_losses", "_fused_pass"))
     one = x[0].nbytes
     for threshold, folded in ((one + 1, True), (one, False)):
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", threshold)
@@ -176,6 +185,10 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
                 msg = f"{name} example {i} folded={folded}"
                 np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=msg)
                 np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=msg)
+        got = jax.jit(jax.vmap(f))(x4, t4), jax.jit(jax.vmap(g))(x4, t4, cot4)
+        want = loop(f, x4, t4), loop(g, x4, t4, cot4)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"folded={folded}")
 
 
 def test_vmap_folded_gradient_keeps_the_temporaries_small():
