@@ -2364,9 +2364,10 @@ def _pass(
     def can_fold(in_batched, x, *args):
         # Where one example takes the chunked loop (large inputs on XLA:CPU,
         # and every other platform's XLA path), vmapped as it is (the loop
-        # batched). Where one example does not, folded, into the loop with
-        # a total per example where the batch takes it (vmapped, each
-        # example's whole-array passes held the logits' size).
+        # batched). Where one example does not, folded (vmapped, each
+        # example's whole-array passes held the logits' size): into the loop
+        # with a total per example where the batch takes it over a strided
+        # class axis, else into the whole-array passes.
         one = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
         return _can_fold(in_batched) and not _loop_writes_grad(one)
 
