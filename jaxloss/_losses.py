@@ -2000,6 +2000,7 @@ class _Chunking:
     ) -> None:
         g0 = _groups(first[0]) if first else 1
         g1 = _groups(second[0]) if second else 1
+        self.g0 = g0
         self.pa, self.pb = math.prod(first) // g0, math.prod(second) // g1
         rows = c is not None and not classes_between
         self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1, itemsize, rows)
@@ -2189,9 +2190,9 @@ def _fused_pass(
     xs = x.reshape(cut.view)
     ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)
-    # Part A of the positions (of_logits) leads with the batch: an example
-    # spans `span` of its positions, at flat index g0 * pa + a.
-    span = (math.prod(shape[:axis]) if shape[axis + 1 :] else shape[0]) // shape[0]
+    # Part A of the positions (g0 * pa of them, of_logits) leads with the
+    # batch: an example spans `span` of them, at flat index g0 * pa + a.
+    span = cut.g0 * cut.pa // shape[0]
 
     def example_at(start: tuple[Array, ...]) -> Array:
         flat = jnp.zeros(cut.pchunk, jnp.int32)
@@ -2227,7 +2228,7 @@ def _fused_pass(
             share_exp=normalize and with_grad,
             target_shift=_target_shift_applies(xb.shape, cut.cax, xb.dtype),
             chunked=True,
-            grad_scale=scale[example] if per_example and with_grad else None,
+            grad_scale=(scale[example] if per_example else scale) if with_grad else None,
         )
         fresh_loss = jnp.where(fresh, loss, zero)
         if per_example:
@@ -2239,8 +2240,6 @@ def _fused_pass(
         if not with_grad:
             return total, g
         assert grad is not None
-        if not per_example:
-            grad = scale * grad
         g = jax.lax.dynamic_update_slice(g, grad.astype(x.dtype), xstart)
         return total, g
 

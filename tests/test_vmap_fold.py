@@ -102,10 +102,17 @@ def test_vmap_matches_pytorch_and_reference(config, example, reduction):
 
     loss = jax.jit(jax.vmap(f))(x, t)
     grad = jax.jit(jax.vmap(jax.grad(weighted)))(x, t, cot)
+    assert_matches_oracles(config, x, t, axis, reduction, cot, loss, grad)
+
+
+def assert_matches_oracles(config, x, t, axis, reduction, cot, loss, grad, note=""):
+    """Each example's ``loss`` and ``grad`` (that of ``sum(loss * cot)``)
+    equal :func:`oracles`'."""
     for i, per_example in enumerate(oracles(config, x, t, axis, reduction, cot)):
         for ol, og, name in per_example:
-            np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=name)
-            np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=name)
+            msg = f"{name} example {i} {note}"
+            np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=msg)
+            np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=msg)
 
 
 def _xla_shapes(monkeypatch, names=("_xla_losses",)) -> list:
@@ -153,9 +160,9 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
     # with one total and one scale per example, channels-last into the
     # whole-array passes (vmapped, each example's whole-array passes held
     # the logits' size in temporaries); examples that take the loop
-    # themselves are vmapped as they are. The threshold lowered to these sizes, and
-    # chunks of 40 logits (a chunk spans examples; the last one shifted
-    # back); losses and gradients against PyTorch and the NumPy reference
+    # themselves are vmapped as they are. The threshold lowered to these
+    # sizes, and chunks of 40 logits (a chunk spans examples; the last one
+    # shifted back); losses and gradients against PyTorch and the NumPy reference
     # either way, and against a loop over 4 examples (4 host devices: the
     # loop's device groups split the batch).
     config = "ce_w_ls_ign"
@@ -180,11 +187,7 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
         loss = jax.jit(jax.vmap(f))(x, t)
         grad = jax.jit(jax.vmap(g))(x, t, cot)
         assert (x.shape in shapes) == folded, (threshold, shapes)
-        for i, per_example in enumerate(oracles(config, x, t, axis, reduction, cot)):
-            for ol, og, name in per_example:
-                msg = f"{name} example {i} folded={folded}"
-                np.testing.assert_allclose(loss[i], ol, rtol=2e-5, atol=2e-6, err_msg=msg)
-                np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=msg)
+        assert_matches_oracles(config, x, t, axis, reduction, cot, loss, grad, f"folded={folded}")
         got = jax.jit(jax.vmap(f))(x4, t4), jax.jit(jax.vmap(g))(x4, t4, cot4)
         want = loop(f, x4, t4), loop(g, x4, t4, cot4)
         for a, b in zip(got, want, strict=True):
