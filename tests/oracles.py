@@ -422,23 +422,19 @@ def check_soft_reduced_each(cases: dict) -> None:
     every case that failed (:func:`check_each`)."""
     computed = soft_reduced_results(cases)
     check_each(
-        {name: (*args, 1.7, computed[name]) for name, args in cases.items()}, check_soft_reduced
+        {name: (*args, computed[name]) for name, args in cases.items()}, check_soft_reduced
     )
 
 
-def check_soft_reduced(x, q, axis, reduction, w, eps, where, cot=1.7, computed=None) -> None:
+def check_soft_reduced(x, q, axis, reduction, w, eps, where, computed, cot=1.7) -> None:
     """A reduced cross-entropy of probability targets ``q`` (``where`` may be
     None), differentiated with cotangent ``cot``: loss and gradient against
     PyTorch (``reduction="none"``, each position's cotangent its share of
     the reduction) and NumPy in float64, the loss also against the forward
     alone; the gradient in ``x``'s dtype. ``computed``: jaxloss's side,
-    as :func:`soft_reduced_results` gives it (else computed here)."""
+    as :func:`soft_reduced_results` gives it (with the same ``cot``)."""
     import ml_dtypes
 
-    if computed is None:
-        [computed] = soft_reduced_results(
-            {"": (x, q, axis, reduction, w, eps, where)}, cot
-        ).values()
     loss, grad, raw_grad, forward = computed
     assert raw_grad.dtype == x.dtype
     x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)

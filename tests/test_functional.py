@@ -888,7 +888,7 @@ def test_probability_targets_two_classes_fwd_bwd_by_class_slices():
         cases[f"{name} {reduction} eps={eps}"] = (x, q, axis, reduction, w, eps, where)
 
     def check(x, q, axis, reduction, w, eps, where, computed):
-        check_soft_reduced(x, q, axis, reduction, w, eps, where, computed=computed)
+        check_soft_reduced(x, q, axis, reduction, w, eps, where, computed)
         bad = np.moveaxis(x.copy(), axis, -1)
         first = (0,) * (x.ndim - 2)
         bad[first + (1,)] = -np.inf
