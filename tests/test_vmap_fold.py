@@ -150,9 +150,15 @@ def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction)
     assert folded in shapes, shapes
 
 
-@pytest.mark.parametrize("chunk", [None, 40], ids=["one-chunk", "tiny-chunks"])
+LOOP_FOLD_CASES = [
+    (example, chunk)
+    for example in ("map_last", "map_first")
+    for chunk in (None, 40)
+] + [("between", 40), ("between", 70)]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("example", ["map_last", "map_first"])
+@pytest.mark.parametrize("example, chunk", LOOP_FOLD_CASES)
 def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduction, chunk):
     # On XLA:CPU float32 logits of _CPU_LOOP_MIN_BYTES or more take the
     # chunked loop. A batch that would take it as one input, of examples
@@ -164,7 +170,9 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
     # sizes, and chunks of 40 logits (a chunk spans examples; the last one
     # shifted back); losses and gradients against PyTorch and the NumPy reference
     # either way, and against a loop over 4 examples (4 host devices: the
-    # loop's device groups split the batch).
+    # loop's device groups split the batch). Classes between two position
+    # dimensions: an example spans 2 of the loop's leading positions, and
+    # chunks of 70 logits take 3 of them (a chunk ends inside an example).
     config = "ce_w_ls_ign"
     fn, kw, _ = CONFIGS[config]
     x, t, axis = batch(("loop-fold", example, reduction), example)
