@@ -168,6 +168,39 @@ def test_fused_matches_per_position(chunk, shape, axis):
     )
 
 
+def test_loop_recomputes_the_exponentials_where_the_whole_array_passes_do(monkeypatch):
+    """Float32 rows that ``_recomputed_exp`` picks (32 classes): the loop's
+    chunks recompute ``exp(x - m)`` in the gradient's pass too, no shared
+    exponentials; the loss and gradient equal the per-position path's."""
+    shape, axis = (2, 40, 13, 32), -1
+    monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    real = _losses._index_loss_and_grad
+    calls = []
+
+    def spy(x, *args, **kwargs):
+        calls.append((x.shape, kwargs.get("chunked", False), kwargs.get("share_exp", False)))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(_losses, "_index_loss_and_grad", spy)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    x, t, w = _data(shape, axis)
+
+    def loss(x):
+        return jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN, axis=axis)
+
+    got = jax.jit(jax.value_and_grad(loss))(x)
+    chunks = [(s, share) for s, chunked, share in calls if chunked]
+    assert chunks and all(
+        _losses._recomputed_exp(jax.ShapeDtypeStruct(s, jnp.float32), len(s) - 1) for s, _ in chunks
+    ), chunks
+    assert not any(share for _, share in chunks), chunks
+    want = _reference(x, t, w, reduction="mean", axis=axis)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-7)
+    _losses._index_impl.clear_cache()
+
+
 @pytest.mark.parametrize("shape,axis", CASES[6:], ids=[f"{s}-ax{a}" for s, a in CASES[6:]])
 def test_tiny_chunks_shift_the_last_chunk(monkeypatch, shape, axis):
     """The grouped cases above do exercise a shifted last chunk along part B
