@@ -2320,14 +2320,30 @@ def _valid_mask(t: Array, where: Array | None, ignore_index: int | None) -> Arra
     return valid if where is None else valid & where
 
 
-def _fold_takes_loop(x: Array, axis: int) -> bool:
+def _fold_takes_loop(x: Array, axis: int, with_grad: bool) -> bool:
     """Whether a folded batch ``x`` (class axis ``axis``, batch leading) takes
     the chunked loop with one total and one scale per example
-    (:func:`_fused_pass`): where the batch as one input takes the loop (one
-    example does not: ``_pass``'s ``can_fold``) and the class axis is
-    strided. Channels-last rows keep the whole-array passes, which ran
-    faster (PERFORMANCE.md, "A batch that would take the chunked loop")."""
-    return _loop_writes_grad(x) and axis != x.ndim - 1
+    (:func:`_fused_pass`), where the batch as one input takes the loop (one
+    example does not: ``_pass``'s ``can_fold``): over a strided class axis;
+    channels-last, the fwd+bwd of rows whose whole-array passes hold about
+    the logits' size in temporaries (rows grouped by 4 or more positions,
+    :func:`_row_group`, their exponentials materialised; up to 8 classes,
+    the per-position arrays), as fast or faster in the loop. Not rows
+    grouped in pairs (24 and 40 classes), which the loop's chunks of one
+    position dimension ran 1.25-1.37x slower than chunks of two (an
+    unvmapped ``(2, 426, 1024, 24)`` too); nor other rows, nor forwards,
+    which ran faster in the whole-array passes (PERFORMANCE.md, "A batch
+    that would take the chunked loop")."""
+    if not _loop_writes_grad(x):
+        return False
+    if axis != x.ndim - 1:
+        return True
+    held = _row_group(x.shape, axis, x.dtype) > 2 or x.shape[axis] <= _FOLD_LOOP_MAX_CLASSES
+    return with_grad and held
+
+
+# Channels-last rows of at most this many classes: see _fold_takes_loop.
+_FOLD_LOOP_MAX_CLASSES = 8
 
 
 def _pass(
@@ -2368,7 +2384,7 @@ def _pass(
         batched = (*in_batched[1:3], in_batched[4])
         t, where, s = _batch_broadcast(size, batched, (t, where, scale))
         s = s.astype(_compute_dtype(x.dtype))
-        if _fold_takes_loop(x, axis + 1):
+        if _fold_takes_loop(x, axis + 1, with_grad):
             return _fused_pass(
                 x, t, where, w, s, with_grad=with_grad, **{**config, "axis": axis + 1}
             )

@@ -154,7 +154,7 @@ LOOP_FOLD_CASES = [
     (example, chunk)
     for example in ("map_last", "map_first")
     for chunk in (None, 40)
-] + [("between", 40), ("between", 70)]
+] + [("map_last", 100), ("between", 40), ("between", 70)]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -163,16 +163,18 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
     # On XLA:CPU float32 logits of _CPU_LOOP_MIN_BYTES or more take the
     # chunked loop. A batch that would take it as one input, of examples
     # that would not, is folded: over a strided class axis into the loop
-    # with one total and one scale per example, channels-last into the
-    # whole-array passes (vmapped, each example's whole-array passes held
-    # the logits' size in temporaries); examples that take the loop
+    # with one total and one scale per example, channels-last the gradient
+    # of rows of up to 8 classes too, their forward into the whole-array
+    # passes (vmapped, each example's whole-array passes held the logits'
+    # size in temporaries); examples that take the loop
     # themselves are vmapped as they are. The threshold lowered to these
     # sizes, and chunks of 40 logits (a chunk spans examples; the last one
     # shifted back); losses and gradients against PyTorch and the NumPy reference
     # either way, and against a loop over 4 examples (4 host devices: the
     # loop's device groups split the batch). Classes between two position
     # dimensions: an example spans 2 of the loop's leading positions, and
-    # chunks of 70 logits take 3 of them (a chunk ends inside an example).
+    # chunks of 70 logits take 3 of them (a chunk ends inside an example);
+    # channels-last, chunks of 2 examples (100 logits; the last one shifted).
     config = "ce_w_ls_ign"
     fn, kw, _ = CONFIGS[config]
     x, t, axis = batch(("loop-fold", example, reduction), example)
@@ -184,6 +186,7 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
     if chunk is not None:
         monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", chunk)
     shapes = _xla_shapes(monkeypatch, ("_xla_losses", "_fused_pass"))
+    loops = _xla_shapes(monkeypatch, ("_fused_pass",))
     one = x[0].nbytes
     for threshold, folded in ((one + 1, True), (one, False)):
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", threshold)
@@ -193,8 +196,12 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
         assert _losses._loop_writes_grad(jnp.asarray(x[0])) != folded
         shapes.clear()
         loss = jax.jit(jax.vmap(f))(x, t)
+        loops.clear()
         grad = jax.jit(jax.vmap(g))(x, t, cot)
         assert (x.shape in shapes) == folded, (threshold, shapes)
+        # The gradient of the folded batch through the loop: over 7 classes
+        # either layout (channels-last rows of up to 8 classes, _fold_takes_loop).
+        assert (x.shape in loops) == folded, (threshold, loops)
         assert_matches_oracles(config, x, t, axis, reduction, cot, loss, grad, f"folded={folded}")
         got = jax.jit(jax.vmap(f))(x4, t4), jax.jit(jax.vmap(g))(x4, t4, cot4)
         want = loop(f, x4, t4), loop(g, x4, t4, cot4)
@@ -504,3 +511,32 @@ def test_vmap_probability_targets_of_one_and_two_classes(c, reduction):
         rl, rg = reference.loss_and_grad(x[i], q[i], where=where[i], axis=1, **ref_kw)
         np.testing.assert_allclose(loss[i], rl, rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(grad[i], rg, rtol=2e-5, atol=2e-6)
+
+
+def test_fold_takes_the_loop_where_the_whole_array_passes_hold_the_logits():
+    # XLA:CPU, float32 batches of 64 MiB or more (the batch would take the
+    # loop as one input): strided classes always; channels-last the
+    # fwd+bwd of rows grouped by 4 or more positions or of up to 8
+    # classes, whose whole-array passes held 110-150% of the logits.
+    def takes(shape, axis, with_grad=True):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return _losses._fold_takes_loop(x, axis, with_grad)
+
+    assert takes((2, 512, 1024, 19), 3)  # grouped by 16 positions
+    assert takes((2, 853, 1024, 12), 3)  # by 4
+    assert takes((2, 3413, 1024, 3), 3)
+    assert takes((2, 19, 512, 1024), 1, with_grad=False)
+    assert not takes((2, 512, 1024, 19), 3, with_grad=False)
+    assert not takes((2, 426, 1024, 24), 3)  # grouped in pairs
+    assert not takes((2, 256, 256, 150), 3)
+    assert not takes((2, 256, 1024, 19), 3)  # 40 MB: the batch takes no loop
+
+
+def test_vmap_folded_rows_through_the_loop_hold_little():
+    # 2 x (512, 1024, 19) float32, vmapped fwd+bwd: 117-122% of the logits
+    # in temporaries through the whole-array passes, now the loop's chunks.
+    x = jax.ShapeDtypeStruct((2, 512, 1024, 19), jnp.float32)
+    t = jax.ShapeDtypeStruct((2, 512, 1024), jnp.int32)
+    f = functools.partial(jaxloss.cross_entropy, ignore_index=255)
+    mem = jax.jit(jax.vmap(jax.grad(f))).lower(x, t).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 0.05 * 2 * 512 * 1024 * 19 * 4, mem.temp_size_in_bytes
