@@ -201,6 +201,66 @@ def test_loop_recomputes_the_exponentials_where_the_whole_array_passes_do(monkey
     _losses._index_impl.clear_cache()
 
 
+def test_wide_rows_keep_the_whole_array_passes():
+    """XLA:CPU channels-last rows of _CPU_WIDE_ROW_CLASSES classes or more
+    take the whole-array passes at any size (no zero-filled buffer, under
+    0.5% of the logits held); narrower rows and strided classes the loop."""
+    def takes(shape, axis=-1):
+        return _losses._takes_loop(jax.ShapeDtypeStruct(shape, jnp.float32), axis)
+
+    assert not takes((4096, 32000))
+    assert not takes((32768, 1024))
+    assert not takes((16, 64, 64, 2048))
+    assert takes((65536, 1023))
+    assert takes((8, 512, 512, 150))
+    assert takes((8, 2048, 128, 128), 1)
+    x = jax.ShapeDtypeStruct((2048, 32000), jnp.float32)
+    t = jax.ShapeDtypeStruct((2048,), jnp.int32)
+    w = jax.ShapeDtypeStruct((32000,), jnp.float32)
+
+    def loss(x, t, w):
+        return jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN)
+
+    for f in (jax.value_and_grad(loss), loss):
+        held = jax.jit(f).lower(x, t, w).compile().memory_analysis().temp_size_in_bytes
+        assert held < 0.005 * 2048 * 32000 * 4, held
+
+
+@pytest.mark.parametrize("c, loop", [(40, False), (39, True)])
+def test_wide_rows_threshold_takes_the_path_it_names(monkeypatch, c, loop):
+    """With the thresholds lowered (every input "large", rows of 40 classes
+    "wide"), the loop or the whole-array passes, both equal to the
+    per-position path (value and gradient, "mean" and "sum")."""
+    monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    monkeypatch.setattr(_losses, "_CPU_WIDE_ROW_CLASSES", 40)
+    real = _losses._fused_pass
+    calls = []
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(_losses, "_fused_pass", spy)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    shape, axis = (5, 37, c), -1
+    x, t, w = _data(shape, axis)
+    for reduction in ("mean", "sum"):
+
+        def loss(x, reduction=reduction):
+            return jaxloss.cross_entropy(x, t, weight=w, ignore_index=IGN, reduction=reduction)
+
+        calls.clear()
+        got = jax.jit(jax.value_and_grad(loss))(x)
+        fwd = jax.jit(loss)(x)
+        assert bool(calls) == loop, calls
+        want = _reference(x, t, w, reduction=reduction, axis=axis)
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(fwd, want[0], rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-7)
+    _losses._index_impl.clear_cache()
+
+
 @pytest.mark.parametrize("shape,axis", CASES[6:], ids=[f"{s}-ax{a}" for s, a in CASES[6:]])
 def test_tiny_chunks_shift_the_last_chunk(monkeypatch, shape, axis):
     """The grouped cases above do exercise a shifted last chunk along part B
