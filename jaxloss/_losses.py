@@ -2246,12 +2246,28 @@ def _fused_pass(
             flat = flat + start[k] + jax.lax.broadcasted_iota(jnp.int32, ashape, k)
         return flat // span
 
+    # Rows grouped in pairs (_group_shifted_exp, with the gradient): each
+    # chunk sliced from the logits viewed as rows of 2 * c, the view its
+    # grouped exponentials and group max read. Sliced as rows of c, chunks
+    # of one position dimension ran 1.2-1.5x slower (872448x24, 524288x40;
+    # PERFORMANCE.md); groups of 4-16 positions measured 0.78-0.95x so.
+    k = _row_group(cut.chunk, cut.cax, x.dtype) if normalize and with_grad else 1
+    grouped = k == 2 and cut.cax == len(cut.view) - 1 and cut.view[-2] % k == 0
+    if grouped:
+        c = cut.view[-1]
+        xg = xs.reshape(cut.view[:-2] + (cut.view[-2] // k, k * c))
+        gchunk = cut.chunk[:-2] + (cut.chunk[-2] // k, k * c)
+
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
         # The positions a shifted last chunk shares with the one before are
         # not summed twice (``fresh``); their gradient is rewritten alike.
         xstart, start, fresh = cut.at(i)
-        xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk)
+        if grouped:
+            gstart = xstart[:-2] + (xstart[-2] // k, xstart[-1])
+            xb = jax.lax.dynamic_slice(xg, gstart, gchunk).reshape(cut.chunk)
+        else:
+            xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk)
         tb = jax.lax.dynamic_slice(ts, start, cut.pchunk)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk)
         valid = _valid_mask(tb, mb, ignore_index)
@@ -2357,19 +2373,16 @@ def _fold_takes_loop(x: Array, axis: int, with_grad: bool) -> bool:
     (:func:`_fused_pass`), where the batch as one input takes the loop (one
     example does not: ``_pass``'s ``can_fold``): over a strided class axis;
     channels-last, the fwd+bwd of rows whose whole-array passes hold about
-    the logits' size in temporaries (rows grouped by 4 or more positions,
-    :func:`_row_group`, their exponentials materialised; up to 8 classes,
-    the per-position arrays), as fast or faster in the loop. Not rows
-    grouped in pairs (24 and 40 classes), which the loop's chunks of one
-    position dimension ran 1.25-1.37x slower than chunks of two (an
-    unvmapped ``(2, 426, 1024, 24)`` too); nor other rows, nor forwards,
+    the logits' size in temporaries (grouped rows, :func:`_row_group`,
+    their exponentials materialised; up to 8 classes, the per-position
+    arrays), as fast or faster in the loop. Not other rows, nor forwards,
     which ran faster in the whole-array passes (PERFORMANCE.md, "A batch
     that would take the chunked loop")."""
     if not _takes_loop(x, axis):
         return False
     if axis != x.ndim - 1:
         return True
-    held = _row_group(x.shape, axis, x.dtype) > 2 or x.shape[axis] <= _FOLD_LOOP_MAX_CLASSES
+    held = _row_group(x.shape, axis, x.dtype) > 1 or x.shape[axis] <= _FOLD_LOOP_MAX_CLASSES
     return with_grad and held
 
 

@@ -399,3 +399,34 @@ def test_bfloat16_fallback_and_non_finite_rows_match_pytorch(small_bf16_groups, 
         np.testing.assert_allclose(loss, tl, rtol=lt[0], atol=lt[1])
     ok = ~np.isnan(tg)
     np.testing.assert_allclose(g[ok], tg[ok], rtol=gt[0], atol=gt[1])
+
+
+@pytest.mark.parametrize("shape", [(3, 50008, 24), (150008, 40)], ids=["maps-24", "rows-40"])
+def test_pair_grouped_loop_slices_grouped_rows(monkeypatch, shape):
+    """Rows grouped in pairs (24 and 40 classes) in the chunked loop: each
+    chunk is sliced from the logits viewed as rows of 2 * c (one position
+    dimension per chunk ran 1.2-1.5x slower sliced as rows of c); value and
+    gradient equal the whole-array path's, many chunks, the last shifted."""
+    x, t, w = _case(shape, 5, spread=30.0)
+    x, t = jnp.asarray(x), jnp.asarray(t)
+    c = shape[-1]
+
+    def step(x, t):
+        return jax.value_and_grad(
+            lambda v: jaxloss.cross_entropy(v, t, weight=w, ignore_index=IGN, label_smoothing=0.1)
+        )(x)
+
+    want = jax.jit(step)(x, t)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 48000)
+    monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    cut = _losses._Chunking.of_logits(shape, len(shape) - 1, 4)
+    assert cut.steps > 4 and _losses._row_group(cut.chunk, cut.cax, jnp.float32) == 2
+    pairs = cut.chunk[:-2] + (cut.chunk[-2] // 2, 2 * c)
+    jaxpr = str(jax.make_jaxpr(step)(x, t))
+    got = jax.jit(step)(x, t)
+    _losses._index_impl.clear_cache()
+    assert f"slice_sizes={pairs}" in jaxpr, pairs
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=GRAD_ATOL)
