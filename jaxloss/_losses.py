@@ -1997,13 +1997,14 @@ class _Chunking:
         c: int | None = None,
         classes_between: bool = False,
         itemsize: int = 4,
+        with_grad: bool = True,
     ) -> None:
         g0 = _groups(first[0]) if first else 1
         g1 = _groups(second[0]) if second else 1
         self.g0 = g0
         self.pa, self.pb = math.prod(first) // g0, math.prod(second) // g1
         rows = c is not None and not classes_between
-        self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1, itemsize, rows)
+        self.ra, self.rb = _chunks(self.pa, c or 1, self.pb, g0 * g1, itemsize, rows, with_grad)
         self.nb = -(-self.pb // self.rb)
         self.steps = -(-self.pa // self.ra) * self.nb
         order = ["g0", "a", "c", "g1", "b"] if classes_between else ["g0", "a", "g1", "b", "c"]
@@ -2018,14 +2019,18 @@ class _Chunking:
         self.cax = self.dims.index("c") if c is not None else None
 
     @classmethod
-    def of_logits(cls, shape: tuple[int, ...], axis: int, itemsize: int) -> _Chunking:
-        """The cut of logits of ``shape`` (class axis ``axis >= 0``).
+    def of_logits(
+        cls, shape: tuple[int, ...], axis: int, itemsize: int, with_grad: bool = True
+    ) -> _Chunking:
+        """The cut of logits of ``shape`` (class axis ``axis >= 0``), for a
+        pass that writes the gradient or not (``with_grad``, see :func:`_chunks`).
         Channels-last (N, d1.., C): part A is N, part B d1..; otherwise the
         dimensions before the class axis and those after it."""
         lead, trail = shape[:axis], shape[axis + 1 :]
+        c = shape[axis]
         if trail:
-            return cls(lead, trail, shape[axis], classes_between=True, itemsize=itemsize)
-        return cls(lead[:1], lead[1:], shape[axis], itemsize=itemsize)
+            return cls(lead, trail, c, classes_between=True, itemsize=itemsize, with_grad=with_grad)
+        return cls(lead[:1], lead[1:], c, itemsize=itemsize, with_grad=with_grad)
 
     def at(self, i: Array) -> tuple[tuple[Array, ...], tuple[Array, ...], Array]:
         """Step ``i``'s chunk: its start in ``view``, its start in ``pview``,
@@ -2049,16 +2054,25 @@ class _Chunking:
 
 
 def _chunks(
-    a: int, c: int, b: int, g: int = 1, itemsize: int = 4, rows: bool = False
+    a: int,
+    c: int,
+    b: int,
+    g: int = 1,
+    itemsize: int = 4,
+    rows: bool = False,
+    with_grad: bool = True,
 ) -> tuple[int, int]:
     """Chunk extents ``(ra, rb)`` along the position parts ``A`` and ``B`` of
     the logits' view (``c`` classes a position of ``itemsize`` bytes each;
     each chunk spans ``g`` groups; ``rows``: a position's classes are
-    contiguous, channels-last, else part B's positions are)."""
+    contiguous, channels-last, else part B's positions are; ``with_grad``:
+    the pass writes the gradient)."""
     # Grouped rows (_group_shifted_exp) hold the chunk's logits and exponentials
     # besides its gradient: half-size chunks keep the temporaries at 0.36% of
-    # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way).
-    grouped = rows and _grouped_classes(c, itemsize)
+    # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way). Not the
+    # forward, which groups nothing: with half-size chunks (N, 2048, C) ran
+    # at 0.78x optax over 41 classes and 0.92x over 33 (PERFORMANCE.md).
+    grouped = rows and with_grad and _grouped_classes(c, itemsize)
     target = max(1, _chunk_elements(g * a * c * b, rows and not grouped) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
@@ -2218,7 +2232,7 @@ def _fused_pass(
         return jnp.zeros(scale.shape, cdt), (jnp.zeros(shape, x.dtype) if with_grad else None)
 
     # All views are reshapes of contiguous dimensions, i.e. free.
-    cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize)
+    cut = _Chunking.of_logits(shape, axis, x.dtype.itemsize, with_grad)
     xs = x.reshape(cut.view)
     ts = t.reshape(cut.pview)
     ms = None if where is None else where.reshape(ts.shape)

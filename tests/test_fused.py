@@ -271,6 +271,24 @@ def test_tiny_chunks_shift_the_last_chunk(monkeypatch, shape, axis):
     assert -(-cut.pb // cut.rb) * cut.rb > cut.pb
 
 
+@pytest.mark.parametrize("c", [19, 24, 33, 41, 150])
+def test_forward_chunks_of_grouped_rows_are_not_halved(c):
+    """Channels-last rows that the fwd+bwd groups (9-41 classes, not
+    multiples of 16) take half-size chunks there (the grouped exponentials
+    are held besides the gradient); the forward, which groups nothing,
+    takes full-size ones (with half-size chunks 262x2048x41 ran at 0.76x
+    optax). Other rows: the same chunks either way."""
+    shape = (22020096 // 2048 // c, 2048, c)
+    chunks = [
+        _losses._Chunking.of_logits(shape, 2, 4, with_grad=g).chunk for g in (True, False)
+    ]
+    ratio = np.prod(chunks[1]) / np.prod(chunks[0])
+    if _losses._grouped_classes(c, 4):
+        assert 1.7 < ratio <= 3, chunks  # twice the elements, balanced
+    else:
+        assert ratio == 1, chunks
+
+
 @pytest.mark.parametrize(
     "n,want,stride",
     [(65536, 13797, 76), (65536, 13797, 4), (16384, 1747, 600), (1001, 300, 76), (37, 3, 76),
