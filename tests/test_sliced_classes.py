@@ -222,24 +222,39 @@ def test_the_compiled_forward_takes_it(shape, axis, reduction):
     assert " exponential(" not in text and " gather(" not in text
 
 
+@pytest.mark.parametrize("c", [5, 15])
 @pytest.mark.parametrize("axis", [1, -1])
-def test_in_the_chunked_loop(monkeypatch, axis):
+def test_in_the_chunked_loop(monkeypatch, axis, c):
     """The loop forced at any size, with small chunks: classes on axis 1 take
-    the slices chunk by chunk, channels-last chunks keep the reduction; both
-    match the reference (mean with smoothing, a bad label's NaN)."""
-    shape = (4, 5, 6, 8) if axis == 1 else (4, 6, 8, 5)
+    the slices chunk by chunk, forward and fwd+bwd, each chunk and its
+    gradient in buffers of their own (a conditional in the program,
+    _buffered_chunk); channels-last chunks keep the reduction; all match
+    the reference (mean with smoothing, value and gradient, a bad label's
+    NaN)."""
+    shape = (4, c, 6, 8) if axis == 1 else (4, 6, 8, c)
     x, t, w = _case(shape, axis, 4)
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
-    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", 16 * c)
     _losses._index_impl.clear_cache()
     jax.clear_caches()
     try:
         kw = dict(weight=w, ignore_index=IGN, label_smoothing=0.1)
         got = _forward(x, t, axis, **kw)
-        want, _ = reference.loss_and_grad(x, t, axis=axis, **kw)
+        want, want_g = reference.loss_and_grad(x, t, axis=axis, cotangent=1.7, **kw)
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+        def step(v):
+            return jax.value_and_grad(
+                lambda v: 1.7 * jaxloss.cross_entropy(v, jnp.asarray(t), axis=axis, **kw)
+            )(v)
+
+        jaxpr = str(jax.make_jaxpr(step)(jnp.asarray(x)))
+        assert ("cond[" in jaxpr) == (axis == 1)
+        loss, g = jax.jit(step)(jnp.asarray(x))
+        np.testing.assert_allclose(loss, 1.7 * want, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(g, want_g, rtol=GRAD_RTOL, atol=GRAD_ATOL)
         bad = t.copy()
-        bad.reshape(-1)[5] = 5
+        bad.reshape(-1)[5] = c
         assert np.isnan(_forward(x, bad, axis, **kw))
     finally:
         _losses._index_impl.clear_cache()
