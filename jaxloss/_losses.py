@@ -2078,9 +2078,11 @@ def _chunks(
     # Grouped rows (_group_shifted_exp) hold the chunk's logits and exponentials
     # besides its gradient: half-size chunks keep the temporaries at 0.36% of
     # seg19's logits, as fast (fwd+bwd 1.25-1.30x optax either way). Not the
-    # forward, which groups nothing: with half-size chunks (N, 2048, C) ran
-    # at 0.78x optax over 41 classes and 0.92x over 33 (PERFORMANCE.md).
-    grouped = rows and with_grad and _grouped_classes(c, itemsize)
+    # forward on XLA:CPU, which groups nothing: with half-size chunks (N,
+    # 2048, C) ran at 0.78x optax over 41 classes and 0.92x over 33
+    # (PERFORMANCE.md). Elsewhere, unmeasured, as before.
+    cpu = jax.default_backend() == "cpu"
+    grouped = rows and (with_grad or not cpu) and _grouped_classes(c, itemsize)
     target = max(1, _chunk_elements(g * a * c * b, rows and not grouped) // g)
     if c * b <= target:
         return _balanced(a, target // (c * b), itemsize * c * b), b
