@@ -2517,8 +2517,8 @@ def _pass(
         # and every other platform's XLA path), vmapped as it is (the loop
         # batched). Where one example does not, folded (vmapped, each
         # example's whole-array passes held the logits' size): into the loop
-        # with a total per example where the batch takes it over a strided
-        # class axis, else into the whole-array passes.
+        # with a total per example where _fold_takes_loop says, else into
+        # the whole-array passes.
         one = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
         return _can_fold(in_batched) and not _takes_loop(one, axis)
 
