@@ -2211,8 +2211,8 @@ def _in_buffer(v: Array, keep: Array) -> Array:
     against 28-37 ms for the whole-array passes.
     ``jax.lax.optimization_barrier`` does not prevent the fusion (XLA:CPU
     removes it before fusing); a conditional does, its operand a buffer the
-    size of one chunk. (Under ``vmap`` the conditional becomes a select:
-    the same values.)
+    size of one chunk. (Under ``vmap`` the predicate, the loop's index, is
+    not batched: the conditional stays one.)
     """
     return jax.lax.cond(keep, lambda v: v, jnp.zeros_like, v)
 
