@@ -881,10 +881,11 @@ def _target_by_scatter(x: Array, axis: int, normalize: bool = True) -> bool:
 
 
 # Forward rows of at most this many classes take the sliced statistics (see
-# _sliced_applies); in the chunked loop's fwd+bwd, strided classes of at most
-# _SLICED_MAX_CHUNK_GRAD.
+# _sliced_applies); in XLA:CPU's chunked loop, strided classes of at most
+# _BUFFERED_MAX_CLASSES, forward and fwd+bwd, from buffered chunks
+# (_buffered_chunk).
 _SLICED_MAX_CLASSES = 16
-_SLICED_MAX_CHUNK_GRAD = 15
+_BUFFERED_MAX_CLASSES = 15
 # bfloat16 over a strided class axis (AVX-512 only): the forward's slices up
 # to this many classes (see _sliced_applies).
 _SLICED_MAX_BF16_STRIDED = 5
@@ -967,8 +968,8 @@ def _sliced_applies(x: Array, axis: int, chunked: bool = False, with_grad: bool 
         return False
     if with_grad:
         # In XLA:CPU's chunked loop (strided classes here) each chunk and its
-        # gradient in buffers of their own, up to 15 (_buffered_chunk).
-        top = _SLICED_MAX_CHUNK_GRAD if chunked else 2
+        # gradient in buffers of their own (_buffered_chunk).
+        top = _BUFFERED_MAX_CLASSES if chunked else 2
     else:
         top = _SLICED_MAX_CLASSES
     return jnp.dtype(x.dtype) == jnp.float32 and 2 <= c <= top
@@ -2238,8 +2239,7 @@ def _buffered_chunk(xb: Array, axis: int, with_grad: bool) -> bool:
     0.77-0.82x (its pass vectorised already), 19-1000 classes forward
     0.72-0.82x and fwd+bwd (not sliced) 0.85-1.05x.
     """
-    c = xb.shape[axis]
-    return c < _SLICED_MAX_CLASSES and _sliced_applies(xb, axis, True, with_grad)
+    return xb.shape[axis] <= _BUFFERED_MAX_CLASSES and _sliced_applies(xb, axis, True, with_grad)
 
 
 def _empty(shape: tuple[int, ...], dtype: Any) -> Array:
@@ -2316,26 +2316,32 @@ def _fused_pass(
     # grouped exponentials and group max read. Sliced as rows of c, chunks
     # of one position dimension ran 1.2-1.5x slower (872448x24, 524288x40;
     # PERFORMANCE.md); groups of 4-16 positions measured 0.78-0.95x so.
-    k = _row_group(cut.chunk, cut.cax, x.dtype) if normalize and with_grad else 1
-    grouped = k == 2 and cut.cax == len(cut.view) - 1 and cut.view[-2] % k == 0
-    if grouped:
+    pairs = (
+        normalize
+        and with_grad
+        and _row_group(cut.chunk, cut.cax, x.dtype) == 2
+        and cut.cax == len(cut.view) - 1
+        and cut.view[-2] % 2 == 0
+    )
+    if pairs:
         c = cut.view[-1]
-        xg = xs.reshape(cut.view[:-2] + (cut.view[-2] // k, k * c))
-        gchunk = cut.chunk[:-2] + (cut.chunk[-2] // k, k * c)
+        x_pairs = xs.reshape(cut.view[:-2] + (cut.view[-2] // 2, 2 * c))
+        pair_chunk = cut.chunk[:-2] + (cut.chunk[-2] // 2, 2 * c)
 
     def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         total, g = carry
         # The positions a shifted last chunk shares with the one before are
         # not summed twice (``fresh``); their gradient is rewritten alike.
         xstart, start, fresh = cut.at(i)
-        if grouped:
-            gstart = xstart[:-2] + (xstart[-2] // k, xstart[-1])
-            xb = jax.lax.dynamic_slice(xg, gstart, gchunk).reshape(cut.chunk)
+        if pairs:
+            pair_start = xstart[:-2] + (xstart[-2] // 2, xstart[-1])
+            xb = jax.lax.dynamic_slice(x_pairs, pair_start, pair_chunk).reshape(cut.chunk)
         else:
             xb = jax.lax.dynamic_slice(xs, xstart, cut.chunk)
         buffered = on_cpu and normalize and _buffered_chunk(xb, cut.cax, with_grad)
+        keep = i >= 0  # always: the buffers' conditional (_in_buffer)
         if buffered:
-            xb = _in_buffer(xb, i >= 0)
+            xb = _in_buffer(xb, keep)
         tb = jax.lax.dynamic_slice(ts, start, cut.pchunk)
         mb = None if ms is None else jax.lax.dynamic_slice(ms, start, cut.pchunk)
         valid = _valid_mask(tb, mb, ignore_index)
@@ -2373,7 +2379,7 @@ def _fused_pass(
         assert grad is not None
         grad = grad.astype(x.dtype)
         if buffered:  # its own pass, then a copy into the gradient
-            grad = _in_buffer(grad, i >= 0)
+            grad = _in_buffer(grad, keep)
         g = jax.lax.dynamic_update_slice(g, grad, xstart)
         return total, g
 
