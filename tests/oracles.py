@@ -479,3 +479,25 @@ def check_grads_of_reductions(f, x, reductions, **tol) -> None:
         raise AssertionError(
             "the reductions together failed; alone:\n" + ("\n".join(failed) or "none")
         ) from None
+
+
+def spy_calls(monkeypatch, names, record=None) -> list:
+    """What ``record(*args, **kwargs)`` makes of every call of the core's
+    functions ``names`` (``jaxloss._losses.<name>``; by default the first
+    argument's shape), appended to one list, with the traces cleared first
+    (a cached trace makes no call). Stacked spies each see the calls."""
+    from jaxloss import _losses
+
+    record = record or (lambda x, *args, **kwargs: tuple(x.shape))
+    calls = []
+    for name in names:
+        real = getattr(_losses, name)
+
+        def spy(*args, real=real, **kwargs):
+            calls.append(record(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_losses, name, spy)
+    _losses._index_impl.clear_cache()
+    jax.clear_caches()
+    return calls

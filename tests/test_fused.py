@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import check_each, labelled_logits
+from oracles import check_each, labelled_logits, spy_calls
 
 import jaxloss
 from jaxloss import _losses
@@ -174,16 +174,11 @@ def test_loop_recomputes_the_exponentials_where_the_whole_array_passes_do(monkey
     exponentials; the loss and gradient equal the per-position path's."""
     shape, axis = (2, 40, 13, 32), -1
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
-    real = _losses._index_loss_and_grad
-    calls = []
 
-    def spy(x, *args, **kwargs):
-        calls.append((x.shape, kwargs.get("chunked", False), kwargs.get("share_exp", False)))
-        return real(x, *args, **kwargs)
+    def plan(x, *args, chunked=False, share_exp=False, **kwargs):
+        return x.shape, chunked, share_exp
 
-    monkeypatch.setattr(_losses, "_index_loss_and_grad", spy)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
+    calls = spy_calls(monkeypatch, ("_index_loss_and_grad",), plan)
     x, t, w = _data(shape, axis)
 
     def loss(x):
@@ -233,16 +228,7 @@ def test_wide_rows_threshold_takes_the_path_it_names(monkeypatch, c, loop):
     per-position path (value and gradient, "mean" and "sum")."""
     monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", 0)
     monkeypatch.setattr(_losses, "_CPU_WIDE_ROW_CLASSES", 40)
-    real = _losses._fused_pass
-    calls = []
-
-    def spy(x, *args, **kwargs):
-        calls.append(x.shape)
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(_losses, "_fused_pass", spy)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
+    calls = spy_calls(monkeypatch, ("_fused_pass",))
     shape, axis = (5, 37, c), -1
     x, t, w = _data(shape, axis)
     for reduction in ("mean", "sum"):

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-from oracles import nothing_to_average, rng_for, to_torch_layout, torch_loss_and_grad
+from oracles import (
+    nothing_to_average,
+    rng_for,
+    spy_calls,
+    to_torch_layout,
+    torch_loss_and_grad,
+)
 
 import jaxloss
 from jaxloss import _losses
@@ -115,24 +121,6 @@ def assert_matches_oracles(config, x, t, axis, reduction, cot, loss, grad, note=
             np.testing.assert_allclose(grad[i], og, rtol=2e-5, atol=2e-6, err_msg=msg)
 
 
-def _xla_shapes(monkeypatch, names=("_xla_losses",)) -> list:
-    """Record the logits' shape of every call of the XLA path's functions
-    ``names`` (by default its per-position losses, ``_losses._xla_losses``),
-    with the traces cleared first."""
-    shapes = []
-    for name in names:
-        real = getattr(_losses, name)
-
-        def spy(x, *args, real=real, **kwargs):
-            shapes.append(tuple(x.shape))
-            return real(x, *args, **kwargs)
-
-        monkeypatch.setattr(_losses, name, spy)
-    _losses._index_impl.clear_cache()
-    jax.clear_caches()
-    return shapes
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(
     "example, folded", [("row", (B, 7)), ("map_last", (B, 3, 4, 7)), ("map_first", (B, 7, 3, 4))]
@@ -140,7 +128,7 @@ def _xla_shapes(monkeypatch, names=("_xla_losses",)) -> list:
 def test_vmap_plans_for_the_whole_batch(monkeypatch, example, folded, reduction):
     # The forward (mean/sum: a total per example; none: the losses), and
     # vmap of the gradient, see all the positions.
-    shapes = _xla_shapes(monkeypatch)
+    shapes = spy_calls(monkeypatch, ("_xla_losses",))
     x, t, axis = batch(("plan", example), example)
     f = functools.partial(jaxloss.cross_entropy, reduction=reduction, axis=axis, ignore_index=255)
     jax.jit(jax.vmap(f))(x, t)
@@ -185,8 +173,8 @@ def test_vmap_folds_a_batch_that_would_take_the_loop(monkeypatch, example, reduc
     cot4 = np.concatenate([cot, cot[:1]])
     if chunk is not None:
         monkeypatch.setattr(_losses, "_CPU_CHUNK_ELEMENTS", chunk)
-    shapes = _xla_shapes(monkeypatch, ("_xla_losses", "_fused_pass"))
-    loops = _xla_shapes(monkeypatch, ("_fused_pass",))
+    shapes = spy_calls(monkeypatch, ("_xla_losses", "_fused_pass"))
+    loops = spy_calls(monkeypatch, ("_fused_pass",))
     one = x[0].nbytes
     for threshold, folded in ((one + 1, True), (one, False)):
         monkeypatch.setattr(_losses, "_CPU_LOOP_MIN_BYTES", threshold)
@@ -409,7 +397,7 @@ def test_vmap_probability_targets_plan_for_the_whole_batch(monkeypatch, shape, a
     # the mean and sum, and _soft_loss's derivative (reduction="none", and
     # on XLA:CPU the reduced loss over more than 24 strided classes).
     names = ("_soft_loss_values", "_soft_terms", "_soft_parts")
-    shapes = _xla_shapes(monkeypatch, names)
+    shapes = spy_calls(monkeypatch, names)
     rng = rng_for("soft-plan", reduction, shape)
     x = rng.standard_normal((B,) + shape).astype(np.float32)
     q = np.full(x.shape, 1 / shape[axis], np.float32)
